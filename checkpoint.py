@@ -1,0 +1,132 @@
+"""Checkpoints: one self-describing `.pth` per model (weights + everything needed to use them).
+
+A checkpoint holds only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)`, which cannot run code from a tampered file. The feature scaler
+is restored from the checkpoint's own arrays; `scaler.pkl` is written beside it because users
+ask for it, but nothing here reads a pickle.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_loader import PSG_STAGE_TO_CLASS, STAGE_NAMES, FeatureScaler
+from model import LSTMConfig, SleepLSTM
+from model_hybrid import HybridConfig, SleepHybrid
+
+FORMAT = "sleep-staging-checkpoint/1"
+ARCHITECTURES = {"lstm": (SleepLSTM, LSTMConfig), "hybrid": (SleepHybrid, HybridConfig)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and what differs."""
+
+
+def build_model(arch: str, config: dict) -> torch.nn.Module:
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    model_cls, config_cls = ARCHITECTURES[arch]
+    return model_cls(config_cls(**config))
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(file_object) on a temp file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_checkpoint(model: torch.nn.Module, arch: str, *, features: list[str], seq_len: int, target_pos: int,
+                    scaler: FeatureScaler, extra: dict | None = None) -> dict:
+    """The dict saved as `.pth`: state dict, model config, inputs contract, scaler, versions."""
+    config = asdict(model.config)
+    return {
+        "format": FORMAT,
+        "arch": arch,
+        "model_config": config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "features": list(features),
+        "seq_len": int(seq_len),
+        "target_pos": int(target_pos),
+        "causal": bool(config["causal"]),
+        "stage_names": list(STAGE_NAMES),
+        "psg_stage_to_class": {str(k): v for k, v in PSG_STAGE_TO_CLASS.items()},
+        "scaler_mean": [float(v) for v in scaler.mean],
+        "scaler_scale": [float(v) for v in scaler.scale],
+        "versions": {"torch": torch.__version__, "numpy": np.__version__},
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path, scaler_pkl: str | Path | None = None) -> None:
+    """Write the .pth atomically, and the sklearn scaler as scaler.pkl beside it when asked."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    if scaler_pkl is not None:
+        import joblib
+        scaler = FeatureScaler(np.asarray(checkpoint["scaler_mean"], np.float32),
+                               np.asarray(checkpoint["scaler_scale"], np.float32))
+        atomic_write(scaler_pkl, lambda f: joblib.dump(scaler.to_sklearn(), f))
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load(weights_only=True) with clear errors for missing, truncated or tampered files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (train one with train.py / train_hybrid.py)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip/pickle errors: truncated, corrupted, or a pickle that wants code
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file "
+                              f"(format: {checkpoint.get('format') if isinstance(checkpoint, dict) else type(checkpoint).__name__})")
+    return checkpoint
+
+
+def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = None,
+                               expected_features: list[str] | None = None
+                               ) -> tuple[torch.nn.Module, FeatureScaler, dict]:
+    """(model in eval mode, scaler, checkpoint dict); says what differs when it does not fit."""
+    checkpoint = read_checkpoint(path)
+    arch = checkpoint["arch"]
+    if expected_arch is not None and arch != expected_arch:
+        raise CheckpointError(f"checkpoint {path} holds a {arch!r} model, this script runs {expected_arch!r} "
+                              f"models (use {'inference.py' if arch == 'lstm' else 'inference_hybrid.py'})")
+    if expected_features is not None and list(expected_features) != checkpoint["features"]:
+        missing = [f for f in expected_features if f not in checkpoint["features"]]
+        extra = [f for f in checkpoint["features"] if f not in expected_features]
+        raise CheckpointError(f"checkpoint {path} was trained on other features: missing {missing}, "
+                              f"extra {extra}, order {checkpoint['features']}")
+    try:
+        model = build_model(arch, checkpoint["model_config"])
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {path}: model config does not fit {arch}: {exc}") from None
+    if model.config.n_features != len(checkpoint["features"]):
+        raise CheckpointError(f"checkpoint {path}: model expects {model.config.n_features} features but the "
+                              f"checkpoint lists {len(checkpoint['features'])}")
+    result = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    own = model.state_dict()
+    wrong_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                   for k, v in checkpoint["state_dict"].items() if k in own and v.shape != own[k].shape]
+    if result.missing_keys or result.unexpected_keys or wrong_shape:
+        raise CheckpointError(f"checkpoint {path} does not match the {arch} architecture: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, shapes {wrong_shape[:5]}")
+    model.eval()
+    scaler = FeatureScaler(np.asarray(checkpoint["scaler_mean"], np.float32),
+                           np.asarray(checkpoint["scaler_scale"], np.float32))
+    return model, scaler, checkpoint

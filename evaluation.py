@@ -1,0 +1,227 @@
+"""One evaluation path for both models: checkpoint + nights -> per-epoch predictions -> metrics,
+report, CSV and plots. `inference.py` and `inference_hybrid.py` are thin wrappers around `main`;
+training uses `predict_night` and `compute_metrics` for validation, so every figure is computed
+the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import data_loader as dl
+from checkpoint import CheckpointError, atomic_write, load_model_from_checkpoint
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake", "p_light", "p_deep", "p_rem"]
+
+
+@torch.no_grad()
+def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
+                  batch_size: int = 1024) -> np.ndarray:
+    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window."""
+    model.eval()
+    windows = dl.make_windows(x_scaled, seq_len, target_pos)
+    probs = []
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start:start + batch_size])
+        probs.append(torch.softmax(model(batch)[:, target_pos], dim=-1).numpy())
+    return np.concatenate(probs).astype(np.float64)
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Accuracy, Cohen's kappa, macro-F1, per-class recall on scored epochs (y_true >= 0)."""
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
+    scored = y_true >= 0
+    y_true, y_pred = y_true[scored], y_pred[scored]
+    labels = list(range(len(dl.STAGE_NAMES)))
+    confusion = confusion_matrix(y_true, y_pred, labels=labels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(confusion.sum(1) > 0, np.diag(confusion) / confusion.sum(1), np.nan)
+    metrics = {
+        "n_epochs": int(scored.sum()),
+        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        "kappa": float(cohen_kappa_score(y_true, y_pred, labels=labels)) if len(y_true) else float("nan"),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "confusion": confusion.tolist(),
+    }
+    for name, r in zip(dl.STAGE_NAMES, recall):
+        metrics[f"recall_{name.lower()}"] = float(r)
+    return metrics
+
+
+def format_report(metrics: dict, y_true: np.ndarray, y_pred: np.ndarray) -> str:
+    """The printed evaluation: headline figures, classification report, confusion, REM analysis."""
+    from sklearn.metrics import classification_report
+    scored = y_true >= 0
+    out = io.StringIO()
+    print(f"epochs scored: {metrics['n_epochs']}", file=out)
+    print(f"accuracy {metrics['accuracy']:.3f}  kappa {metrics['kappa']:.3f}  macro-F1 {metrics['macro_f1']:.3f}", file=out)
+    print("per-class accuracy (recall): " + "  ".join(
+        f"{n} {metrics['recall_' + n.lower()]:.3f}" for n in dl.STAGE_NAMES), file=out)
+    print("\n" + classification_report(y_true[scored], y_pred[scored], labels=range(4), target_names=dl.STAGE_NAMES,
+                                       digits=3, zero_division=0), file=out)
+    confusion = np.array(metrics["confusion"])
+    print("confusion matrix (rows true, columns predicted):", file=out)
+    print(" " * 8 + "".join(f"{n:>8}" for n in dl.STAGE_NAMES), file=out)
+    for name, row in zip(dl.STAGE_NAMES, confusion):
+        print(f"{name:>8}" + "".join(f"{v:>8d}" for v in row), file=out)
+    rem = confusion[3]
+    if rem.sum():
+        where = ", ".join(f"{n} {100 * v / rem.sum():.1f}%" for n, v in zip(dl.STAGE_NAMES, rem))
+        print(f"\nREM epochs ({rem.sum()}) predicted as: {where}", file=out)
+        predicted_rem = confusion[:, 3]
+        if predicted_rem.sum():
+            came = ", ".join(f"{n} {100 * v / predicted_rem.sum():.1f}%" for n, v in zip(dl.STAGE_NAMES, predicted_rem))
+            print(f"epochs predicted REM ({predicted_rem.sum()}) were truly: {came}", file=out)
+    return out.getvalue()
+
+
+def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
+                   nights: list[dl.Night]) -> pd.DataFrame:
+    """One row per epoch of every night, in PREDICTION_COLUMNS."""
+    frames = []
+    for night in nights:
+        x = scaler.transform(dl.night_features(night, causal=checkpoint["causal"], features=tuple(checkpoint["features"])))
+        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"])
+        frames.append(prediction_frame(night, probs))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
+
+
+def prediction_frame(night: dl.Night, probs: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({
+        "subject": night.subject_id, "epoch_start_s": night.epoch_start_s.astype(np.int64),
+        "true_stage": night.stage.astype(np.int64), "pred": probs.argmax(axis=1),
+        "p_wake": probs[:, 0], "p_light": probs[:, 1], "p_deep": probs[:, 2], "p_rem": probs[:, 3],
+    })
+
+
+def write_predictions(frame: pd.DataFrame, path: str | Path) -> None:
+    """CSV with PREDICTION_COLUMNS, written atomically."""
+    atomic_write(path, lambda f: f.write(frame.to_csv(index=False, float_format="%.5f").encode()))
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """True vs predicted stages over the night, and the stage probabilities beneath."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hours = frame["epoch_start_s"].to_numpy() / 3600.0
+    depth = np.array([0, 2, 3, 1])  # draw order top-down: Wake, REM, Light, Deep
+    fig, (ax_stage, ax_prob) = plt.subplots(2, 1, figsize=(12, 5), sharex=True, height_ratios=[1.3, 1])
+    true = frame["true_stage"].to_numpy()
+    if (true >= 0).any():
+        shown = np.where(true >= 0, depth[np.clip(true, 0, 3)], np.nan)
+        ax_stage.step(hours, shown, where="post", color="black", lw=1.2, label="PSG")
+    ax_stage.step(hours, depth[frame["pred"].to_numpy()], where="post", color="tab:orange", lw=1.0, alpha=0.85,
+                  label="predicted")
+    ax_stage.set_yticks([0, 1, 2, 3], ["Wake", "REM", "Light", "Deep"])
+    ax_stage.invert_yaxis()
+    ax_stage.legend(loc="upper right", fontsize=8)
+    ax_stage.set_title(title)
+    probs = frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy().T
+    ax_prob.stackplot(hours, probs, labels=dl.STAGE_NAMES, colors=["#d62728", "#9ecae1", "#08519c", "#2ca02c"])
+    ax_prob.set_ylabel("probability")
+    ax_prob.set_xlabel("hours since recording start")
+    ax_prob.set_ylim(0, 1)
+    ax_prob.legend(loc="upper right", fontsize=7, ncol=4)
+    _save_figure(fig, Path(path))
+
+
+def plot_confusion(confusion: list[list[int]], path: str | Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    confusion = np.asarray(confusion, dtype=float)
+    share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(4):
+        for j in range(4):
+            ax.text(j, i, f"{100 * share[i, j]:.0f}%\n({int(confusion[i, j])})", ha="center", va="center",
+                    color="white" if share[i, j] > 0.55 else "black", fontsize=8)
+    ax.set_xticks(range(4), dl.STAGE_NAMES)
+    ax.set_yticks(range(4), dl.STAGE_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("PSG")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save_figure(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- CLI shared by both scripts
+
+def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None) -> int:
+    script = "inference.py" if arch == "lstm" else "inference_hybrid.py"
+    parser = argparse.ArgumentParser(prog=script, description=f"Evaluate a {arch} checkpoint: metrics, "
+                                     "per-epoch CSV, hypnograms, confusion matrix.")
+    parser.add_argument("--checkpoint", default=str(default_checkpoint), help="model .pth (default: shipped)")
+    parser.add_argument("--data-dir", default=None,
+                        help="PhysioNet-layout folder: evaluate every subject in it (default: the bundled "
+                             "data's test subjects, which the shipped model never saw)")
+    parser.add_argument("--subjects", nargs="*", default=None, help="only these subject ids")
+    parser.add_argument("--predictions-out", default=None, help="CSV, one row per epoch")
+    parser.add_argument("--plots-dir", default="out/plots", help="hypnogram and confusion PNGs ('' for none)")
+    args = parser.parse_args(argv)
+    try:
+        model, scaler, checkpoint = load_model_from_checkpoint(args.checkpoint, expected_arch=arch)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    data_dir = Path(args.data_dir) if args.data_dir else dl.DEFAULT_DATA_DIR
+    subjects = args.subjects
+    if subjects is None and args.data_dir is None:
+        subjects = checkpoint.get("test_subjects")
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", dl.DataWarning)
+            nights = dl.load_nights(data_dir, subjects)
+    except dl.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if not nights:
+        print(f"error: no usable subjects in {data_dir}", file=sys.stderr)
+        return 1
+    frame = predict_nights(model, scaler, checkpoint, nights)
+    mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
+    print(f"{arch} checkpoint {args.checkpoint} [{mode}] on {len(nights)} subject(s) from {data_dir}: "
+          f"{', '.join(n.subject_id for n in nights)} ({time.perf_counter() - t0:.1f} s)")
+    y_true, y_pred = frame["true_stage"].to_numpy(), frame["pred"].to_numpy()
+    if (y_true >= 0).any():
+        metrics = compute_metrics(y_true, y_pred)
+        print(format_report(metrics, y_true, y_pred))
+    else:
+        metrics = None
+        print("no scored epochs: predictions only")
+    if args.predictions_out:
+        write_predictions(frame, args.predictions_out)
+        print(f"wrote {len(frame)} rows to {args.predictions_out}")
+    if args.plots_dir:
+        plots = Path(args.plots_dir)
+        for subject, rows in frame.groupby("subject", sort=False):
+            plot_hypnogram(rows, plots / f"{arch}_hypnogram_{subject}.png", f"{arch} [{mode}] subject {subject}")
+        if metrics:
+            plot_confusion(metrics["confusion"], plots / f"{arch}_confusion.png",
+                           f"{arch} [{mode}]: kappa {metrics['kappa']:.2f}")
+        print(f"plots in {plots}/")
+    return 0

@@ -1,0 +1,58 @@
+"""Bidirectional LSTM + attention over time, for sleep staging from per-epoch wearable features.
+
+Input: a window of SEQ_LEN epochs x n_features (standardised). Output: stage logits for every
+epoch of the window; the caller reads the stated target epoch (the window's centre offline,
+its last epoch for real-time use). A causal model (config.causal) uses a one-directional LSTM
+and masked attention, so each epoch's output depends only on that epoch and earlier ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class LSTMConfig:
+    n_features: int = 15
+    n_classes: int = 4
+    hidden: int = 256      # LSTM output width (both directions together when bidirectional)
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.25
+    causal: bool = False   # True: one-directional LSTM and masked attention (real-time use)
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """Boolean attention mask: True where position i may NOT look at position j (j > i)."""
+    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+
+class SleepLSTM(nn.Module):
+    def __init__(self, config: LSTMConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        per_direction = h if config.causal else h // 2
+        self.input_proj = nn.Linear(config.n_features, h)
+        self.lstms = nn.ModuleList(
+            nn.LSTM(h, per_direction, batch_first=True, bidirectional=not config.causal)
+            for _ in range(config.n_layers))
+        self.lstm_norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(config.n_layers))
+        self.attention = nn.MultiheadAttention(h, config.n_heads, dropout=config.dropout, batch_first=True)
+        self.attention_norm = nn.LayerNorm(h)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Sequential(nn.Linear(h, h // 2), nn.GELU(), nn.Dropout(config.dropout),
+                                  nn.Linear(h // 2, config.n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq_len, n_features) -> (batch, seq_len, n_classes) logits."""
+        h = self.input_proj(x)
+        for lstm, norm in zip(self.lstms, self.lstm_norms):
+            out, _ = lstm(h)
+            h = norm(h + self.dropout(out))  # residual keeps gradients flowing through depth
+        mask = causal_mask(x.shape[1], x.device) if self.config.causal else None
+        attended, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
+        h = self.attention_norm(h + self.dropout(attended))
+        return self.head(h)

@@ -1,0 +1,517 @@
+"""The one training loop behind train.py (LSTM) and train_hybrid.py (CNN + Transformer).
+
+Recipe: focal loss (gamma 2) with balanced class weights and a REM boost, Gaussian-noise
+augmentation of REM epochs, AdamW, cosine annealing with warm restarts, gradient clipping,
+early stopping and model selection on validation subjects by a named metric (default Cohen's
+kappa). Windows of SEQ_LEN epochs are trained sequence-to-sequence (a loss on every epoch of the
+window), at a stride, which costs a fraction of one window per epoch; the evaluation reads each
+epoch at its target position (centre offline, last epoch causal).
+
+Runs unchanged under torchrun: DistributedDataParallel, a DistributedSampler seeded per epoch,
+validation predictions gathered from every rank, one early-stopping decision broadcast from
+rank 0, and only rank 0 writes files or prints.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+import data_loader as dl
+from checkpoint import atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from evaluation import compute_metrics, format_report, predict_night, prediction_frame, write_predictions
+
+SELECT_METRICS = ("kappa", "macro_f1", "accuracy", "rem_accuracy")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 25
+    batch_size: int = 96
+    epochs: int = 100
+    lr: float = 8e-4
+    min_lr: float = 1e-6
+    restart_epochs: int = 10        # first cosine cycle length (warm restarts double it)
+    weight_decay: float = 5e-5
+    grad_clip: float = 0.5
+    dropout: float = 0.25
+    focal_gamma: float = 2.0
+    rem_boost: float = 1.6          # extra weight on REM on top of the balanced class weights
+    rem_noise: float = 0.1          # std of Gaussian noise added to REM epochs (standardised units)
+    stride: int = 5                 # epochs between training windows
+    causal: bool = False            # True: real-time model, the window ends at the predicted epoch
+    patience: int = 12              # epochs without validation improvement before stopping
+    select_metric: str = "kappa"
+    seed: int = 1337
+    split_seed: int = 1337          # fixes the 80/10/10 subject split, independent of the init seed
+    fold: int | None = None         # with cv: train only this fold
+    cv: int = 0                     # k-fold cross-validation by subject over the non-test subjects
+    data_dir: str = str(dl.DEFAULT_DATA_DIR)
+    out_dir: str = ""
+    resume: bool = False
+    device: str = "auto"
+    bf16: bool = False
+    features: tuple[str, ...] = dl.DEFAULT_FEATURES
+
+    @property
+    def target_pos(self) -> int:
+        return self.seq_len - 1 if self.causal else self.seq_len // 2
+
+
+# ----------------------------------------------------------------------------- distributed plumbing
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else single process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def broadcast(value, ctx: Dist):
+    """Rank 0's value on every rank (decisions are made once)."""
+    if not ctx.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value, ctx: Dist) -> list:
+    if not ctx.enabled:
+        return [value]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Prepared:
+    """Scaled features and labels per subject, and the scaler fitted on the training subjects."""
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    nights: dict[str, dl.Night]
+    scaler: dl.FeatureScaler
+
+
+def prepare(nights: dict[str, dl.Night], train_ids: list[str], cfg: TrainConfig) -> Prepared:
+    raw = {s: dl.night_features(n, causal=cfg.causal, features=cfg.features) for s, n in nights.items()}
+    scaler = dl.FeatureScaler.fit([raw[s] for s in train_ids])
+    return Prepared({s: scaler.transform(v) for s, v in raw.items()},
+                    {s: n.stage.astype(np.int64) for s, n in nights.items()}, nights, scaler)
+
+
+class WindowDataset(Dataset):
+    """Training windows of seq_len epochs from each night, every `stride` epochs.
+
+    The first window's offset moves with the training epoch (set_epoch), so successive passes see
+    different cuts of the night; the number of windows stays fixed, as DistributedSampler needs.
+    Padded positions (nights shorter than seq_len) carry label -1 and are not trained on.
+    """
+
+    def __init__(self, xs: list[np.ndarray], ys: list[np.ndarray], seq_len: int, stride: int, seed: int):
+        self.xs, self.ys, self.seq_len, self.stride, self.seed = xs, ys, seq_len, stride, seed
+        self.index = [(night, k) for night, x in enumerate(xs)
+                      for k in range(max(1, math.ceil((len(x) - seq_len + 1) / stride)))]
+        self.offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.offset = int(np.random.default_rng(self.seed + epoch).integers(self.stride))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        night, k = self.index[i]
+        x, y = self.xs[night], self.ys[night]
+        start = min(self.offset + k * self.stride, max(len(x) - self.seq_len, 0))
+        idx = start + np.arange(self.seq_len)
+        valid = idx < len(x)
+        idx = np.minimum(idx, len(x) - 1)
+        labels = np.where(valid, y[idx], -1)
+        return torch.from_numpy(x[idx]), torch.from_numpy(labels)
+
+
+def class_weights(labels: np.ndarray, rem_boost: float) -> torch.Tensor:
+    """Balanced weights n / (k * count_c), REM multiplied by rem_boost; absent classes weigh 0."""
+    scored = labels[labels >= 0]
+    counts = np.bincount(scored, minlength=4).astype(np.float64)
+    weights = np.where(counts > 0, len(scored) / (4 * np.maximum(counts, 1)), 0.0)
+    weights[3] *= rem_boost
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Class-weighted focal loss over positions with target >= 0, normalised by the weights."""
+    logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    keep = target >= 0
+    logits, target = logits[keep], target[keep]
+    if target.numel() == 0:
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
+    w = weight[target]
+    return (-w * (1 - log_p.exp()) ** gamma * log_p).sum() / w.sum().clamp_min(1e-8)
+
+
+# ----------------------------------------------------------------------------- evaluation during training
+
+def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str], cfg: TrainConfig,
+                      ctx: Dist, weight: torch.Tensor, device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+    """Metrics over the whole subject list: each rank predicts its share, rank 0 gets all of it."""
+    mine = subjects[ctx.rank::ctx.world_size]
+    probs = {}
+    model.eval()
+    for s in mine:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+            probs[s] = _predict(model, data.x[s], cfg, device)
+    merged = {}
+    for part in gather(probs, ctx):
+        merged.update(part)
+    y_true = np.concatenate([data.y[s] for s in subjects])
+    p = np.concatenate([merged[s] for s in subjects])
+    y_pred = p.argmax(1)
+    metrics = compute_metrics(y_true, y_pred)
+    scored = y_true >= 0
+    with torch.no_grad():
+        logp = torch.log(torch.from_numpy(p[scored]).clamp_min(1e-8)).float()
+        metrics["loss"] = float(focal_loss(logp, torch.from_numpy(y_true[scored]), weight.cpu(), cfg.focal_gamma))
+    metrics["rem_accuracy"] = metrics["recall_rem"]
+    return metrics, y_true, y_pred, merged
+
+
+def _predict(model, x: np.ndarray, cfg: TrainConfig, device: torch.device) -> np.ndarray:
+    if device.type == "cpu":
+        return predict_night(model, x, cfg.seq_len, cfg.target_pos)
+    # on an accelerator, move each batch there
+    windows = dl.make_windows(x, cfg.seq_len, cfg.target_pos)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(windows), 2048):
+            batch = torch.from_numpy(windows[start:start + 2048]).to(device)
+            out.append(torch.softmax(model(batch)[:, cfg.target_pos].float(), -1).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- one training run
+
+def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],
+              val_ids: list[str], out_dir: Path | None, ctx: Dist, device: torch.device,
+              extra: dict | None = None, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Train on train_ids, select on val_ids; writes best.pth/scaler.pkl/log/curves to out_dir (rank 0)."""
+    torch.manual_seed(cfg.seed)
+    model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
+    model = build_model(arch, model_config).to(device)
+    dataset = WindowDataset([data.x[s] for s in train_ids], [data.y[s] for s in train_ids],
+                            cfg.seq_len, cfg.stride, cfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
+    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost).to(device)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
+                                                                     eta_min=cfg.min_lr)
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "stale": 0, "log": []}
+    last_path = out_dir / "last.pth" if out_dir else None
+    best_path = out_dir / "model.pth" if out_dir else None
+    if cfg.resume and last_path is not None and last_path.exists():
+        saved = read_checkpoint(last_path)
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng_state"])
+        state = saved["train_state"]
+        if ctx.is_main:
+            print(f"resumed from {last_path} after epoch {state['epoch']} (best {cfg.select_metric} "
+                  f"{state['best']:.4f} at epoch {state['best_epoch']})")
+    checkpoint_extra = {"train_subjects": train_ids, "val_subjects": val_ids,
+                        "train_config": _jsonable(asdict(cfg)), **(extra or {})}
+    best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_path is not None and best_path.exists() and state["best_epoch"] >= 0:
+        best_model_state = read_checkpoint(best_path)["state_dict"]
+    from tqdm import tqdm
+    while state["epoch"] < cfg.epochs and state["stale"] < cfg.patience:
+        epoch = state["epoch"]
+        t0 = time.perf_counter()
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        ddp_model.train()
+        total, n_batches = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main or quiet or None)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device), y.to(device)
+            if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
+                x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+                logits = ddp_model(x)
+            loss = focal_loss(logits, y, weight, cfg.focal_gamma)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step(epoch + (step + 1) / len(loader))
+            total += float(loss)
+            n_batches += 1
+            if ctx.is_main and bar is not None and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total / n_batches:.4f}")
+        train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
+        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
+        improved, row = False, None
+        if ctx.is_main:
+            score = metrics[cfg.select_metric]
+            improved = score > state["best"]
+            row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(metrics["loss"], 5),
+                   "val_accuracy": round(metrics["accuracy"], 4), "val_kappa": round(metrics["kappa"], 4),
+                   "val_macro_f1": round(metrics["macro_f1"], 4), "val_rem_recall": round(metrics["recall_rem"], 4),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+            if not quiet:
+                print(f"epoch {epoch + 1:3d}  train {train_loss:.4f}  val {metrics['loss']:.4f}  "
+                      f"acc {metrics['accuracy']:.3f}  kappa {metrics['kappa']:.3f}  F1 {metrics['macro_f1']:.3f}  "
+                      f"REM {metrics['recall_rem']:.3f}  {row['seconds']:.1f}s" + ("  *" if improved else ""), flush=True)
+        improved = broadcast(improved, ctx)  # one decision, obeyed by every rank
+        state["epoch"] = epoch + 1
+        if improved:
+            state.update(best=metrics[cfg.select_metric] if ctx.is_main else state["best"], best_epoch=epoch + 1, stale=0)
+            best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state["stale"] += 1
+        state = broadcast(state if ctx.is_main else None, ctx) if ctx.enabled else state
+        if ctx.is_main:
+            state["log"].append(row)
+            if out_dir is not None:
+                if improved:
+                    save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                                                    target_pos=cfg.target_pos, scaler=data.scaler,
+                                                    extra={**checkpoint_extra, "val_metrics": _jsonable(metrics),
+                                                           "epoch": epoch + 1}),
+                                    best_path, out_dir / "scaler.pkl")
+                _write_log(state["log"], out_dir / "train_log.csv")
+                last = make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                                       target_pos=cfg.target_pos, scaler=data.scaler, extra=checkpoint_extra)
+                last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            rng_state=torch.get_rng_state(), train_state=state)
+                save_checkpoint(last, last_path)
+    model.load_state_dict(best_model_state)
+    if ctx.is_main and out_dir is not None and state["log"]:
+        plot_curves(state["log"], out_dir / "curves.png", cfg.select_metric)
+    return model, state
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+def plot_curves(rows: list[dict], path: Path, select_metric: str) -> None:
+    """Train/validation loss and validation metrics per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from evaluation import _save_figure
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("focal loss")
+    ax_loss.legend()
+    for key in ("val_kappa", "val_macro_f1", "val_accuracy", "val_rem_recall"):
+        ax_metric.plot(epochs, [r[key] for r in rows], label=key[4:])
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_title(f"validation (selected on {select_metric})")
+    ax_metric.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> TrainConfig:
+    """Command-line flags over the script's defaults; env vars SEQ_LEN, BATCH_SIZE, EPOCHS, LR too."""
+    env = {"seq_len": "SEQ_LEN", "batch_size": "BATCH_SIZE", "epochs": "EPOCHS", "lr": "LR"}
+    parser = argparse.ArgumentParser(prog=script, description=__doc__.split("\n")[0])
+    for f in fields(TrainConfig):
+        if f.name in ("features",):
+            continue
+        default = getattr(defaults, f.name)
+        if f.name in env and os.environ.get(env[f.name]):
+            default = type(default)(os.environ[env[f.name]])
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "fold":
+            parser.add_argument(flag, type=int, default=default, help="with --cv K: train only this fold (0-based)")
+        elif f.name == "select_metric":
+            parser.add_argument(flag, choices=SELECT_METRICS, default=default)
+        elif f.name == "device":
+            parser.add_argument(flag, choices=("auto", "cpu", "cuda"), default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    parser.add_argument("--features", default=",".join(defaults.features),
+                        help=f"comma-separated; known: {','.join(dl.FEATURES)}")
+    args = vars(parser.parse_args(argv))
+    args["features"] = tuple(s for s in args["features"].split(",") if s)
+    unknown = [s for s in args["features"] if s not in dl.FEATURES]
+    if unknown:
+        parser.error(f"unknown feature(s) {unknown}")
+    if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
+        parser.error("--seq-len, --batch-size and --stride must be >= 1, --epochs >= 0")
+    return TrainConfig(**args)
+
+
+def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | None = None) -> int:
+    """Full CLI behaviour for one architecture: train + test evaluation, or --cv K."""
+    script = "train.py" if arch == "lstm" else "train_hybrid.py"
+    cfg = parse_args(defaults, argv, script)
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("checkpoints") / f"{arch}_{'causal' if cfg.causal else 'offline'}")
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = setup_distributed(device)
+    try:
+        return _run(arch, model_config, cfg, ctx, device)
+    finally:
+        if ctx.enabled:
+            dist.destroy_process_group()
+
+
+def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: torch.device) -> int:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", dl.DataWarning)
+            nights = {n.subject_id: n for n in dl.load_nights(cfg.data_dir)}
+    except dl.DataError as exc:
+        say(f"error: {exc}", file=sys.stderr)
+        return 1
+    for w in caught:
+        say(f"warning: {w.message}", file=sys.stderr)
+    if len(nights) < 3:
+        say(f"error: {cfg.data_dir} has {len(nights)} usable subject(s); training needs at least 3", file=sys.stderr)
+        return 1
+    train_ids, val_ids, test_ids = dl.split_subjects(list(nights), seed=cfg.split_seed)
+    out_dir = Path(cfg.out_dir)
+    mode = "causal" if cfg.causal else "offline"
+    say(f"{arch} [{mode}] on {device} x{ctx.world_size}: {len(train_ids)} train / {len(val_ids)} val / "
+        f"{len(test_ids)} test subjects, seq_len {cfg.seq_len} (target position {cfg.target_pos}), "
+        f"{len(cfg.features)} features")
+    if cfg.cv:
+        return _cross_validate(arch, model_config, cfg, nights, train_ids + val_ids, out_dir, ctx, device, say)
+    data = prepare(nights, train_ids, cfg)
+    model, state = train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
+                             extra={"test_subjects": test_ids})
+    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost)
+    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device)
+    if ctx.is_main:
+        minutes = (time.perf_counter() - t_start) / 60
+        say(f"\nbest epoch {state['best_epoch']} ({cfg.select_metric} {state['best']:.4f} on validation); "
+            f"trained in {minutes:.1f} min; checkpoint {out_dir / 'model.pth'}")
+        say(f"test subjects {', '.join(test_ids)}:\n" + format_report(metrics, y_true, y_pred))
+        atomic_write(out_dir / "test_metrics.json",
+                     lambda f: f.write(json.dumps({**_jsonable(metrics), "test_subjects": test_ids,
+                                                   "train_minutes": round(minutes, 2)}, indent=1).encode()))
+    return 0
+
+
+def _cross_validate(arch, model_config, cfg, nights, pool_ids, out_dir, ctx, device, say) -> int:
+    """k folds by subject over pool_ids; each fold early-stops on a slice of its own training subjects."""
+    folds = dl.kfold_subjects(pool_ids, cfg.cv, seed=cfg.split_seed)
+    chosen = range(len(folds)) if cfg.fold is None else [cfg.fold]
+    per_fold, frames = [], []
+    for k in chosen:
+        fit_ids, held_ids = folds[k]
+        inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + k, val_frac=0.12, test_frac=0.0)
+        t0 = time.perf_counter()
+        data = prepare(nights, inner_train, cfg)
+        model, state = train_one(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
+        weight = class_weights(np.concatenate([data.y[s] for s in inner_train]), cfg.rem_boost)
+        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device)
+        if ctx.is_main:
+            metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]
+            metrics["minutes"] = round((time.perf_counter() - t0) / 60, 2)
+            per_fold.append(metrics)
+            for s in held_ids:
+                frames.append(prediction_frame(nights[s], probs[s]).assign(fold=k))
+            say(f"fold {k}: kappa {metrics['kappa']:.3f}  acc {metrics['accuracy']:.3f}  F1 {metrics['macro_f1']:.3f}  "
+                f"recall W/L/D/R {metrics['recall_wake']:.2f}/{metrics['recall_light']:.2f}/"
+                f"{metrics['recall_deep']:.2f}/{metrics['recall_rem']:.2f}  (best epoch {state['best_epoch']}, "
+                f"{metrics['minutes']:.1f} min, held out {','.join(held_ids)})", flush=True)
+    if not ctx.is_main:
+        return 0
+    import pandas as pd
+    oof = pd.concat(frames, ignore_index=True)
+    pooled = compute_metrics(oof["true_stage"].to_numpy(), oof["pred"].to_numpy())
+    summary = summarize_folds(per_fold, pooled)
+    say("\n" + format_cv_summary(summary))
+    suffix = "" if cfg.fold is None else f"_fold{cfg.fold}"
+    write_predictions(oof, out_dir / f"cv_predictions{suffix}.csv")
+    atomic_write(out_dir / f"cv_summary{suffix}.json",
+                 lambda f: f.write(json.dumps(_jsonable({**summary, "folds": per_fold, "config": asdict(cfg)}),
+                                              indent=1).encode()))
+    say(f"out-of-fold predictions: {out_dir / f'cv_predictions{suffix}.csv'}")
+    return 0
+
+
+CV_KEYS = ("kappa", "accuracy", "macro_f1", "recall_wake", "recall_light", "recall_deep", "recall_rem")
+
+
+def summarize_folds(per_fold: list[dict], pooled: dict) -> dict:
+    return {"mean": {k: float(np.nanmean([m[k] for m in per_fold])) for k in CV_KEYS},
+            "sd": {k: float(np.nanstd([m[k] for m in per_fold], ddof=1)) if len(per_fold) > 1 else 0.0 for k in CV_KEYS},
+            "pooled": {k: pooled[k] for k in CV_KEYS}, "n_folds": len(per_fold)}
+
+
+def format_cv_summary(summary: dict) -> str:
+    lines = [f"{'':>14}" + "".join(f"{k:>14}" for k in CV_KEYS)]
+    lines.append(f"{'mean +- sd':>14}" + "".join(f"{summary['mean'][k]:>8.3f}+-{summary['sd'][k]:<4.3f}" for k in CV_KEYS))
+    lines.append(f"{'pooled':>14}" + "".join(f"{summary['pooled'][k]:>14.3f}" for k in CV_KEYS))
+    return f"cross-validation over {summary['n_folds']} fold(s):\n" + "\n".join(lines)
