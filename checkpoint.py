@@ -67,7 +67,7 @@ def make_checkpoint(model: torch.nn.Module, arch: str, *, features: list[str], s
         "psg_stage_to_class": {str(k): v for k, v in PSG_STAGE_TO_CLASS.items()},
         "scaler_mean": [float(v) for v in scaler.mean],
         "scaler_scale": [float(v) for v in scaler.scale],
-        "versions": {"torch": torch.__version__, "numpy": np.__version__},
+        "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
         **(extra or {}),
     }
 
@@ -119,13 +119,15 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
     if model.config.n_features != len(checkpoint["features"]):
         raise CheckpointError(f"checkpoint {path}: model expects {model.config.n_features} features but the "
                               f"checkpoint lists {len(checkpoint['features'])}")
-    result = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    own = model.state_dict()
+    own, saved = model.state_dict(), checkpoint["state_dict"]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
     wrong_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in checkpoint["state_dict"].items() if k in own and v.shape != own[k].shape]
-    if result.missing_keys or result.unexpected_keys or wrong_shape:
+                   for k, v in saved.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
         raise CheckpointError(f"checkpoint {path} does not match the {arch} architecture: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, shapes {wrong_shape[:5]}")
+                              f"{missing[:5]}, unexpected {unexpected[:5]}, shapes {wrong_shape[:5]}")
+    model.load_state_dict(saved)
     model.eval()
     scaler = FeatureScaler(np.asarray(checkpoint["scaler_mean"], np.float32),
                            np.asarray(checkpoint["scaler_scale"], np.float32))

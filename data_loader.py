@@ -493,11 +493,13 @@ def fill_missing(values: np.ndarray, causal: bool, lead: float) -> np.ndarray:
     return _forward_fill(values, lead)
 
 
-def _trailing(values: np.ndarray, window: int, fn: str) -> np.ndarray:
-    """Mean or std over the last `window` epochs (fewer at the start of the night)."""
+def _rolling(values: np.ndarray, window: int, fn: str, centred: bool = False) -> np.ndarray:
+    """Mean or std over the last `window` epochs (fewer at the start), or centred on the epoch."""
     c1 = np.concatenate([[0.0], np.cumsum(values)])
     c2 = np.concatenate([[0.0], np.cumsum(values * values)])
     end = np.arange(1, len(values) + 1)
+    if centred:  # the trailing window that ends window // 2 epochs later, clipped at the night's end
+        end = np.minimum(end + window // 2, len(values))
     start = np.maximum(end - window, 0)
     n = end - start
     mean = (c1[end] - c1[start]) / n
@@ -510,13 +512,13 @@ FEATURES = (
     "heart_rate_bpm",          # epoch mean, filled
     "heart_rate_std_bpm",      # within-epoch spread (0 where missing)
     "hr_night_z",              # heart rate against the night: expanding (causal) or whole-night statistics
-    "hr_minus_30min_mean",     # heart rate against its trailing 30 min level
+    "hr_minus_30min_mean",     # heart rate against its 30 min level (trailing if causal, else centred)
     "hr_delta_bpm",            # change from the previous epoch
-    "hrv_2_5min_bpm",          # heart-rate variability: std over trailing 5, 10, 20 epochs
+    "hrv_2_5min_bpm",          # heart-rate variability: std over 5, 10, 20 epochs (trailing if causal)
     "hrv_5min_bpm",
     "hrv_10min_bpm",
     "log_activity",            # log1p activity count
-    "log_activity_2_5min",     # trailing activity over 5 and 20 epochs
+    "log_activity_2_5min",     # activity over 5 and 20 epochs (trailing if causal)
     "log_activity_10min",
     "log_epochs_since_move",   # log1p epochs since the last count above MOVE_COUNT
     "hours_since_start",       # time of night
@@ -536,8 +538,10 @@ def night_features(night: Night, causal: bool = True, features: tuple[str, ...] 
     """Per-epoch feature matrix (n, len(features)), float32.
 
     causal=True uses only the current and past epochs, so a stream computes the same rows;
-    causal=False may use the whole night (night-level heart-rate statistics, backward fill).
+    causal=False may use the whole night (night-level heart-rate statistics, centred windows,
+    backward fill).
     """
+    centred = not causal
     hr_observed = ~np.isnan(night.heart_rate_bpm)
     hr = fill_missing(night.heart_rate_bpm, causal, HR_PRIOR_BPM)
     counts = fill_missing(night.activity_count, causal, 0.0)
@@ -558,14 +562,14 @@ def night_features(night: Night, causal: bool = True, features: tuple[str, ...] 
         "heart_rate_bpm": hr,
         "heart_rate_std_bpm": np.nan_to_num(night.heart_rate_std_bpm),
         "hr_night_z": (hr - night_mean) / np.maximum(night_std, 1.0),
-        "hr_minus_30min_mean": hr - _trailing(hr, 60, "mean"),
+        "hr_minus_30min_mean": hr - _rolling(hr, 60, "mean", centred),
         "hr_delta_bpm": np.diff(hr, prepend=hr[0]),
-        "hrv_2_5min_bpm": _trailing(hr, 5, "std"),
-        "hrv_5min_bpm": _trailing(hr, 10, "std"),
-        "hrv_10min_bpm": _trailing(hr, 20, "std"),
+        "hrv_2_5min_bpm": _rolling(hr, 5, "std", centred),
+        "hrv_5min_bpm": _rolling(hr, 10, "std", centred),
+        "hrv_10min_bpm": _rolling(hr, 20, "std", centred),
         "log_activity": log_counts,
-        "log_activity_2_5min": _trailing(log_counts, 5, "mean"),
-        "log_activity_10min": _trailing(log_counts, 20, "mean"),
+        "log_activity_2_5min": _rolling(log_counts, 5, "mean", centred),
+        "log_activity_10min": _rolling(log_counts, 20, "mean", centred),
         "log_epochs_since_move": np.log1p(since_move),
         "hours_since_start": (night.epoch_start_s - night.epoch_start_s[0]) / 3600.0,
         "hr_missing": (~hr_observed).astype(np.float64),

@@ -52,6 +52,7 @@ class TrainConfig:
     dropout: float = 0.25
     focal_gamma: float = 2.0
     rem_boost: float = 1.6          # extra weight on REM on top of the balanced class weights
+    class_weight_power: float = 1.0  # 1: fully balanced weights; 0.5 tempers them (sqrt), 0: none
     rem_noise: float = 0.1          # std of Gaussian noise added to REM epochs (standardised units)
     stride: int = 5                 # epochs between training windows
     causal: bool = False            # True: real-time model, the window ends at the predicted epoch
@@ -148,15 +149,17 @@ def prepare(nights: dict[str, dl.Night], train_ids: list[str], cfg: TrainConfig)
 class WindowDataset(Dataset):
     """Training windows of seq_len epochs from each night, every `stride` epochs.
 
-    The first window's offset moves with the training epoch (set_epoch), so successive passes see
-    different cuts of the night; the number of windows stays fixed, as DistributedSampler needs.
+    The cuts shift with the training epoch (set_epoch), so successive passes see different windows,
+    while every epoch of the night is in some window of every pass; the number of windows stays
+    fixed, as DistributedSampler needs.
     Padded positions (nights shorter than seq_len) carry label -1 and are not trained on.
     """
 
     def __init__(self, xs: list[np.ndarray], ys: list[np.ndarray], seq_len: int, stride: int, seed: int):
         self.xs, self.ys, self.seq_len, self.stride, self.seed = xs, ys, seq_len, stride, seed
+        # one window more than fits, so shifted cuts still reach both ends of the night
         self.index = [(night, k) for night, x in enumerate(xs)
-                      for k in range(max(1, math.ceil((len(x) - seq_len + 1) / stride)))]
+                      for k in range(1 if len(x) <= seq_len else math.ceil((len(x) - seq_len + stride - 1) / stride) + 1)]
         self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,7 +171,7 @@ class WindowDataset(Dataset):
     def __getitem__(self, i: int):
         night, k = self.index[i]
         x, y = self.xs[night], self.ys[night]
-        start = min(self.offset + k * self.stride, max(len(x) - self.seq_len, 0))
+        start = int(np.clip(k * self.stride - self.offset, 0, max(len(x) - self.seq_len, 0)))
         idx = start + np.arange(self.seq_len)
         valid = idx < len(x)
         idx = np.minimum(idx, len(x) - 1)
@@ -176,11 +179,11 @@ class WindowDataset(Dataset):
         return torch.from_numpy(x[idx]), torch.from_numpy(labels)
 
 
-def class_weights(labels: np.ndarray, rem_boost: float) -> torch.Tensor:
-    """Balanced weights n / (k * count_c), REM multiplied by rem_boost; absent classes weigh 0."""
+def class_weights(labels: np.ndarray, rem_boost: float, power: float = 1.0) -> torch.Tensor:
+    """Balanced weights (n / (k * count_c)) ** power, REM times rem_boost; absent classes weigh 0."""
     scored = labels[labels >= 0]
     counts = np.bincount(scored, minlength=4).astype(np.float64)
-    weights = np.where(counts > 0, len(scored) / (4 * np.maximum(counts, 1)), 0.0)
+    weights = np.where(counts > 0, (len(scored) / (4 * np.maximum(counts, 1))) ** power, 0.0)
     weights[3] *= rem_boost
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -249,7 +252,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                             cfg.seq_len, cfg.stride, cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
-    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost).to(device)
+    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost, cfg.class_weight_power).to(device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
@@ -293,7 +296,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step(epoch + (step + 1) / len(loader))
-            total += float(loss)
+            total += loss.item()
             n_batches += 1
             if ctx.is_main and bar is not None and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
@@ -449,7 +452,7 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     data = prepare(nights, train_ids, cfg)
     model, state = train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
                              extra={"test_subjects": test_ids})
-    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost)
+    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost, cfg.class_weight_power)
     metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device)
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
@@ -473,7 +476,7 @@ def _cross_validate(arch, model_config, cfg, nights, pool_ids, out_dir, ctx, dev
         t0 = time.perf_counter()
         data = prepare(nights, inner_train, cfg)
         model, state = train_one(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
-        weight = class_weights(np.concatenate([data.y[s] for s in inner_train]), cfg.rem_boost)
+        weight = class_weights(np.concatenate([data.y[s] for s in inner_train]), cfg.rem_boost, cfg.class_weight_power)
         metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device)
         if ctx.is_main:
             metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]

@@ -14,3 +14,19 @@ BUNDLED = ROOT / "data" / "sleep-accel"
 def cache_dir(tmp_path):
     """A private cache so tests never share or depend on the user's .cache/."""
     return tmp_path / "cache"
+
+
+SMALL_SUBJECTS = ("46343", "3509524", "4018081", "5132496", "9961348", "1360686")
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """Six real bundled subjects (the shortest nights) in a PhysioNet-layout folder of their own."""
+    import shutil
+    root = tmp_path_factory.mktemp("small-data")
+    for folder in ("labels", "heart_rate", "counts"):
+        (root / folder).mkdir()
+        for path in (BUNDLED / folder).iterdir():
+            if path.name.split("_")[0] in SMALL_SUBJECTS:
+                shutil.copy(path, root / folder / path.name)
+    return root

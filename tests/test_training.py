@@ -1,0 +1,167 @@
+"""The shared training loop, checkpoints and the evaluation path, on tiny models and real data."""
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data_loader as dl
+import evaluation
+import training
+from checkpoint import CheckpointError, load_model_from_checkpoint, read_checkpoint
+
+TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
+TINY_LSTM = {"hidden": 16, "n_layers": 1, "n_heads": 2}
+
+
+def tiny_run(arch, data_dir, out_dir, *extra):
+    model_config = TINY_HYBRID if arch == "hybrid" else TINY_LSTM
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--epochs", "2", "--batch-size", "64",
+            "--stride", "10", *extra]
+    return training.run(arch, model_config, training.TrainConfig(), argv)
+
+
+def test_focal_loss_reduces_to_weighted_cross_entropy_and_ignores_unscored():
+    torch.manual_seed(0)
+    logits, target = torch.randn(50, 4), torch.randint(0, 4, (50,))
+    weight = torch.tensor([1.0, 0.5, 2.0, 3.0])
+    expected = F.cross_entropy(logits, target, weight=weight)
+    torch.testing.assert_close(training.focal_loss(logits, target, weight, gamma=0.0), expected)
+    target_with_unscored = target.clone()
+    target_with_unscored[:10] = -1
+    torch.testing.assert_close(training.focal_loss(logits, target_with_unscored, weight, 0.0),
+                               F.cross_entropy(logits[10:], target[10:], weight=weight))
+    # gamma > 0 down-weights easy (confident, correct) examples
+    easy = torch.full((1, 4), -5.0)
+    easy[0, 2] = 5.0
+    assert training.focal_loss(easy, torch.tensor([2]), weight, 2.0) < F.cross_entropy(easy, torch.tensor([2])) * 1e-3
+
+
+def test_class_weights_balanced_with_rem_boost():
+    labels = np.array([0] * 10 + [1] * 50 + [2] * 20 + [3] * 20 + [-1] * 7)
+    w = training.class_weights(labels, rem_boost=2.0).numpy()
+    np.testing.assert_allclose(w, [100 / 40, 100 / 200, 100 / 80, 2 * 100 / 80])
+
+
+def test_window_dataset_covers_every_epoch_with_fixed_length():
+    xs = [np.arange(103, dtype=np.float32)[:, None], np.arange(9, dtype=np.float32)[:, None]]
+    ys = [np.arange(103) % 4, np.arange(9) % 4]
+    ds = training.WindowDataset(xs, ys, seq_len=25, stride=10, seed=0)
+    n = len(ds)
+    first_windows = set()
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        assert len(ds) == n
+        seen = set()
+        for i in range(len(ds)):
+            x, y = ds[i]
+            assert x.shape == (25, 1) and y.shape == (25,)
+            if ds.index[i][0] == 0:
+                seen.update(int(v) for v in x[:, 0])
+        assert seen == set(range(103))  # every epoch is trained on in every pass
+        first_windows.add(tuple(int(v) for v in ds[1][0][:, 0]))
+        x, y = ds[len(ds) - 1]  # the short night: padded positions carry no label
+        assert (y[9:] == -1).all() and (y[:9] >= 0).all()
+    assert len(first_windows) > 1  # passes cut the night differently
+
+
+def test_train_writes_loadable_checkpoint_and_inference_uses_it(small_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert tiny_run("hybrid", small_data_dir, out) == 0
+    for name in ("model.pth", "scaler.pkl", "last.pth", "train_log.csv", "curves.png", "test_metrics.json"):
+        assert (out / name).is_file(), name
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["epoch"]) == [1, 2] and log["val_kappa"].between(-1, 1).all()
+    model, scaler, ckpt = load_model_from_checkpoint(out / "model.pth")
+    assert ckpt["features"] == list(dl.DEFAULT_FEATURES) and ckpt["target_pos"] == 12 and not ckpt["causal"]
+    train, val, test = dl.split_subjects(dl.find_subjects(small_data_dir))
+    assert ckpt["test_subjects"] == test and ckpt["train_subjects"] == train
+    # scaler.pkl holds the same standardisation as the checkpoint's own arrays
+    import joblib
+    x = np.random.default_rng(0).normal(size=(5, len(ckpt["features"])))
+    np.testing.assert_allclose(joblib.load(out / "scaler.pkl").transform(x), scaler.transform(x), rtol=1e-4, atol=1e-4)
+    csv = tmp_path / "preds.csv"
+    code = evaluation.main("hybrid", out / "model.pth", ["--data-dir", str(small_data_dir), "--predictions-out",
+                                                         str(csv), "--plots-dir", str(tmp_path / "plots")])
+    assert code == 0
+    frame = pd.read_csv(csv)
+    assert list(frame.columns) == evaluation.PREDICTION_COLUMNS
+    nights = dl.load_nights(small_data_dir, cache_dir=None)
+    assert len(frame) == sum(len(n) for n in nights)
+    np.testing.assert_allclose(frame[["p_wake", "p_light", "p_deep", "p_rem"]].sum(axis=1), 1.0, atol=1e-4)
+    assert (frame["pred"] == frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy().argmax(1)).all()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir())[0] == "hybrid_confusion.png"
+    assert "kappa" in capsys.readouterr().out
+
+
+def test_resume_continues_to_the_same_result(small_data_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert tiny_run("lstm", small_data_dir, straight, "--epochs", "3", "--causal") == 0
+    assert tiny_run("lstm", small_data_dir, resumed, "--epochs", "2", "--causal") == 0
+    assert tiny_run("lstm", small_data_dir, resumed, "--epochs", "3", "--causal", "--resume") == 0
+    a, b = pd.read_csv(straight / "train_log.csv"), pd.read_csv(resumed / "train_log.csv")
+    assert list(b["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+    sa, sb = read_checkpoint(straight / "last.pth")["state_dict"], read_checkpoint(resumed / "last.pth")["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k])
+
+
+def test_cross_validation_holds_out_every_subject_once(small_data_dir, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert tiny_run("hybrid", small_data_dir, out, "--cv", "3", "--epochs", "1") == 0
+    oof = pd.read_csv(out / "cv_predictions.csv")
+    _, _, test = dl.split_subjects(dl.find_subjects(small_data_dir))
+    pool = sorted(set(dl.find_subjects(small_data_dir)) - set(test))
+    assert sorted(oof["subject"].astype(str).unique()) == pool
+    assert oof.groupby("subject")["fold"].nunique().eq(1).all()
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["n_folds"] == 3 and len(summary["folds"]) == 3
+    assert "mean +- sd" in capsys.readouterr().out
+
+
+def test_checkpoint_mismatch_and_damage_give_clear_errors(small_data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1") == 0
+    path = out / "model.pth"
+    with pytest.raises(CheckpointError, match="holds a 'hybrid' model, this script runs 'lstm'"):
+        load_model_from_checkpoint(path, expected_arch="lstm")
+    with pytest.raises(CheckpointError, match=r"other features: missing \['steps'\]"):
+        load_model_from_checkpoint(path, expected_features=list(dl.DEFAULT_FEATURES) + ["steps"])
+    ckpt = read_checkpoint(path)
+    ckpt["model_config"]["channels"] = 32
+    torch.save(ckpt, tmp_path / "wrong_shape.pth")
+    with pytest.raises(CheckpointError, match="does not match the hybrid architecture"):
+        load_model_from_checkpoint(tmp_path / "wrong_shape.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_model_from_checkpoint(truncated)
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    tampered = tmp_path / "tampered.pth"
+    torch.save({"format": "x", "payload": Exploit()}, tampered)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_model_from_checkpoint(tampered)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model_from_checkpoint(tmp_path / "nope.pth")
+    assert evaluation.main("lstm", path, ["--plots-dir", ""]) == 1  # the script says so, no traceback
+
+
+def test_bad_flags_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        training.parse_args(training.TrainConfig(), ["--features", "heart_rate_bpm,pulse"], "train.py")
+    assert "unknown feature" in capsys.readouterr().err
+
+
+def test_env_vars_set_defaults(monkeypatch):
+    monkeypatch.setenv("EPOCHS", "7")
+    monkeypatch.setenv("SEQ_LEN", "11")
+    cfg = training.parse_args(training.TrainConfig(), [], "train.py")
+    assert (cfg.epochs, cfg.seq_len, cfg.target_pos) == (7, 11, 5)
+    assert training.parse_args(training.TrainConfig(), ["--epochs", "3"], "train.py").epochs == 3
