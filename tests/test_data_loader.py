@@ -318,3 +318,23 @@ def test_bundled_stage_mix_matches_known_counts():
     night = dl.load_night(BUNDLED, "5383425", cache_dir=None)  # one of the two subjects with N4
     # PhysioNet file: 2 unscored, 40 W, 52 N1 + 391 N2, 34 N3 + 190 N4, 269 REM
     assert [int((night.stage == c).sum()) for c in (-1, 0, 1, 2, 3)] == [2, 40, 443, 224, 269]
+
+
+# ----------------------------------------------------------------------------- synthetic full-release files
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_reads_synthetic_release_with_raw_motion_and_steps(tmp_path, cache_dir, gz):
+    import synthetic
+    synthetic.write_night(tmp_path, "42", synthetic.SyntheticNightConfig(hours=1.0, gzip=gz, seed=3))
+    night = dl.load_night(tmp_path, "42", cache_dir)
+    assert night.report["motion_source"] == "raw"
+    assert len(night) == 120
+    assert np.mean(~np.isnan(night.heart_rate_bpm)) > 0.8
+    assert np.mean(~np.isnan(night.activity_count)) > 0.95  # counts computed from the 50 Hz file
+    np.testing.assert_allclose(np.nanmedian(night.motion_mag_mean_g), 1.0, atol=0.05)
+    assert not np.isnan(night.steps).all()
+    wake, asleep = night.stage == 0, night.stage > 0
+    assert np.nanmean(night.activity_count[wake]) > np.nanmean(night.activity_count[asleep])
+    x = dl.night_features(night, features=dl.FEATURES)
+    assert x.shape == (120, len(dl.FEATURES)) and np.isfinite(x).all()
+    assert dl.load_night(tmp_path, "42", cache_dir).report.get("from_cache")

@@ -413,3 +413,25 @@ def test_non_http_base_url_is_a_download_error(dest, url):
     with pytest.raises(DownloadError, match=re.escape(repr(url))):
         download_release(dest, url, progress=False)
     assert not dest.exists()
+
+
+# --------------------------------------------------------------------------- the data_loader CLI
+
+
+def test_data_loader_download_cli_fetches_then_the_release_loads(server, dest, files, capsys):
+    import data_loader
+
+    base_url, _ = server
+    assert data_loader.main(["--download", "--dest", str(dest), "--url", base_url]) == 0
+    assert "files verified" in capsys.readouterr().out
+    assert (dest / MOTION).read_bytes() == files[MOTION]
+
+
+def test_data_loader_download_cli_reports_checksum_mismatch(server, dest, files, capsys):
+    import data_loader
+
+    base_url, state = server
+    (state.root / CHECKSUM_FILE).write_text(_sums_text(files).replace(_sha(files[LABELS]), "0" * 64))
+    assert data_loader.main(["--download", "--dest", str(dest), "--url", base_url]) == 1
+    err = capsys.readouterr().err
+    assert "download failed" in err and "labels/1_labeled_sleep.txt" in err
