@@ -188,16 +188,40 @@ def class_weights(labels: np.ndarray, rem_boost: float, power: float = 1.0) -> t
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Class-weighted focal loss over positions with target >= 0, normalised by the weights."""
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float,
+               normaliser: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-weighted focal loss over positions with target >= 0, divided by the summed weights
+    (or by `normaliser`: under DDP the global weight sum per rank, so ranks average exactly)."""
     logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     keep = target >= 0
     logits, target = logits[keep], target[keep]
+    w = weight[target]
+    if normaliser is None:
+        normaliser = w.sum()
     if target.numel() == 0:
         return logits.sum() * 0.0
     log_p = F.log_softmax(logits.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
-    w = weight[target]
-    return (-w * (1 - log_p.exp()) ** gamma * log_p).sum() / w.sum().clamp_min(1e-8)
+    return (-w * (1 - log_p.exp()) ** gamma * log_p).sum() / normaliser.clamp_min(1e-8)
+
+
+def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               weight: torch.Tensor, cfg: TrainConfig, ctx: Dist) -> torch.Tensor:
+    """One optimisation step on this rank's share of the global batch; returns the loss."""
+    if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
+        x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cuda"):
+        logits = ddp_model(x)
+    normaliser = None
+    if ctx.enabled:  # DDP averages gradients over ranks: divide by the global weight sum / world size
+        normaliser = weight[y[y >= 0]].sum().detach()
+        dist.all_reduce(normaliser)
+        normaliser = normaliser / ctx.world_size
+    loss = focal_loss(logits, y, weight, cfg.focal_gamma, normaliser)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------- evaluation during training
@@ -285,16 +309,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         total, n_batches = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main or quiet or None)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(device), y.to(device)
-            if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
-                x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-                logits = ddp_model(x)
-            loss = focal_loss(logits, y, weight, cfg.focal_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx)
             scheduler.step(epoch + (step + 1) / len(loader))
             total += loss.item()
             n_batches += 1
