@@ -20,6 +20,8 @@ from model import LSTMConfig, SleepLSTM
 from model_hybrid import HybridConfig, SleepHybrid
 
 FORMAT = "sleep-staging-checkpoint/1"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask once (setting it is the only way to read it)
 ARCHITECTURES = {"lstm": (SleepLSTM, LSTMConfig), "hybrid": (SleepHybrid, HybridConfig)}
 
 
@@ -44,6 +46,7 @@ def atomic_write(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
