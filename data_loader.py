@@ -53,7 +53,7 @@ MOTION_MAX_G = 16.0
 HR_PRIOR_BPM = 60.0  # causal fill before the first heart-rate sample of a night
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "sleep-accel"
 DEFAULT_CACHE_DIR = Path(os.environ.get("SLEEP_STAGING_CACHE", Path(__file__).resolve().parent / ".cache"))
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: raw-motion counts interpolate within each epoch only
 
 # file kind -> (folder, file suffix, number of columns)
 FILE_KINDS = {
@@ -281,8 +281,9 @@ def _per_epoch_mean_std(idx: np.ndarray, values: np.ndarray, n: int) -> tuple[np
 def motion_epoch_aggregates(motion: np.ndarray, epoch_start_s: np.ndarray) -> dict[str, np.ndarray]:
     """Per-epoch activity count (per 15 s bin), magnitude mean/std (g) from raw t,x,y,z rows.
 
-    Each epoch is resampled to 50 Hz and filtered on its own, so the result for an epoch
-    depends only on that epoch's samples: the same numbers come out offline and in a stream.
+    Rows must be sorted by time. Each epoch is resampled to 50 Hz from its own samples only and
+    filtered on its own, so the result for an epoch depends only on that epoch's samples: the
+    same numbers come out offline and in a stream (realtime.py).
     """
     n = len(epoch_start_s)
     t = motion[:, 0]
@@ -294,7 +295,11 @@ def motion_epoch_aggregates(motion: np.ndarray, epoch_start_s: np.ndarray) -> di
     counts = np.full(n, np.nan)
     if covered.any():
         grid = epoch_start_s[covered, None] + np.arange(samples_per_epoch) / COUNTS_FS_HZ
-        z_uniform = np.interp(grid.ravel(), t, motion[:, 3]).reshape(grid.shape)
+        # each epoch is interpolated from its own samples only (edges held), never a neighbour's
+        raw_idx = np.floor((t - epoch_start_s[0]) / EPOCH_S)  # non-decreasing: rows are time-sorted
+        lo = np.searchsorted(raw_idx, np.flatnonzero(covered), "left")
+        hi = np.searchsorted(raw_idx, np.flatnonzero(covered), "right")
+        z_uniform = np.stack([np.interp(g, t[a:b], motion[a:b, 3]) for g, a, b in zip(grid, lo, hi)])
         counts[covered] = counts_from_z(z_uniform).mean(axis=1)
     mag_mean[~covered] = np.nan
     mag_std[~covered] = np.nan

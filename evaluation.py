@@ -1,7 +1,8 @@
 """One evaluation path for both models: checkpoint + nights -> per-epoch predictions -> metrics,
 report, CSV and plots. `inference.py` and `inference_hybrid.py` are thin wrappers around `main`;
 training uses `predict_night` and `compute_metrics` for validation, so every figure is computed
-the same way.
+the same way. `--realtime` computes the same CSV and metrics by streaming every night's files
+through realtime.StreamingStager; `--follow` stages growing files live.
 """
 from __future__ import annotations
 
@@ -168,23 +169,59 @@ def plot_confusion(confusion: list[list[int]], path: str | Path, title: str = ""
 
 # ----------------------------------------------------------------------------- CLI shared by both scripts
 
-def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None) -> int:
+def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
+         realtime_checkpoint: Path | None = None) -> int:
     script = "inference.py" if arch == "lstm" else "inference_hybrid.py"
+    realtime_checkpoint = realtime_checkpoint or CHECKPOINT_DIR / f"{arch}_causal" / "model.pth"
     parser = argparse.ArgumentParser(prog=script, description=f"Evaluate a {arch} checkpoint: metrics, "
                                      "per-epoch CSV, hypnograms, confusion matrix.")
-    parser.add_argument("--checkpoint", default=str(default_checkpoint), help="model .pth (default: shipped)")
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"model .pth (default: shipped, {default_checkpoint}; with --realtime or --follow "
+                             f"the shipped causal one, {realtime_checkpoint})")
     parser.add_argument("--data-dir", default=None,
                         help="PhysioNet-layout folder: evaluate every subject in it (default: the bundled "
                              "data's test subjects, which the shipped model never saw)")
     parser.add_argument("--subjects", nargs="*", default=None, help="only these subject ids")
     parser.add_argument("--predictions-out", default=None, help="CSV, one row per epoch")
     parser.add_argument("--plots-dir", default="out/plots", help="hypnogram and confusion PNGs ('' for none)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="replay every night's files reading by reading through the streaming predictor "
+                             "(causal checkpoint); same CSV and metrics as the offline evaluation")
+    parser.add_argument("--follow", nargs="+", metavar="FILE", default=None,
+                        help="live demo: tail growing heart-rate / motion / counts / steps CSVs (t,bpm  t,x,y,z  "
+                             "t,count  t,steps; KIND=FILE to name the kind) and print a line per closed epoch")
+    parser.add_argument("--follow-timeout", type=float, default=None, metavar="S",
+                        help="with --follow: stop after S seconds without new data (default: run until Ctrl-C)")
+    parser.add_argument("--max-delay", type=float, default=0.0, metavar="S",
+                        help="streaming: wait S seconds past an epoch's end for late readings (default 0)")
+    parser.add_argument("--start-s", default=0.0, type=lambda v: None if v == "auto" else float(v),
+                        help="with --follow: start of epoch 0 in the files' time base, or 'auto' (the first "
+                             "reading, floored to 30 s); default 0 (PhysioNet files count from the PSG start)")
     args = parser.parse_args(argv)
+    streaming = args.realtime or args.follow is not None
+    if args.realtime and args.follow is not None:
+        parser.error("--realtime and --follow are separate modes")
+    if args.checkpoint is None:
+        args.checkpoint = str(realtime_checkpoint if streaming else default_checkpoint)
     try:
         model, scaler, checkpoint = load_model_from_checkpoint(args.checkpoint, expected_arch=arch)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if streaming:
+        import realtime
+        try:
+            stager = realtime.StreamingStager(model, scaler, checkpoint, start_s=args.start_s,
+                                              max_delay_s=args.max_delay)
+        except ValueError as exc:
+            print(f"error: {args.checkpoint}: {exc}", file=sys.stderr)
+            return 1
+        if args.follow is not None:
+            print(f"{arch} checkpoint {args.checkpoint} [real-time]: following {', '.join(args.follow)} "
+                  f"(Ctrl-C to stop)", flush=True)
+            with realtime.single_thread():
+                realtime.follow(stager, args.follow, timeout_s=args.follow_timeout)
+            return 0
     data_dir = Path(args.data_dir) if args.data_dir else dl.DEFAULT_DATA_DIR
     subjects = args.subjects
     if subjects is None and args.data_dir is None:
@@ -202,8 +239,13 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None) -> 
     if not nights:
         print(f"error: no usable subjects in {data_dir}", file=sys.stderr)
         return 1
-    frame = predict_nights(model, scaler, checkpoint, nights)
-    mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
+    if args.realtime:
+        with realtime.single_thread():
+            frame = realtime.replay_nights(model, scaler, checkpoint, data_dir, nights, max_delay_s=args.max_delay)
+        mode = "causal, streamed reading by reading"
+    else:
+        frame = predict_nights(model, scaler, checkpoint, nights)
+        mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
     print(f"{arch} checkpoint {args.checkpoint} [{mode}] on {len(nights)} subject(s) from {data_dir}: "
           f"{', '.join(n.subject_id for n in nights)} ({time.perf_counter() - t0:.1f} s)")
     y_true, y_pred = frame["true_stage"].to_numpy(), frame["pred"].to_numpy()

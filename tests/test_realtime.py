@@ -1,0 +1,532 @@
+"""Real-time staging: the stream's rules, replay == offline causal evaluation, --realtime / --follow, notebook API.
+
+One tiny causal hybrid is trained for the whole file (module fixture); untrained checkpoints
+stand in where only the plumbing matters (all 19 features, the LSTM, an offline model).
+"""
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data_loader as dl
+import evaluation
+import inference
+import inference_hybrid
+import realtime
+import synthetic
+import training
+from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
+from realtime import StagerPool, StreamingStager
+
+TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
+TINY_LSTM = {"hidden": 16, "n_layers": 1, "n_heads": 2}
+REPLAY_SUBJECTS = ("46343", "3509524")
+PROB_COLUMNS = ["p_wake", "p_light", "p_deep", "p_rem"]
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "data" / "sleep-accel"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with realtime.single_thread():  # one window per model call; also kind to a busy machine
+        yield
+
+
+@pytest.fixture(scope="module")
+def causal_ckpt(small_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("causal-hybrid")
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
+            "--stride", "10", "--causal"]
+    assert training.run("hybrid", TINY_HYBRID, training.TrainConfig(), argv) == 0
+    return out / "model.pth"
+
+
+@pytest.fixture(scope="module")
+def loaded(causal_ckpt):
+    return load_model_from_checkpoint(causal_ckpt)
+
+
+@pytest.fixture(scope="module")
+def two_subject_dir(small_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two-subjects")
+    for folder in ("labels", "heart_rate", "counts"):
+        (root / folder).mkdir()
+        for path in (small_data_dir / folder).iterdir():
+            if path.name.split("_")[0] in REPLAY_SUBJECTS:
+                shutil.copy(path, root / folder / path.name)
+    return root
+
+
+def untrained_checkpoint(path, arch="hybrid", causal=True, features=dl.DEFAULT_FEATURES, matrices=None):
+    torch.manual_seed(0)
+    config = {**(TINY_HYBRID if arch == "hybrid" else TINY_LSTM), "n_features": len(features), "causal": causal}
+    model = build_model(arch, config).eval()
+    scaler = (dl.FeatureScaler.fit(matrices) if matrices else
+              dl.FeatureScaler(np.zeros(len(features), np.float32), np.ones(len(features), np.float32)))
+    ckpt = make_checkpoint(model, arch, features=list(features), seq_len=25, target_pos=24 if causal else 12,
+                           scaler=scaler)
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def make_stager(loaded, **kwargs):
+    model, scaler, ckpt = loaded
+    return StreamingStager(model, scaler, ckpt, **{"record_features": True, **kwargs})
+
+
+def offline_rows(ckpt, n_epochs, start_s=0.0, **signals):
+    """night_features(causal=True) of a Night built offline from the same readings."""
+    epochs = start_s + 30.0 * np.arange(n_epochs)
+    night = dl.night_from_arrays("x", epochs, np.zeros(n_epochs, np.int8), signals["heart_rate"],
+                                 signals.get("motion"), signals.get("counts"), signals.get("steps"))
+    return dl.night_features(night, causal=True, features=tuple(ckpt["features"]))
+
+
+def probs_of(epochs):
+    return np.stack([e.probabilities for e in epochs])
+
+
+def assert_same_predictions(probs, expected, atol=1e-4):
+    np.testing.assert_allclose(probs, expected, atol=atol, rtol=0)
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4  # argmax may differ only on (near-)exact ties
+    np.testing.assert_array_equal(probs.argmax(1)[clear], expected.argmax(1)[clear])
+
+
+def hr_rows(t0, t1, step=5.0, bpm=60.0):
+    t = np.arange(t0, t1, step)
+    return np.column_stack([t, bpm + 5 * np.sin(t / 300.0)])
+
+
+# ----------------------------------------------------------------------------- checkpoint contract
+
+def test_stager_needs_a_causal_checkpoint(tmp_path, loaded, causal_ckpt):
+    offline = untrained_checkpoint(tmp_path / "offline.pth", causal=False)
+    model, scaler, ckpt = load_model_from_checkpoint(offline)
+    with pytest.raises(ValueError, match="needs a causal checkpoint"):
+        StreamingStager(model, scaler, ckpt)
+    with pytest.raises(ValueError, match="needs a causal checkpoint"):
+        StreamingStager.from_checkpoint(offline)
+    with pytest.raises(ValueError, match="offline model"):
+        realtime.load_model(offline)
+    stager = StreamingStager.from_checkpoint(causal_ckpt, start_s=0.0, max_delay_s=5.0)
+    assert stager.seq_len == 25 and stager.target_pos == 24 and stager.max_delay_s == 5.0
+    with pytest.raises(ValueError, match="max_delay_s"):
+        make_stager(loaded, max_delay_s=-1)
+
+
+# ----------------------------------------------------------------------------- features and replay
+
+def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night():
+    for subject in dl.find_subjects(BUNDLED):  # 7749105: heart rate and counts stop early (long gaps)
+        night = dl.load_night(BUNDLED, subject, cache_dir=None)
+        state = realtime.CausalFeatures(night.epoch_start_s[0])
+        rows = []
+        for k in range(len(night)):
+            columns = state.update(night.epoch_start_s[k], {name: getattr(night, name)[k] for name in (
+                "heart_rate_bpm", "heart_rate_std_bpm", "activity_count", "motion_mag_mean_g",
+                "motion_mag_std_g", "steps")})
+            rows.append([columns[name] for name in dl.FEATURES])
+        expected = dl.night_features(night, causal=True, features=dl.FEATURES)
+        np.testing.assert_allclose(np.array(rows, np.float32), expected, atol=1e-5, rtol=0, err_msg=subject)
+    assert len(state.hr_c1) == 61 and len(state.la_c1) == 21  # ring buffers, not the night's history
+
+
+@pytest.mark.parametrize("subject", REPLAY_SUBJECTS)
+def test_replaying_a_real_night_gives_the_offline_causal_predictions(subject, small_data_dir, loaded):
+    model, scaler, ckpt = loaded
+    night = dl.load_night(small_data_dir, subject, cache_dir=None)
+    offline = evaluation.predict_nights(model, scaler, ckpt, [night])
+    stager = make_stager(loaded, start_s=float(night.epoch_start_s[0]))
+    readings = realtime.recorded_readings(small_data_dir, subject)
+    sizes = np.random.default_rng(int(subject)).integers(1, 9, 200)  # random batch sizes, time order
+    epochs = realtime.replay(stager, readings, float(night.epoch_start_s[-1] + 30), batch_sizes=sizes)
+    np.testing.assert_array_equal([e.epoch_start_s for e in epochs], night.epoch_start_s)
+    np.testing.assert_allclose(np.stack(stager.feature_rows),
+                               dl.night_features(night, causal=True, features=tuple(ckpt["features"])),
+                               atol=1e-5, rtol=0)
+    assert_same_predictions(probs_of(epochs), offline[PROB_COLUMNS].to_numpy())
+    assert [e.stage for e in epochs] == list(probs_of(epochs).argmax(1))
+    assert stager.stats["late"] == 0 and stager.stats["epochs_closed"] == len(night)
+    assert stager.stats["before_start"] > 0  # the files start before the PSG; those rows are cropped
+
+
+def test_replaying_a_synthetic_night_with_raw_motion_and_steps(tmp_path):
+    synthetic.write_night(tmp_path, "77", synthetic.SyntheticNightConfig(hours=1.0, seed=5))
+    night = dl.load_night(tmp_path, "77", cache_dir=None)
+    assert night.report["motion_source"] == "raw" and not np.isnan(night.steps).any()
+    x = dl.night_features(night, causal=True, features=dl.FEATURES)  # motion magnitude and steps too
+    model, scaler, ckpt = load_model_from_checkpoint(
+        untrained_checkpoint(tmp_path / "all.pth", features=dl.FEATURES, matrices=[x]))
+    offline = evaluation.predict_nights(model, scaler, ckpt, [night])
+    stager = StreamingStager(model, scaler, ckpt, start_s=0.0, record_features=True)
+    readings = realtime.recorded_readings(tmp_path, "77")
+    assert set(readings) == {"heart_rate", "motion", "steps"}  # raw motion wins over the counts file
+    sizes = np.random.default_rng(1).integers(1, 400, 50)
+    epochs = realtime.replay(stager, readings, 3600.0, batch_sizes=sizes)
+    assert len(epochs) == 120
+    np.testing.assert_allclose(np.stack(stager.feature_rows), x, atol=1e-5, rtol=0)
+    assert_same_predictions(probs_of(epochs), offline[PROB_COLUMNS].to_numpy())
+    assert stager.stats["accepted"] > 150_000
+
+
+# ----------------------------------------------------------------------------- stated rules
+
+def test_late_and_before_start_readings_are_dropped_and_counted(loaded):
+    stager = make_stager(loaded, start_s=0.0)
+    rows = hr_rows(0, 3600)
+    closed = stager.push_heart_rate(rows[:, 0], rows[:, 1])
+    assert len(closed) == 119  # epoch 119 is open: nothing at or after 3600 s yet
+    assert stager.push_heart_rate([3592.5, 45.0, -20.0], [80.0, 200.0, 70.0]) == []
+    assert (stager.stats["late"], stager.stats["before_start"]) == (1, 1)  # 45 s: far in the past
+    stager.flush(3600.0)
+    kept = np.vstack([rows, [[3592.5, 80.0]]])
+    np.testing.assert_allclose(np.stack(stager.feature_rows), offline_rows(loaded[2], 120, heart_rate=kept),
+                               atol=1e-5)
+
+
+def test_out_of_order_readings_inside_open_epochs_are_accepted(loaded):
+    rows = hr_rows(0, 300, step=3.0)
+    shuffled = rows.copy()
+    for start in range(0, len(rows), 10):  # shuffle within each 30 s epoch
+        np.random.default_rng(start).shuffle(shuffled[start:start + 10])
+    in_order, mixed = make_stager(loaded), make_stager(loaded)
+    a = in_order.push_heart_rate(rows[:, 0], rows[:, 1]) + in_order.flush(300)
+    b = []
+    for start in range(0, len(rows), 10):
+        b += mixed.push_heart_rate(shuffled[start:start + 10, 0], shuffled[start:start + 10, 1])
+    b += mixed.flush(300)
+    assert mixed.stats["late"] == 0 and mixed.stats["accepted"] == len(rows)
+    np.testing.assert_allclose(probs_of(a), probs_of(b), atol=1e-6)
+    np.testing.assert_array_equal(np.stack(in_order.feature_rows), np.stack(mixed.feature_rows))
+
+
+def test_duplicate_timestamps_keep_the_first_reading(loaded):
+    stager = make_stager(loaded)
+    stager.push_heart_rate([10.0, 10.0, 20.0], [60.0, 90.0, 64.0])
+    stager.push_heart_rate(10.0, 120.0)  # a later push of the same timestamp
+    stager.flush(30.0)
+    assert stager.stats["duplicates"] == 2 and stager.stats["accepted"] == 2
+    expected = offline_rows(loaded[2], 1, heart_rate=np.array([[10.0, 60.0], [20.0, 64.0]]))
+    np.testing.assert_allclose(stager.feature_rows[0], expected[0], atol=1e-6)
+
+
+def test_impossible_values_are_dropped_counted_and_do_not_move_the_clock(loaded):
+    stager = make_stager(loaded)
+    stager.push_heart_rate([5.0, 6.0, 7.0, 8.0, np.nan, 9.0], [60.0, np.nan, np.inf, 20.0, 70.0, 300.0])
+    assert (stager.stats["non_finite"], stager.stats["out_of_range"], stager.stats["accepted"]) == (3, 2, 1)
+    assert stager.push_heart_rate(1000.0, 251.0) == [] and stager.clock == 5.0  # dropped: no epoch closes
+    stager.push_acceleration([1.0, 1.02], [0.0, 16.5], [0.0, 0.0], [1.0, 1.0])
+    stager.push_counts([1.0, 2.0], [3.0, -1.0])
+    stager.push_steps([1.0, 2.0], [-3.0, 4.0])
+    assert stager.stats["out_of_range"] == 6
+    with pytest.raises(ValueError, match="same length"):
+        stager.push_heart_rate([1.0, 2.0], [60.0, 61.0, 62.0])
+    with pytest.raises(ValueError, match="unknown signal"):
+        stager.push("pulse", 1.0, 60.0)
+
+
+def test_watch_off_gap_epochs_close_as_missing_and_fill_like_offline(loaded):
+    hr = np.vstack([hr_rows(0, 600), hr_rows(1200, 1800)])
+    counts = np.column_stack([np.arange(0, 1800, 15.0), np.tile([0.0, 40.0, 0.0, 5.0], 30)])
+    counts = counts[(counts[:, 0] < 600) | (counts[:, 0] >= 1200)]
+    stager = make_stager(loaded)
+    epochs = realtime.replay(stager, {"heart_rate": hr, "counts": counts}, 1800.0)
+    assert len(epochs) == 60 and stager.stats["epochs_hr_missing"] == 20
+    names = list(loaded[2]["features"])
+    rows = np.stack(stager.feature_rows)
+    np.testing.assert_array_equal(np.flatnonzero(rows[:, names.index("hr_missing")]), np.arange(20, 40))
+    np.testing.assert_array_equal(np.flatnonzero(rows[:, names.index("motion_missing")]), np.arange(20, 40))
+    np.testing.assert_allclose(rows, offline_rows(loaded[2], 60, heart_rate=hr, counts=counts), atol=1e-5)
+    # a clock tick while no readings arrive closes the epochs the watch missed
+    ticking = make_stager(loaded)
+    ticking.push_heart_rate(hr[:120, 0], hr[:120, 1])
+    assert [e.epoch_start_s for e in ticking.flush(700.0)] == [570.0, 600.0, 630.0, 660.0]
+
+
+def test_a_clock_jump_beyond_max_gap_starts_a_new_night(loaded):
+    night1, night2 = hr_rows(0, 600), hr_rows(7215, 7800, bpm=55.0)
+    stager = make_stager(loaded, max_gap_s=3600.0)
+    first = stager.push_heart_rate(night1[:, 0], night1[:, 1])
+    assert len(first) == 19
+    jumped = stager.push_heart_rate(night2[:, 0], night2[:, 1]) + stager.flush(7800.0)
+    assert jumped[0].epoch_start_s == 570.0  # the old night's open epoch is finished...
+    assert jumped[1].epoch_start_s == 7200.0  # ...the skipped epochs are not emitted
+    assert stager.stats["new_nights"] == 1 and stager.stats["gap_epochs"] == 240 - 20
+    assert stager.start_s == 7200.0
+    fresh = make_stager(loaded, start_s=7200.0)
+    again = fresh.push_heart_rate(night2[:, 0], night2[:, 1]) + fresh.flush(7800.0)
+    np.testing.assert_allclose(probs_of(jumped[1:]), probs_of(again), atol=1e-6)  # expanding stats restart
+    # a flush far ahead does the same
+    stager.flush(7800.0 + 4000.0)
+    assert stager.stats["new_nights"] == 2 and stager.start_s == 11790.0
+
+
+def test_max_delay_lets_slightly_late_readings_count(loaded):
+    prompt, patient = make_stager(loaded), make_stager(loaded, max_delay_s=10.0)
+    for stager in (prompt, patient):
+        stager.push_heart_rate([5.0, 15.0, 25.0], [60.0, 62.0, 64.0])
+    assert len(prompt.push_heart_rate(33.0, 70.0)) == 1
+    assert patient.push_heart_rate(33.0, 70.0) == []  # 33 < 30 + 10: epoch 0 still open
+    assert prompt.push_heart_rate(28.0, 90.0) == [] and prompt.stats["late"] == 1
+    assert patient.push_heart_rate(28.0, 90.0) == [] and patient.stats["late"] == 0
+    (epoch0,) = patient.push_heart_rate(41.0, 70.0)  # 41 >= 40 closes it, with the 28 s reading
+    assert epoch0.epoch_start_s == 0.0
+    expected = offline_rows(loaded[2], 1, heart_rate=np.array([[5, 60], [15, 62], [25, 64], [28, 90.0]]))
+    np.testing.assert_allclose(patient.feature_rows[0], expected[0], atol=1e-6)
+    # flush does not wait for the delay (nothing older is coming); tick does
+    assert [e.epoch_start_s for e in patient.flush(60.0)] == [30.0]
+    assert patient.push_heart_rate(55.0, 60.0) == [] and patient.stats["late"] == 1
+    assert patient.tick(95.0) == [] and [e.epoch_start_s for e in patient.tick(100.0)] == [60.0]
+
+
+def test_batch_size_never_changes_the_result(loaded):
+    rng = np.random.default_rng(3)
+    t = np.sort(rng.uniform(0, 900, 300))
+    t[rng.integers(0, 150, 40)] -= rng.uniform(0, 60, 40)  # out of order, some late
+    t[200:205] = t[199]  # duplicates
+    bpm = rng.uniform(40, 120, 300)
+    bpm[rng.integers(0, 300, 10)] = np.nan
+    whole, single, chunked = make_stager(loaded), make_stager(loaded), make_stager(loaded)
+    a = whole.push_heart_rate(t, bpm)
+    b = [e for i in range(len(t)) for e in single.push_heart_rate(t[i], bpm[i])]
+    c = []
+    for lo in range(0, len(t), 7):
+        c += chunked.push_heart_rate(t[lo:lo + 7], bpm[lo:lo + 7])
+    assert whole.stats == single.stats == chunked.stats
+    assert whole.stats["late"] > 0 and whole.stats["duplicates"] >= 5
+    for other in (b, c):
+        assert [e.epoch_start_s for e in other] == [e.epoch_start_s for e in a]
+        np.testing.assert_allclose(probs_of(other), probs_of(a), atol=1e-6)
+
+
+def test_memory_holds_only_open_epochs_over_ten_hours(loaded):
+    stager = make_stager(loaded, record_features=False)
+    n_closed = 0
+    for block in range(2400):  # 10 h of 1 Hz heart rate and 15 s counts, pushed as they come
+        t = block * 15.0 + np.arange(15.0)
+        n_closed += len(stager.push_counts(t[0], 12.0))
+        n_closed += len(stager.push_heart_rate(t, 60 + 10 * np.sin(t / 900)))
+        assert stager.open_epochs() == [math.floor(stager.clock / 30)]
+    held = stager.buffered_samples()
+    assert held["heart_rate"] <= 30 and held["counts"] <= 2 and held["motion"] == held["steps"] == 0
+    assert n_closed == stager.stats["epochs_closed"] == 1199 and stager.stats["late"] == 0
+    assert len(stager._rows) == 25 and len(stager._features.hr_c1) == 61 and not stager.feature_rows
+    stager.reset()
+    assert stager.clock is None and stager.n_closed == 0 and sum(stager.buffered_samples().values()) == 0
+
+
+def test_pool_batches_wearers_and_matches_one_stager_each(small_data_dir, loaded):
+    model, scaler, ckpt = loaded
+    subjects = ("46343", "3509524", "4018081")
+    readings = {s: realtime.recorded_readings(small_data_dir, s) for s in subjects}
+    pool = StagerPool(model, scaler, ckpt)
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    pooled = {s: [] for s in subjects}
+    try:
+        for end in np.arange(60.0, 3600.0 + 1, 60.0):  # every minute, each wearer's new readings
+            for s in subjects:
+                for kind, rows in realtime.time_ordered_runs(readings[s], end - 60, end):
+                    pool.push(s, kind, rows[:, 0], *rows[:, 1:].T)
+            for s, epochs in pool.predict().items():
+                pooled[s] += epochs
+        pool.flush(3600.0)
+        for s, epochs in pool.predict().items():
+            pooled[s] += epochs
+    finally:
+        hook.remove()
+    assert len(pool) == 3 and len(calls) == 61 and max(calls) == 6  # one call per minute for all wearers
+    for s in subjects:
+        alone = StreamingStager(model, scaler, ckpt)
+        expected = realtime.replay(alone, readings[s], end_s=3600.0)
+        assert len(pooled[s]) == len(expected) == 120
+        assert [e.epoch_start_s for e in pooled[s]] == [e.epoch_start_s for e in expected]
+        np.testing.assert_allclose(probs_of(pooled[s]), probs_of(expected), atol=1e-5)
+        assert {**pool[s].stats, "before_start": 0} == {**alone.stats, "before_start": 0}  # pool: t >= 0 only
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_realtime_csv_equals_offline_causal_csv(two_subject_dir, causal_ckpt, tmp_path, capsys):
+    out = {}
+    for mode, extra in (("offline", []), ("realtime", ["--realtime"])):
+        out[mode] = tmp_path / f"{mode}.csv"
+        code = evaluation.main("hybrid", causal_ckpt, ["--checkpoint", str(causal_ckpt), "--data-dir",
+                                                       str(two_subject_dir), "--predictions-out", str(out[mode]),
+                                                       "--plots-dir", "", *extra])
+        assert code == 0
+        out[mode + "_text"] = capsys.readouterr().out.splitlines()
+    offline, streamed = pd.read_csv(out["offline"]), pd.read_csv(out["realtime"])
+    assert list(streamed.columns) == evaluation.PREDICTION_COLUMNS
+    pd.testing.assert_frame_equal(streamed[["subject", "epoch_start_s", "true_stage"]],
+                                  offline[["subject", "epoch_start_s", "true_stage"]])
+    assert_same_predictions(streamed[PROB_COLUMNS].to_numpy(), offline[PROB_COLUMNS].to_numpy())
+    near_tie = np.diff(np.sort(offline[PROB_COLUMNS].to_numpy(), axis=1)[:, -2:], axis=1)[:, 0] <= 1e-4
+    assert ((streamed["pred"] == offline["pred"]) | near_tie).all()
+    assert "streamed reading by reading" in out["realtime_text"][0]
+    assert out["realtime_text"][1:-1] == out["offline_text"][1:-1]  # the same metrics and report
+
+
+def test_cli_streaming_defaults_to_the_shipped_causal_checkpoint(monkeypatch, tmp_path, causal_ckpt,
+                                                                 two_subject_dir, capsys):
+    assert inference_hybrid.REALTIME_CHECKPOINT == evaluation.CHECKPOINT_DIR / "hybrid_causal" / "model.pth"
+    assert inference.REALTIME_CHECKPOINT == evaluation.CHECKPOINT_DIR / "lstm_causal" / "model.pth"
+    shipped = tmp_path / "checkpoints"
+    (shipped / "hybrid_causal").mkdir(parents=True)
+    shutil.copy(causal_ckpt, shipped / "hybrid_causal" / "model.pth")
+    monkeypatch.setattr(evaluation, "CHECKPOINT_DIR", shipped)
+    argv = ["--realtime", "--data-dir", str(two_subject_dir), "--subjects", "3509524", "--plots-dir", ""]
+    assert evaluation.main("hybrid", shipped / "hybrid_offline" / "model.pth", argv) == 0
+    assert str(shipped / "hybrid_causal" / "model.pth") in capsys.readouterr().out
+    offline = untrained_checkpoint(tmp_path / "offline.pth", causal=False)
+    assert evaluation.main("hybrid", offline, ["--realtime", "--checkpoint", str(offline), "--plots-dir", ""]) == 1
+    assert "needs a causal checkpoint" in capsys.readouterr().err
+    assert evaluation.main("lstm", offline, ["--realtime", "--plots-dir", ""]) == 1  # no lstm_causal there
+    assert "lstm_causal" in capsys.readouterr().err
+
+
+def test_cli_follow_stages_files_as_they_grow(tmp_path, causal_ckpt, small_data_dir, loaded, capsys):
+    readings = realtime.recorded_readings(small_data_dir, "46343")
+    hr = readings["heart_rate"][(readings["heart_rate"][:, 0] >= 0) & (readings["heart_rate"][:, 0] < 600)]
+    counts = readings["counts"][readings["counts"][:, 0] < 600]
+    hr_path, counts_path = tmp_path / "live_heartrate.csv", tmp_path / "live_counts.txt"
+    hr_path.write_text("t,bpm\n")  # a header line is skipped
+
+    def phone_app():  # appends a minute of readings at a time, lines sometimes split mid-way
+        with open(hr_path, "a") as f_hr, open(counts_path, "a") as f_counts:
+            for start in range(0, 600, 60):
+                for f, rows, fmt in ((f_hr, hr, "{:.3f},{:g}\n"), (f_counts, counts, "{:.6f} {:g}\n")):
+                    text = "".join(fmt.format(*r) for r in rows[(rows[:, 0] >= start) & (rows[:, 0] < start + 60)])
+                    if start == 120 and f is f_hr:
+                        text += "oops,not,a,row\n"
+                    f.write(text[:7])
+                    f.flush()
+                    time.sleep(0.02)
+                    f.write(text[7:])
+                    f.flush()
+                time.sleep(0.05)
+
+    writer = threading.Thread(target=phone_app)
+    writer.start()
+    try:
+        code = evaluation.main("hybrid", causal_ckpt, ["--follow", str(hr_path), f"counts={counts_path}",
+                                                       "--checkpoint", str(causal_ckpt), "--max-delay", "90",
+                                                       "--follow-timeout", "2.0"])
+    finally:
+        writer.join()
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip().endswith(tuple("0123456789")) and " s " in line]
+    # the same readings streamed directly: a minute of lag fits inside --max-delay 90
+    stager = make_stager(loaded, max_delay_s=90.0)
+    expected = realtime.replay(stager, {"heart_rate": hr, "counts": counts})
+    assert len(lines) == len(expected) == 16  # epochs ending by clock - 90 s
+    for line, epoch in zip(lines, expected):
+        fields = line.split()
+        assert float(fields[0]) == epoch.epoch_start_s and fields[3] == dl.STAGE_NAMES[epoch.stage]
+        np.testing.assert_allclose([float(v) for v in fields[5::2]], epoch.probabilities, atol=2e-3)
+    assert "not a number" in captured.err  # the bad line is skipped with a warning
+    assert "stopped: 16 epoch(s) staged" in captured.err
+
+
+# ----------------------------------------------------------------------------- notebook API
+
+def night_triplets(night):
+    hr = [None if math.isnan(v) else float(v) for v in night.heart_rate_bpm]
+    motion = [None if math.isnan(v) else float(v) for v in night.activity_count]
+    return hr, motion
+
+
+def test_notebook_api_equals_the_offline_causal_model(causal_ckpt, small_data_dir):
+    model, scaler = inference_hybrid.load_model(causal_ckpt)
+    assert model.checkpoint["causal"] and "state_dict" not in model.checkpoint
+    night = dl.load_night(small_data_dir, "3509524", cache_dir=None)
+    n = 80
+    hr, motion = night_triplets(night)
+    got = [inference_hybrid.predict_label_from_triplet(model, scaler, hr=hr[k], motion=motion[k], steps=0.0)
+           for k in range(n)]
+    assert all(isinstance(pred, int) and probs.shape == (4,) and pred == probs.argmax() for pred, probs in got)
+    # offline: a Night with one heart-rate reading per epoch (spread 0) and the same counts
+    short = dl.Night("x", night.epoch_start_s[:n], night.stage[:n], night.heart_rate_bpm[:n],
+                     np.where(np.isnan(night.heart_rate_bpm[:n]), np.nan, 0.0), night.activity_count[:n],
+                     np.full(n, np.nan), np.full(n, np.nan), np.zeros(n))
+    ckpt = model.checkpoint
+    x = scaler.transform(dl.night_features(short, causal=True, features=tuple(ckpt["features"])))
+    expected = evaluation.predict_night(model, x, ckpt["seq_len"], ckpt["target_pos"])
+    assert_same_predictions(np.stack([p for _, p in got]), expected, atol=1e-5)
+    inference_hybrid.reset_context(model)
+
+
+@pytest.mark.parametrize("reading, message", [
+    ({"hr": 300.0}, "hr=300.0 is outside the plausible range 25-250"), ({"hr": 10}, "hr=10"),
+    ({"hr": float("nan")}, "hr=nan"), ({"hr": "fast"}, "hr='fast' is not a number"),
+    ({"motion": -1.0}, "motion=-1.0"), ({"motion": 20000.0}, "0-10000"), ({"motion": float("nan")}, "motion=nan"),
+    ({"steps": -2}, "steps=-2"), ({"steps": 500}, "0-300"), ({"steps": float("nan")}, "steps=nan"),
+])
+def test_notebook_api_rejects_implausible_readings(causal_ckpt, reading, message):
+    model, scaler = inference_hybrid.load_model(causal_ckpt)
+    inference_hybrid.predict_label_from_triplet(model, scaler, hr=60.0, motion=0.0, steps=0.0)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        inference_hybrid.predict_label_from_triplet(model, scaler, **reading)
+    assert inference_hybrid.get_context(model).n_closed == 1  # a rejected reading does not use up an epoch
+
+
+def test_notebook_contexts_reset_and_stay_apart_per_wearer(causal_ckpt, loaded):
+    predict = inference_hybrid.predict_label_from_triplet
+    model, scaler = inference_hybrid.load_model(causal_ckpt)
+    rng = np.random.default_rng(0)
+    a = [(float(h), float(m)) for h, m in zip(rng.uniform(50, 90, 30), rng.exponential(40, 30))]
+    b = [(float(h), float(m)) for h, m in zip(rng.uniform(40, 70, 30), rng.exponential(5, 30))]
+    alone_a = [predict(model, scaler, hr=h, motion=m, wearer="ann")[1] for h, m in a]
+    inference_hybrid.reset_context(model, "ann")
+    mixed_a, mixed_b = [], []
+    for (ha, ma), (hb, mb) in zip(a, b):  # interleaved wearers do not disturb each other
+        mixed_a.append(predict(model, scaler, hr=ha, motion=ma, wearer="ann")[1])
+        mixed_b.append(predict(model, scaler, hr=hb, motion=mb, wearer="bob")[1])
+    np.testing.assert_allclose(mixed_a, alone_a, atol=1e-6)
+    assert not np.allclose(mixed_a, mixed_b)
+    inference_hybrid.reset_context(model)  # every wearer of this model starts a new night
+    assert predict(model, scaler, hr=a[0][0], motion=a[0][1], wearer="bob")[1] == pytest.approx(alone_a[0], abs=1e-6)
+    own = StreamingStager(*loaded)  # an explicit context works with any loaded model
+    np.testing.assert_allclose(predict(loaded[0], loaded[1], hr=a[0][0], motion=a[0][1], context=own)[1],
+                               alone_a[0], atol=1e-6)
+    with pytest.raises(ValueError, match="load it with load_model"):
+        predict(loaded[0], loaded[1], hr=60.0)  # no checkpoint info on this model
+    other, _ = inference_hybrid.load_model(causal_ckpt)  # a second model has its own contexts
+    assert inference_hybrid.get_context(other, scaler) is not inference_hybrid.get_context(model, scaler)
+    missing = predict(model, scaler, hr=None, motion=None, steps=None)  # None: the watch was off
+    assert missing[1].shape == (4,)
+
+
+def test_load_model_defaults_to_the_shipped_causal_checkpoints(monkeypatch, causal_ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match="hybrid_causal/model.pth does not exist"):
+        monkeypatch.setattr(inference_hybrid, "REALTIME_CHECKPOINT", tmp_path / "hybrid_causal" / "model.pth")
+        inference_hybrid.load_model()
+    monkeypatch.setattr(inference_hybrid, "REALTIME_CHECKPOINT", causal_ckpt)
+    model, scaler = inference_hybrid.load_model()
+    assert model.checkpoint_path == str(causal_ckpt) and model.checkpoint["arch"] == "hybrid"
+    lstm_path = untrained_checkpoint(tmp_path / "lstm.pth", arch="lstm")
+    monkeypatch.setattr(inference, "REALTIME_CHECKPOINT", lstm_path)
+    lstm, lstm_scaler = inference.load_model()
+    pred, probs = inference.predict_label_from_triplet(lstm, lstm_scaler, hr=58.0, motion=0.0, steps=0.0)
+    assert 0 <= pred < 4 and probs.sum() == pytest.approx(1.0)
+    with pytest.raises(CheckpointError, match="holds a 'hybrid' model"):
+        inference.load_model(causal_ckpt)
+
+
+def test_importing_the_inference_scripts_runs_nothing():
+    code = ("import sys, time; t = time.perf_counter(); import inference_hybrid, inference; "
+            "assert 'training' not in sys.modules and callable(inference_hybrid.load_model); "
+            "print('imported')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
