@@ -1,0 +1,114 @@
+"""Hostile input and interrupted runs: parsers only ever raise DataError; a SIGKILLed training
+run loses nothing and --resume reaches the uninterrupted result."""
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import data_loader as dl
+from checkpoint import load_model_from_checkpoint
+from conftest import BUNDLED, ROOT
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+REAL_LABELS = gzip.decompress((BUNDLED / "labels" / "46343_labeled_sleep.txt.gz").read_bytes())[:3000]
+REAL_HR = gzip.decompress((BUNDLED / "heart_rate" / "46343_heartrate.txt.gz").read_bytes())[-4000:]
+
+
+def _write_subject(root, labels: bytes, hr: bytes, counts: bytes | None = None):
+    for folder, name, data in (("labels", "1_labeled_sleep.txt", labels), ("heart_rate", "1_heartrate.txt", hr),
+                               ("counts", "1_counts.txt", counts)):
+        if data is not None:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / name).write_bytes(data)
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    buf = bytearray(data)
+    for position, value in edits:
+        if buf:
+            buf[position % len(buf)] = value
+    return bytes(buf)
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.integers(1, 4))
+def test_read_signal_on_random_bytes_raises_only_data_error(tmp_path, data, n_cols):
+    path = tmp_path / "f.txt"
+    path.write_bytes(data)
+    try:
+        values = dl.read_signal(path, n_cols)
+    except dl.DataError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert values.ndim == 2 and values.shape[1] == n_cols and np.isfinite(values).all()
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(b"0123456789-.,e \n\tnaif\x00x")), max_size=12),
+       st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(b"0123456789-.,e \n\tnaif\x00x")), max_size=12))
+def test_mutated_real_files_load_or_fail_with_a_clear_error(tmp_path_factory, label_edits, hr_edits):
+    root = tmp_path_factory.mktemp("fuzz")
+    _write_subject(root, _mutate(REAL_LABELS, label_edits), _mutate(REAL_HR, hr_edits))
+    try:
+        night = dl.parse_night(root, "1")
+    except dl.DataError as exc:
+        message = str(exc)
+        assert "1_labeled_sleep.txt" in message or "1_heartrate.txt" in message or "subject 1" in message
+    else:
+        assert len(night) > 0 and set(np.unique(night.stage)) <= {-1, 0, 1, 2, 3}
+        assert np.isfinite(dl.night_features(night)).all() and np.isfinite(dl.night_features(night, causal=False)).all()
+
+
+@FUZZ
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=60))
+def test_any_heart_rate_values_give_finite_features_or_a_clear_error(tmp_path_factory, bpm):
+    root = tmp_path_factory.mktemp("hr")
+    hr = "".join(f"{5 * i},{v}\n" for i, v in enumerate(bpm)).encode()
+    _write_subject(root, b"0 0\n30 1\n60 2\n90 5\n", hr, b"0,5\n15,nan\n30,-3\n")
+    try:
+        night = dl.parse_night(root, "1")
+    except dl.DataError as exc:
+        assert "heart" in str(exc)
+    else:
+        assert np.isfinite(dl.night_features(night)).all()
+
+
+def _train_cmd(data_dir, out, epochs, *extra):
+    return [sys.executable, "train_hybrid.py", "--data-dir", str(data_dir), "--out-dir", str(out),
+            "--epochs", str(epochs), "--stride", "25", "--batch-size", "32", *extra]
+
+
+def test_sigkill_during_training_loses_nothing_and_resume_matches(small_data_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(small_data_dir, straight, 6), cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=300)
+    rng = np.random.default_rng(int(time.time()))
+    proc = subprocess.Popen(_train_cmd(small_data_dir, killed, 6), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pth").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.5))  # somewhere in a later epoch, possibly mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(pd.read_csv(killed / "train_log.csv")) < 6
+    # whatever was on disk when it died is complete: the checkpoints load
+    load_model_from_checkpoint(killed / "model.pth")
+    load_model_from_checkpoint(killed / "last.pth")
+    subprocess.run(_train_cmd(small_data_dir, killed, 6, "--resume"), cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    a = pd.read_csv(straight / "train_log.csv").drop(columns="seconds")
+    b = pd.read_csv(killed / "train_log.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(a, b)
+    assert (straight / "test_metrics.json").read_text().split('"train_minutes"')[0] == \
+        (killed / "test_metrics.json").read_text().split('"train_minutes"')[0]
