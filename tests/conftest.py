@@ -19,14 +19,18 @@ def cache_dir(tmp_path):
 SMALL_SUBJECTS = ("46343", "3509524", "4018081", "5132496", "9961348", "1360686")
 
 
+def copy_subjects(source: Path, root: Path, subject_ids) -> Path:
+    """A PhysioNet-layout folder at root with the given subjects' files from source."""
+    import shutil
+    for folder in ("labels", "heart_rate", "counts"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for path in (source / folder).iterdir():
+            if path.name.split("_")[0] in subject_ids:
+                shutil.copy(path, root / folder / path.name)
+    return root
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):
     """Six real bundled subjects (the shortest nights) in a PhysioNet-layout folder of their own."""
-    import shutil
-    root = tmp_path_factory.mktemp("small-data")
-    for folder in ("labels", "heart_rate", "counts"):
-        (root / folder).mkdir()
-        for path in (BUNDLED / folder).iterdir():
-            if path.name.split("_")[0] in SMALL_SUBJECTS:
-                shutil.copy(path, root / folder / path.name)
-    return root
+    return copy_subjects(BUNDLED, tmp_path_factory.mktemp("small-data"), SMALL_SUBJECTS)

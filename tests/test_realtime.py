@@ -25,6 +25,7 @@ import synthetic
 import training
 from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
 from realtime import StagerPool, StreamingStager
+from conftest import copy_subjects
 
 TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
 TINY_LSTM = {"hidden": 16, "n_layers": 1, "n_heads": 2}
@@ -56,13 +57,7 @@ def loaded(causal_ckpt):
 
 @pytest.fixture(scope="module")
 def two_subject_dir(small_data_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("two-subjects")
-    for folder in ("labels", "heart_rate", "counts"):
-        (root / folder).mkdir()
-        for path in (small_data_dir / folder).iterdir():
-            if path.name.split("_")[0] in REPLAY_SUBJECTS:
-                shutil.copy(path, root / folder / path.name)
-    return root
+    return copy_subjects(small_data_dir, tmp_path_factory.mktemp("two-subjects"), REPLAY_SUBJECTS)
 
 
 def untrained_checkpoint(path, arch="hybrid", causal=True, features=dl.DEFAULT_FEATURES, matrices=None):

@@ -1,10 +1,15 @@
-"""Sleep metrics on hand-made hypnograms with known answers, and the agreement summary."""
+"""Sleep metrics on hand-made hypnograms with known answers, the agreement summary, and
+inference*.py --sleep-metrics on a tiny trained checkpoint."""
 import math
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 
+import evaluation
 import sleep_metrics as sm
+import training
 
 
 def test_hand_made_night_known_answers():
@@ -58,3 +63,59 @@ def test_cli_prints_agreement_and_plots(tmp_path, capsys):
     frame.drop(columns="pred").to_csv(path, index=False)
     assert sm.main(["--predictions", str(path)]) == 1
     assert "lacks column(s) ['pred']" in capsys.readouterr().err
+
+
+def test_scored_only_compares_the_psg_scored_period():
+    true = np.array([-1] * 6 + [0] * 4 + [1] * 10 + [-1] * 2 + [3] * 6 + [-1] * 4)
+    pred = np.array([1] * 6 + [0] * 2 + [1] * 12 + [1] * 2 + [3] * 6 + [1] * 4)
+    frame = pd.DataFrame({"subject": "a", "epoch_start_s": 30 * np.arange(len(true)), "true_stage": true, "pred": pred})
+    full = sm.compare(frame).set_index("metric")
+    cut = sm.compare(frame, scored_only=True).set_index("metric")
+    # whole recording: predicted sleep in unscored epochs counts against the PSG
+    assert full.loc["total_sleep_time_min", "difference"] == (len(true) - 2 - 16) / 2
+    # scored period (epochs 6-27): both hypnograms cover it, the 2 unscored epochs inside it are not sleep in both
+    assert cut.loc["time_in_bed_min", "psg"] == cut.loc["time_in_bed_min", "predicted"] == 11.0
+    assert cut.loc["total_sleep_time_min", "difference"] == 1.0 and cut.loc["sleep_onset_latency_min", "difference"] == -1.0
+    assert cut.loc["waso_min", "psg"] == cut.loc["waso_min", "predicted"] == 1.0
+    unscored = frame.assign(true_stage=-1)
+    assert sm.compare(unscored, scored_only=True).empty
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(small_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-hybrid")
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--stride", "25",
+            "--batch-size", "64"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert training.run("hybrid", {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2},
+                            training.TrainConfig(), argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out / "model.pth"
+
+
+def test_inference_sleep_metrics_prints_per_subject_agreement_and_plots(small_data_dir, tiny_ckpt, tmp_path, capsys):
+    csv, plots = tmp_path / "preds.csv", tmp_path / "plots"
+    assert evaluation.main("hybrid", tiny_ckpt, ["--data-dir", str(small_data_dir), "--sleep-metrics",
+                                                 "--predictions-out", str(csv), "--plots-dir", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("kappa") < out.index("sleep metrics per subject, PSG / predicted")
+    frame = pd.read_csv(csv)
+    comparison = sm.compare(frame, scored_only=True).set_index(["subject", "metric"])
+    for subject in frame["subject"].unique():
+        tst = comparison.loc[(subject, "total_sleep_time_min")]
+        line = next(row for row in out.splitlines() if row.split() and row.split()[0] == str(subject))
+        assert line.split()[1] == f"{tst['psg']:.1f}/{tst['predicted']:.1f}"
+    assert "agreement over 6 subject(s)" in out
+    table = sm.agreement(comparison.reset_index())
+    row = next(r for r in out.splitlines() if r.startswith("total_sleep_time_min"))
+    bias, sd, low, high, mae = table.loc["total_sleep_time_min", ["bias", "sd", "loa_low", "loa_high", "mean_abs_error"]]
+    assert [float(v) for v in row.split()[4:]] == pytest.approx([round(v, 2) for v in (bias, sd, low, high, mae)])
+    assert (plots / "hybrid_bland_altman.png").stat().st_size > 10_000
+    # one subject: no SD, no limits of agreement, the plot still comes out
+    assert evaluation.main("hybrid", tiny_ckpt, ["--data-dir", str(small_data_dir), "--subjects", "46343",
+                                                 "--sleep-metrics", "--plots-dir", str(tmp_path / "one")]) == 0
+    assert "agreement over 1 subject(s)" in capsys.readouterr().out
+    assert (tmp_path / "one" / "hybrid_bland_altman.png").is_file()

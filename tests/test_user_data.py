@@ -1,0 +1,368 @@
+"""Sleep reports on a user's own recordings (user_data.py, inference*.py --hr/--motion/--steps).
+
+Hand-made CSVs (seconds and ISO-8601 with and without UTC offset, header variants, counts and raw
+x, y, z), one error test per kind of bad input, and a real bundled night exported to user-CSV form
+that must give the offline evaluation's stages. One tiny offline hybrid is trained for the file.
+"""
+import json
+import re
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data_loader as dl
+import evaluation
+import sleep_metrics as sm
+import training
+import user_data
+from checkpoint import load_model_from_checkpoint
+
+TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
+PROB_COLUMNS = ["p_wake", "p_light", "p_deep", "p_rem"]
+T0 = 1_000_012.5  # seconds, any origin: epoch 0 starts at 999,990 (floored to 30 s)
+CET = timezone(timedelta(hours=1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model; kind to a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def offline_ckpt(small_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("offline-hybrid")
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--stride", "25",
+            "--batch-size", "64"]
+    assert training.run("hybrid", TINY_HYBRID, training.TrainConfig(), argv) == 0
+    return out / "model.pth"
+
+
+# ----------------------------------------------------------------------------- hand-made recordings
+
+def hr_rows(duration_s=3600.0, t0=T0, step=7.0):
+    t = t0 + np.arange(0.0, duration_s, step)
+    return np.column_stack([t, np.round(62.0 + 6.0 * np.sin((t - t0) / 400.0), 2)])
+
+
+def count_rows(duration_s=3600.0, t0=T0 + 3.0):
+    t = t0 + np.arange(0.0, duration_s, 15.0)
+    return np.column_stack([t, np.round(np.clip(80.0 * np.sin((t - t0) / 700.0), 0, None), 2)])
+
+
+def step_rows(duration_s=3600.0, t0=T0 + 300.0):
+    t = t0 + np.arange(0.0, duration_s - 600.0, 60.0)
+    return np.column_stack([t, (np.arange(len(t)) % 7 == 0) * 12.0])
+
+
+def write(path, header, rows, sep=",", time_fmt=None):
+    """A user CSV: header (list of names, or None for headerless), rows of [t, values...]."""
+    lines = [sep.join(header)] if header else []
+    for row in rows:
+        t = time_fmt(row[0]) if time_fmt else f"{row[0]:.3f}"
+        lines.append(sep.join([t] + [f"{v:g}" for v in row[1:]]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def iso(tz=CET, base=datetime(2024, 3, 1, 22, 0, 0, tzinfo=timezone.utc), sep="T"):
+    """Seconds -> ISO date-times: 999,990 s (the floored start of T0) maps to base."""
+    def fmt(t):
+        moment = base + timedelta(seconds=t - 999_990.0)
+        if tz is None:
+            return moment.replace(tzinfo=None).isoformat(sep=sep, timespec="milliseconds")
+        text = moment.astimezone(tz).isoformat(sep=sep, timespec="milliseconds")
+        return text.replace("+00:00", "Z") if tz == timezone.utc else text
+    return fmt
+
+
+def expected_night(hr, counts=None, motion=None, steps=None, origin=999_990.0, end=None):
+    """night_from_arrays on the same rows, shifted to the floored start: what the report must build."""
+    last = max(hr[-1, 0], (counts if counts is not None else motion)[-1, 0]) if end is None else end
+    n = int((last - origin) // 30) + 1
+
+    def shift(a):
+        return None if a is None else np.column_stack([a[:, 0] - origin, a[:, 1:]])
+    return dl.night_from_arrays("x", 30.0 * np.arange(n), np.full(n, -1, np.int8), shift(hr), shift(motion),
+                                shift(counts), shift(steps))
+
+
+def assert_same_night(night, expected):
+    assert len(night) == len(expected)
+    for name in dl.Night.ARRAYS:
+        np.testing.assert_allclose(getattr(night, name), getattr(expected, name), rtol=0, atol=1e-9,
+                                   equal_nan=True, err_msg=name)
+
+
+@pytest.mark.parametrize("hr_header,count_header,steps_header,sep", [
+    (["timestamp", "heart_rate"], ["timestamp", "count"], ["timestamp", "steps"], ","),
+    (["Time", "HR"], ["TIME", "Counts"], ["time", "Step_Count"], "\t"),
+    (["t", "BPM"], ["seconds", "activity"], ["T", "steps"], ";"),
+    (["seconds", "Heart-Rate"], ["t", "counts"], ["seconds", "step-count"], " "),
+    (["Timestamp", "Heart Rate"], ["Time", "Activity"], ["t", "Steps"], ","),
+])
+def test_seconds_with_header_variants(tmp_path, hr_header, count_header, steps_header, sep):
+    hr, counts, steps = hr_rows(), count_rows(), step_rows()
+    rec = user_data.load_recording(write(tmp_path / "hr.csv", hr_header, hr, sep),
+                                   write(tmp_path / "counts.csv", count_header, counts, sep),
+                                   write(tmp_path / "steps.csv", steps_header, steps, sep))
+    assert rec.time_format == "seconds" and rec.origin_s == 999_990.0 and rec.start_clock is None
+    assert rec.clock_times() is None and rec.night.subject_id == "hr"
+    assert_same_night(rec.night, expected_night(hr, counts=counts, steps=steps))
+    assert (rec.night.stage == -1).all() and rec.night.report["motion_source"] == "counts"
+    assert rec.night.epoch_start_s[0] == 0 and len(rec.night) == 121  # 999990 .. last reading 1003605.5
+
+
+@pytest.mark.parametrize("tz,sep", [(CET, " "), (timezone.utc, "T"), (timezone(timedelta(hours=-5)), "T"),
+                                    (None, "T")])
+def test_iso_times_with_and_without_offset_give_the_seconds_night(tmp_path, tz, sep):
+    hr, counts = hr_rows(), count_rows()
+    fmt = iso(tz, sep=sep)
+    rec = user_data.load_recording(write(tmp_path / "hr.csv", ["datetime", "bpm"], hr, time_fmt=fmt),
+                                   write(tmp_path / "c.csv", ["timestamp", "counts"], counts, time_fmt=fmt))
+    assert_same_night(rec.night, expected_night(hr, counts=counts))
+    start = datetime(2024, 3, 1, 22, 0, 0, tzinfo=timezone.utc)  # first reading 22:00:22.5 floored to 30 s
+    if tz is None:
+        assert rec.time_format == "iso-naive" and rec.start_clock == start.replace(tzinfo=None)
+    else:
+        assert rec.time_format == "iso" and rec.start_clock == start and rec.start_clock.utcoffset() == tz.utcoffset(None)
+    clock = rec.clock_times()
+    assert len(clock) == len(rec.night) and clock[0] == rec.start_clock.isoformat()
+    assert datetime.fromisoformat(clock[2]) - datetime.fromisoformat(clock[0]) == timedelta(seconds=60)
+
+
+def test_raw_acceleration_gives_walch_counts_and_headerless_files_are_physionet_style(tmp_path):
+    hr = hr_rows(600.0)
+    t = T0 + np.arange(0.0, 600.0, 0.02)
+    rng = np.random.default_rng(0)
+    motion = np.column_stack([t, 0.1 * rng.normal(size=len(t)), 0.1 * rng.normal(size=len(t)),
+                              -1.0 + 0.3 * np.sin(2 * np.pi * 5 * t) * (np.sin(t / 60) > 0)])
+    motion = np.round(motion, 5)
+    with_header = user_data.load_recording(write(tmp_path / "hr.csv", ["t", "hr"], hr),
+                                           write(tmp_path / "acc.csv", ["timestamp", "X", "Y", "Z"], motion))
+    expected = expected_night(hr, motion=motion)
+    assert with_header.night.report["motion_source"] == "raw"
+    assert_same_night(with_header.night, expected)
+    assert np.nanmax(with_header.night.activity_count) > 0
+    # the same rows without header, as the PhysioNet files are written (t,bpm and t x y z)
+    (tmp_path / "hr.txt").write_text("\n".join(f"{a:.3f},{b:g}" for a, b in hr) + "\n")
+    (tmp_path / "acc.txt").write_text("\n".join(" ".join(f"{v:.5f}" for v in r) for r in motion) + "\n")
+    headerless = user_data.load_recording(tmp_path / "hr.txt", tmp_path / "acc.txt")
+    assert_same_night(headerless.night, expected)
+    # a headerless 2-column motion file is counts
+    counts = count_rows(600.0)
+    (tmp_path / "counts.txt").write_text("\n".join(f"{a:.3f},{b:g}" for a, b in counts) + "\n")
+    rec = user_data.load_recording(tmp_path / "hr.txt", tmp_path / "counts.txt")
+    assert rec.night.report["motion_source"] == "counts"
+    assert_same_night(rec.night, expected_night(hr, counts=counts))
+
+
+def test_one_combined_export_serves_as_heart_rate_and_motion_and_bad_rows_follow_the_input_rules(tmp_path):
+    hr = hr_rows(900.0)
+    path = tmp_path / "export.csv"
+    lines = ["timestamp,heart_rate,counts"]
+    for i, (t, bpm) in enumerate(hr):
+        count = f"{i % 40:g}" if i % 2 == 0 else ""          # counts in every other row
+        lines.append(f"{t:.3f},{bpm:g},{count}")
+    lines[5] = f"{hr[4, 0]:.3f},300,"                          # implausible heart rate: dropped
+    lines.insert(9, "")                                         # blank line: ignored
+    lines.append(f"{hr[2, 0]:.3f},70,")                         # duplicate timestamp, out of order
+    lines.append(f"{hr[-1, 0] + 3:.3f},nan,")                   # NaN: dropped
+    path.write_text("\n".join(lines) + "\n")
+    rec = user_data.load_recording(path, path)
+    assert rec.notes["heart_rate"] == {"out_of_range": 1, "non_finite": 1, "unsorted": True, "duplicates": 1}
+    assert rec.notes["counts"] == {"missing": len(hr) // 2 + 3}  # empty cells: odd rows, row 4, the two added
+    kept = np.delete(hr, 4, axis=0)
+    counts = np.array([[t, float(i % 40)] for i, (t, _) in enumerate(hr) if i % 2 == 0 and i != 4])
+    assert_same_night(rec.night, expected_night(kept, counts=counts))
+
+
+# ----------------------------------------------------------------------------- bad input: clear errors
+
+def bad_case(tmp_path, name):
+    hr, counts = hr_rows(300.0), count_rows(300.0)
+    good_hr = write(tmp_path / "hr.csv", ["timestamp", "heart_rate"], hr)
+    good_counts = write(tmp_path / "counts.csv", ["timestamp", "counts"], counts)
+    if name == "unknown column":
+        return write(tmp_path / "bad.csv", ["timestamp", "pulse"], hr), good_counts, \
+            [r"bad\.csv, line 1: unknown column\(s\) \['pulse'\]", "heart_rate, hr, bpm", "timestamp, time, t"]
+    if name == "two heart-rate columns":
+        return write(tmp_path / "bad.csv", ["t", "hr", "bpm"], np.column_stack([hr, hr[:, 1]])), good_counts, \
+            [r"bad\.csv, line 1: several heart-rate columns \['hr', 'bpm'\]; keep one"]
+    if name == "missing time column":
+        (tmp_path / "bad.csv").write_text("heart_rate\n60\n61\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv, line 1: no time column"]
+    if name == "no heart-rate column":
+        return good_counts, good_counts, [r"counts\.csv, line 1: no heart-rate column; name it one of heart_rate, hr, bpm"]
+    if name == "no motion column":
+        return good_hr, good_hr, [r"hr\.csv, line 1: no motion columns"]
+    if name == "partial x,y,z":
+        (tmp_path / "bad.csv").write_text("t,x,y\n0,0.1,0.2\n")
+        return good_hr, tmp_path / "bad.csv", [r"bad\.csv, line 1: no motion columns \(found \['x', 'y'\], missing \['z'\]\)"]
+    if name == "unparseable time":
+        text = (tmp_path / "hr.csv").read_text().splitlines()
+        text[4] = "yesterday 11pm," + text[4].split(",")[1]
+        (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv, line 5: timestamp 'yesterday 11pm' is not a number"]
+    if name == "unparseable date-time":
+        lines = ["time,hr", "2024-03-01T23:00:00Z,60", "2024-03-01T23:00:05Z,61", "2024-03-01T25:00:10Z,62"]
+        (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv, line 4: time '2024-03-01T25:00:10Z' is not an ISO-8601"]
+    if name == "offset mixed with naive":
+        lines = ["time,hr", "2024-03-01T23:00:00+01:00,60", "2024-03-01T23:00:05,61"]
+        (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv, line 3: time '2024-03-01T23:00:05' mixes date-times"]
+    if name == "seconds and date-times across files":
+        lines = ["time,hr", "2024-03-01T23:00:00Z,60", "2024-03-01T23:00:05Z,61"]
+        (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+        return tmp_path / "bad.csv", good_counts, ["different kinds of time", r"bad\.csv: date-times with UTC offset",
+                                                   r"counts\.csv: seconds"]
+    if name == "text for a number":
+        text = (tmp_path / "hr.csv").read_text().splitlines()
+        text[3] = text[3].split(",")[0] + ",sixty"
+        (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv, line 4: heart_rate 'sixty' is not a number"]
+    if name == "wrong field count":
+        text = (tmp_path / "counts.csv").read_text().splitlines()
+        text[6] = text[6] + ",5"
+        (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
+        return good_hr, tmp_path / "bad.csv", [r"bad\.csv, line 7: expected 2 fields as in the header, found 3"]
+    if name == "short row":
+        text = (tmp_path / "counts.csv").read_text().splitlines()
+        text[3] = text[3].split(",")[0]
+        (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
+        return good_hr, tmp_path / "bad.csv", [r"bad\.csv, line 4: expected 2 fields as in the header, found 1"]
+    if name == "empty file":
+        (tmp_path / "bad.csv").write_text("\n\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv: empty file"]
+    if name == "header only":
+        (tmp_path / "bad.csv").write_text("timestamp,hr\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv: a header but no data rows"]
+    if name == "no valid heart rate":
+        return write(tmp_path / "bad.csv", ["t", "hr"], np.column_stack([hr[:, 0], hr[:, 1] * 0 + 400])), \
+            good_counts, [r"bad\.csv: no valid heart-rate rows \(dropped: \{'out_of_range': \d+\}\)"]
+    if name == "headerless with wrong columns":
+        (tmp_path / "bad.txt").write_text("0 0.1 0.2\n1 0.1 0.2\n")
+        return good_hr, tmp_path / "bad.txt", [r"bad\.txt: a headerless motion file has 4 columns .* found 3"]
+    if name == "longer than one night":
+        return write(tmp_path / "ms.csv", ["t", "hr"], np.column_stack([hr[:, 0] * 1000, hr[:, 1]])), \
+            write(tmp_path / "ms_counts.csv", ["t", "counts"], np.column_stack([counts[:, 0] * 1000, counts[:, 1]])), \
+            ["the recording spans .* h", "not milliseconds"]
+    if name == "missing file":
+        return tmp_path / "nope.csv", good_counts, [r"nope\.csv: no such file"]
+    raise AssertionError(name)
+
+
+BAD_CASES = ["unknown column", "two heart-rate columns", "missing time column", "no heart-rate column", "no motion column",
+             "partial x,y,z", "unparseable time", "unparseable date-time", "offset mixed with naive",
+             "seconds and date-times across files", "text for a number", "wrong field count", "short row",
+             "empty file", "header only", "no valid heart rate", "headerless with wrong columns",
+             "longer than one night", "missing file"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_names_file_line_and_value(tmp_path, case):
+    hr, motion, patterns = bad_case(tmp_path, case)
+    with pytest.raises(dl.DataError) as info:
+        user_data.load_recording(hr, motion)
+    for pattern in patterns:
+        assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+
+
+def test_cli_bad_input_is_an_error_message_and_exit_code(tmp_path, offline_ckpt, capsys):
+    hr, motion, _ = bad_case(tmp_path, "unknown column")
+    assert evaluation.main("hybrid", offline_ckpt, ["--hr", str(hr), "--motion", str(motion),
+                                                    "--out-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown column(s) ['pulse']" in err and "accepted column names" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--motion", "m.csv"], "give --hr FILE too"),
+    (["--hr", "h.csv"], "--hr needs --motion"),
+    (["--hr", "h.csv", "--motion", "m.csv", "--realtime"], "does not go with --realtime"),
+    (["--hr", "h.csv", "--motion", "m.csv", "--sleep-metrics"], "does not go with --sleep-metrics"),
+])
+def test_cli_flag_combinations(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main("hybrid", "unused.pth", argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the report
+
+def test_report_writes_stages_hypnogram_and_summary(tmp_path, offline_ckpt, capsys):
+    hr, counts, steps = hr_rows(2 * 3600.0), count_rows(2 * 3600.0), step_rows(2 * 3600.0)
+    fmt = iso(CET, sep=" ")
+    args = ["--hr", str(write(tmp_path / "night_hr.csv", ["timestamp", "heart_rate"], hr, time_fmt=fmt)),
+            "--motion", str(write(tmp_path / "night_counts.csv", ["timestamp", "counts"], counts, time_fmt=fmt)),
+            "--steps", str(write(tmp_path / "night_steps.csv", ["timestamp", "steps"], steps, time_fmt=fmt)),
+            "--out-dir", str(tmp_path / "report")]
+    assert evaluation.main("hybrid", offline_ckpt, args) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "report"
+    frame = pd.read_csv(report / "stages.csv")
+    expected_columns = list(evaluation.PREDICTION_COLUMNS)
+    expected_columns.insert(2, "clock_time")
+    assert list(frame.columns) == expected_columns
+    assert len(frame) == 241 and (frame["true_stage"] == -1).all() and (frame["subject"] == "night_hr").all()
+    assert frame["clock_time"].iloc[0] == "2024-03-01T23:00:00+01:00" and frame["epoch_start_s"].iloc[1] == 30
+    np.testing.assert_allclose(frame[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-4)
+    assert (report / "hypnogram.png").stat().st_size > 5000
+    summary = json.loads((report / "summary.json").read_text())
+    metrics = sm.sleep_metrics(frame["pred"].to_numpy())
+    for name in sm.METRICS:
+        value = summary["metrics"][name]
+        assert (value is None and np.isnan(metrics[name])) or value == pytest.approx(metrics[name]), name
+    assert summary["metrics"]["time_in_bed_min"] == 120.5 and summary["epochs"] == 241
+    assert summary["start"] == "2024-03-01T23:00:00+01:00" and summary["end"] == "2024-03-02T01:00:30+01:00"
+    assert sum(s["minutes"] for s in summary["stages"].values()) == 120.5
+    assert summary["motion_source"] == "counts" and summary["mode"].startswith("offline")
+    text = (report / "summary.txt").read_text()
+    for words in ("time in bed", "total sleep time", "sleep efficiency", "sleep-onset latency", "WASO",
+                  "REM latency", "awakenings", "% of sleep"):
+        assert words in text and words in out
+
+
+def test_hypnogram_without_psg_and_with_clock_axis(tmp_path):
+    n = 200
+    probs = np.random.default_rng(1).dirichlet(np.ones(4), size=n)
+    frame = pd.DataFrame({"subject": "u", "epoch_start_s": 30 * np.arange(n), "true_stage": -1,
+                          "pred": probs.argmax(1), **dict(zip(PROB_COLUMNS, probs.T))})
+    evaluation.plot_hypnogram(frame, tmp_path / "a.png", "no PSG")
+    evaluation.plot_hypnogram(frame, tmp_path / "b.png", "clock", start_clock=datetime(2024, 3, 1, 23, 7, tzinfo=CET))
+    assert (tmp_path / "a.png").stat().st_size > 5000 and (tmp_path / "b.png").stat().st_size > 5000
+
+
+def test_real_night_exported_to_user_csv_gives_the_offline_evaluation_stages(small_data_dir, offline_ckpt, tmp_path):
+    subject = "46343"
+    files = dl.subject_files(small_data_dir, subject)
+    epochs, _ = dl.read_labels(files["labels"])
+    end = epochs[-1] + 30
+    base = datetime(2024, 3, 1, 22, 0, 0, tzinfo=CET)  # a 30 s boundary: the epoch grids align
+    exported = {}
+    for kind, column in (("heart_rate", "heart_rate"), ("counts", "count")):
+        rows = dl.read_signal(files[kind], 2)
+        rows = rows[(rows[:, 0] >= 0) & (rows[:, 0] < end)]  # the PSG window, as the loader crops
+        exported[kind] = rows
+        lines = [f"timestamp,{column}"] + [f"{(base + timedelta(seconds=float(t))).isoformat(timespec='microseconds')},"
+                                           f"{v:.6f}" for t, v in rows]
+        (tmp_path / f"{kind}.csv").write_text("\n".join(lines) + "\n")
+    # the grid aligns: the first reading lies in the first PSG epoch, the last one in the last
+    assert 0 <= min(r[0, 0] for r in exported.values()) < 30 and end - 30 <= max(r[-1, 0] for r in exported.values())
+    model, scaler, ckpt = load_model_from_checkpoint(offline_ckpt)
+    recording = user_data.load_recording(tmp_path / "heart_rate.csv", tmp_path / "counts.csv")
+    report = user_data.predict_recording(model, scaler, ckpt, recording)
+    (night,) = dl.load_nights(small_data_dir, [subject], cache_dir=None)
+    expected = evaluation.predict_nights(model, scaler, ckpt, [night])
+    assert len(report) == len(expected) == 567
+    np.testing.assert_array_equal(report["epoch_start_s"], expected["epoch_start_s"])
+    np.testing.assert_array_equal(report["pred"], expected["pred"])
+    np.testing.assert_allclose(report[PROB_COLUMNS], expected[PROB_COLUMNS], rtol=0, atol=1e-6)
+    assert report["clock_time"].iloc[0] == "2024-03-01T22:00:00+01:00"
