@@ -2,7 +2,8 @@
 
 The one place that turns files into model inputs. Reading is in three layers:
 
-1. `read_signal` parses one file (plain or gzip) into a clean, sorted float array, applying the
+1. `read_signal` parses one file (plain or gzip, in blocks of rows so that a 50 Hz motion file
+   needs little more memory than its parsed values) into a clean float array, applying the
    documented input rules below or raising `DataError` naming the file, line and value.
 2. `load_night` crops every signal to the PSG window and reduces it to per-epoch aggregates
    (a `Night`): heart-rate mean/std/sample count, activity counts, motion magnitude, steps,
@@ -133,13 +134,45 @@ def _first_bad_line(path: Path, n_cols: int) -> tuple[int, str, str] | None:
     return None
 
 
-def read_signal(path: str | Path, n_cols: int, report: dict | None = None) -> np.ndarray:
+READ_CHUNK_ROWS = 50_000  # rows parsed at a time (1.6 MB of motion values): bounds the parser's memory
+
+
+def _check_nan_rows(path: Path, rows: np.ndarray, n_cols: int) -> int:
+    """Rows (0-based line index, sorted) that parsed with NaN: raise for a missing field, else count blanks.
+
+    NaN comes from a blank line, a missing field, or a literal nan: only the raw line tells them
+    apart. One streaming pass that looks at those lines only.
+    """
+    blank, i = 0, 0
+    with _open_text(path) as f:
+        for row, line in enumerate(f):
+            if row < rows[i]:
+                continue
+            fields = line.replace(",", " ").split()
+            if fields and len(fields) != n_cols:
+                text = line.rstrip("\n")[:80]
+                raise DataError(f"{path}, line {row + 1}: expected {n_cols} fields, found {len(fields)}: {text!r}")
+            blank += not fields
+            i += 1
+            if i == len(rows):
+                return blank
+    return blank + len(rows) - i  # rows past the last line: blank
+
+
+def read_signal(path: str | Path, n_cols: int, report: dict | None = None, keep=None,
+                chunk_rows: int = READ_CHUNK_ROWS) -> np.ndarray:
     """Parse a comma- or whitespace-separated numeric file into an (n, n_cols) float64 array.
 
     Rows whose values are all finite are kept in file order; rows with NaN/inf are dropped and
     counted in report["non_finite"]. Malformed rows raise DataError naming file and line.
+    keep: optional function of a block of finite rows -> bool mask; the other rows are dropped
+    and counted in report["out_of_range"] (the result may then be empty).
+    The file is parsed `chunk_rows` lines at a time (gzip streamed) and each block is filtered
+    at once: what grows with the file is only the kept rows (8 bytes a value; twice that for a
+    moment while the blocks are joined), not the parser's buffers.
     """
     path = Path(path)
+    parts, nan_rows, n_inf, n_finite, n_out, row0 = [], [], 0, 0, 0, 0
     try:
         with _open_text(path) as f:
             first = ""
@@ -149,39 +182,54 @@ def read_signal(path: str | Path, n_cols: int, report: dict | None = None) -> np
         if not first.strip():
             raise DataError(f"{path}: empty file (no data rows)")
         sep = "," if "," in first else r"\s+"
-        table = pd.read_csv(path, sep=sep, header=None, dtype=np.float64, engine="c",
-                            skip_blank_lines=False, compression="gzip" if _is_gzip(path) else None,
-                            names=list(range(n_cols)), index_col=False, on_bad_lines="error")
+        with warnings.catch_warnings():
+            # pandas only warns, and drops the extra fields, when the first row is too long
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            with pd.read_csv(path, sep=sep, header=None, dtype=np.float64, engine="c", skip_blank_lines=False,
+                             compression="gzip" if _is_gzip(path) else None, names=list(range(n_cols)),
+                             index_col=False, on_bad_lines="error", chunksize=chunk_rows) as reader:
+                for table in reader:  # one row per line, blank lines included: row i is line i + 1
+                    values = table.to_numpy()
+                    nan = np.isnan(values).any(axis=1)
+                    if nan.any():
+                        nan_rows.append(row0 + np.flatnonzero(nan))
+                        values = values[~nan]
+                    inf = ~np.isfinite(values).all(axis=1)
+                    if inf.any():
+                        n_inf += int(inf.sum())
+                        values = values[~inf]
+                    n_finite += len(values)
+                    if keep is not None:
+                        ok = keep(values)
+                        if not ok.all():
+                            n_out += int((~ok).sum())
+                            values = values[ok]
+                    parts.append(values)
+                    row0 += len(table)
     except DataError:
         raise
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as exc:
+    except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, EOFError,
+            OSError) as exc:
         bad = _first_bad_line(path, n_cols) if not isinstance(exc, (OSError, EOFError)) else None
         if bad:
             line_no, line, reason = bad
             raise DataError(f"{path}, line {line_no}: {reason}: {line[:80]!r}") from None
+        if isinstance(exc, pd.errors.ParserWarning):
+            raise DataError(f"{path}: cannot be parsed (a row has more than {n_cols} fields)") from None
         raise DataError(f"{path}: cannot be parsed ({type(exc).__name__}: {exc})") from None
-    values = table.to_numpy()
-    nan_rows = np.isnan(values).any(axis=1)
-    if nan_rows.any():
-        # NaN comes from a blank line, a missing field, or a literal nan: tell them apart
-        with _open_text(path) as f:
-            lines = f.read().splitlines()
-        for row in np.flatnonzero(nan_rows):
-            fields = lines[row].replace(",", " ").split() if row < len(lines) else []
-            if fields and len(fields) != n_cols:
-                raise DataError(f"{path}, line {row + 1}: expected {n_cols} fields, "
-                                f"found {len(fields)}: {lines[row][:80]!r}")
-        blank = np.array([not lines[r].strip() if r < len(lines) else True for r in range(len(values))])
-        if report is not None:
-            report["non_finite"] = report.get("non_finite", 0) + int((nan_rows & ~blank).sum())
-        values = values[~nan_rows]
-    inf_rows = ~np.isfinite(values).all(axis=1)
-    if inf_rows.any():
-        if report is not None:
-            report["non_finite"] = report.get("non_finite", 0) + int(inf_rows.sum())
-        values = values[~inf_rows]
-    if len(values) == 0:
+    non_finite = n_inf
+    if nan_rows:
+        nan_rows = np.concatenate(nan_rows)
+        non_finite += len(nan_rows) - _check_nan_rows(path, nan_rows, n_cols)
+    if n_finite == 0:
         raise DataError(f"{path}: no valid data rows")
+    if report is not None:
+        if non_finite:
+            report["non_finite"] = report.get("non_finite", 0) + non_finite
+        if n_out:
+            report["out_of_range"] = report.get("out_of_range", 0) + n_out
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    del parts
     return values
 
 
@@ -288,8 +336,12 @@ def motion_epoch_aggregates(motion: np.ndarray, epoch_start_s: np.ndarray) -> di
     n = len(epoch_start_s)
     t = motion[:, 0]
     idx = _epoch_index(t, epoch_start_s)
-    magnitude = np.sqrt((motion[:, 1:4] ** 2).sum(axis=1))
+    magnitude = motion[:, 1] ** 2  # as (xyz ** 2).sum(axis=1), one column at a time (memory)
+    magnitude += motion[:, 2] ** 2
+    magnitude += motion[:, 3] ** 2
+    np.sqrt(magnitude, out=magnitude)
     mag_mean, mag_std, n_samples = _per_epoch_mean_std(idx, magnitude, n)
+    del idx, magnitude
     samples_per_epoch = EPOCH_S * COUNTS_FS_HZ
     covered = n_samples >= MIN_MOTION_COVERAGE * samples_per_epoch
     counts = np.full(n, np.nan)
@@ -366,17 +418,20 @@ def _read_optional(files: dict, kind: str, report: dict, valid) -> np.ndarray | 
     if kind not in files:
         return None
     sub_report: dict = {}
-    values = read_signal(files[kind], FILE_KINDS[kind][2], sub_report)
-    keep = valid(values)
-    if (~keep).any():
-        sub_report["out_of_range"] = int((~keep).sum())
-        values = values[keep]
+    values = read_signal(files[kind], FILE_KINDS[kind][2], sub_report, keep=valid)
     if len(values) == 0:
         raise DataError(f"{files[kind]}: no valid rows after dropping out-of-range values")
     values = _sort_dedupe(values, sub_report)
     if sub_report:
         report[kind] = sub_report
     return values
+
+
+def _motion_in_range(values: np.ndarray) -> np.ndarray:
+    ok = np.abs(values[:, 1]) <= MOTION_MAX_G
+    ok &= np.abs(values[:, 2]) <= MOTION_MAX_G
+    ok &= np.abs(values[:, 3]) <= MOTION_MAX_G
+    return ok
 
 
 def parse_night(data_dir: str | Path, subject_id: str) -> Night:
@@ -391,7 +446,7 @@ def parse_night(data_dir: str | Path, subject_id: str) -> Night:
     report: dict = {}
     heart_rate = _read_optional(files, "heart_rate", report,
                                 lambda v: (v[:, 1] >= HR_MIN_BPM) & (v[:, 1] <= HR_MAX_BPM))
-    motion = _read_optional(files, "motion", report, lambda v: (np.abs(v[:, 1:4]) <= MOTION_MAX_G).all(axis=1))
+    motion = _read_optional(files, "motion", report, _motion_in_range)
     counts = _read_optional(files, "counts", report, lambda v: v[:, 1] >= 0)
     steps = _read_optional(files, "steps", report, lambda v: v[:, 1] >= 0)
     return night_from_arrays(subject_id, epoch_start_s, stage, heart_rate, motion, counts, steps, report)

@@ -2,7 +2,10 @@
 report, CSV and plots. `inference.py` and `inference_hybrid.py` are thin wrappers around `main`;
 training uses `predict_night` and `compute_metrics` for validation, so every figure is computed
 the same way. `--realtime` computes the same CSV and metrics by streaming every night's files
-through realtime.StreamingStager; `--follow` stages growing files live.
+through realtime.StreamingStager; `--follow` stages growing files live. `--sleep-metrics` adds
+the standard sleep metrics against PSG (sleep_metrics.py: per subject, agreement table,
+Bland-Altman PNG). `--hr FILE --motion FILE [--steps FILE]` stages a user's own recording
+(user_data.py): stages CSV, hypnogram and night summary in --out-dir.
 """
 from __future__ import annotations
 
@@ -119,8 +122,13 @@ def _save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """True vs predicted stages over the night, and the stage probabilities beneath."""
+def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start_clock=None) -> None:
+    """True vs predicted stages over the night, and the stage probabilities beneath.
+
+    Epochs without a PSG stage (true_stage -1, e.g. a user's own recording) draw the prediction
+    only. start_clock (a datetime: the wall-clock time of epoch_start_s 0) labels the time axis
+    with clock times instead of hours since the start.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -140,7 +148,18 @@ def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "") -> No
     probs = frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy().T
     ax_prob.stackplot(hours, probs, labels=dl.STAGE_NAMES, colors=["#d62728", "#9ecae1", "#08519c", "#2ca02c"])
     ax_prob.set_ylabel("probability")
-    ax_prob.set_xlabel("hours since recording start")
+    if start_clock is None:
+        ax_prob.set_xlabel("hours since recording start")
+    else:
+        from datetime import timedelta
+        from matplotlib.ticker import FuncFormatter, MultipleLocator
+        base = 1.0 if hours[-1] > 4 else 0.5 if hours[-1] > 1.5 else 0.25  # ticks on round clock times
+        past_hour = (start_clock.minute * 60 + start_clock.second) / 3600.0
+        ax_prob.xaxis.set_major_locator(MultipleLocator(base, offset=(-past_hour) % base))
+        ax_prob.xaxis.set_major_formatter(FuncFormatter(
+            lambda h, _: (start_clock + timedelta(hours=float(h))).strftime("%H:%M")))
+        offset = start_clock.strftime("%z")
+        ax_prob.set_xlabel(f"clock time (UTC{offset[:3]}:{offset[3:]})" if offset else "clock time")
     ax_prob.set_ylim(0, 1)
     ax_prob.legend(loc="upper right", fontsize=7, ncol=4)
     _save_figure(fig, Path(path))
@@ -197,7 +216,34 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     parser.add_argument("--start-s", default=0.0, type=lambda v: None if v == "auto" else float(v),
                         help="with --follow: start of epoch 0 in the files' time base, or 'auto' (the first "
                              "reading, floored to 30 s); default 0 (PhysioNet files count from the PSG start)")
+    parser.add_argument("--sleep-metrics", action="store_true",
+                        help="also compare sleep metrics (TST, efficiency, latencies, WASO, stage minutes) with PSG: "
+                             "per subject, agreement table (bias, SD, limits of agreement, MAE), Bland-Altman PNG")
+    report = parser.add_argument_group("sleep report on your own recordings (user_data.py)")
+    report.add_argument("--hr", metavar="FILE", default=None,
+                        help="heart-rate CSV/TSV with header (time column: timestamp/time/t/seconds/datetime, in "
+                             "seconds or ISO-8601; heart_rate/hr/bpm), or headerless t,bpm: stage this night")
+    report.add_argument("--motion", metavar="FILE", default=None,
+                        help="with --hr: raw acceleration x,y,z (g) or activity counts count/counts/activity")
+    report.add_argument("--steps", metavar="FILE", default=None, help="with --hr: steps/step_count (optional)")
+    report.add_argument("--out-dir", default=None,
+                        help="with --hr: where stages.csv, hypnogram.png, summary.json/.txt go (default out/report)")
     args = parser.parse_args(argv)
+    if args.hr is None:
+        given = [flag for flag, value in (("--motion", args.motion), ("--steps", args.steps),
+                                          ("--out-dir", args.out_dir)) if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} belong(s) to a report on your own recording: give --hr FILE too")
+    else:
+        if args.motion is None:
+            parser.error("--hr needs --motion FILE (raw acceleration x,y,z or activity counts)")
+        given = [flag for flag, on in (("--realtime", args.realtime), ("--follow", args.follow is not None),
+                                       ("--data-dir", args.data_dir is not None), ("--subjects", args.subjects is not None),
+                                       ("--predictions-out", args.predictions_out is not None),
+                                       ("--sleep-metrics", args.sleep_metrics)) if on]
+        if given:
+            parser.error(f"--hr (a report on your own recording, written to --out-dir) does not go with "
+                         f"{', '.join(given)}")
     streaming = args.realtime or args.follow is not None
     if args.realtime and args.follow is not None:
         parser.error("--realtime and --follow are separate modes")
@@ -208,6 +254,8 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.hr is not None:
+        return _user_report(arch, args, model, scaler, checkpoint)
     if streaming:
         import realtime
         try:
@@ -255,6 +303,14 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     else:
         metrics = None
         print("no scored epochs: predictions only")
+    comparison = None
+    if args.sleep_metrics:
+        if metrics is None:
+            print("no scored epochs: no sleep metrics against PSG")
+        else:
+            import sleep_metrics as sm
+            comparison = sm.compare(frame, scored_only=True)
+            print(format_sleep_metrics(comparison))
     if args.predictions_out:
         write_predictions(frame, args.predictions_out)
         print(f"wrote {len(frame)} rows to {args.predictions_out}")
@@ -265,5 +321,62 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
         if metrics:
             plot_confusion(metrics["confusion"], plots / f"{arch}_confusion.png",
                            f"{arch} [{mode}]: kappa {metrics['kappa']:.2f}")
+        if comparison is not None:
+            import sleep_metrics as sm
+            sm.plot_bland_altman(comparison, plots / f"{arch}_bland_altman.png")
         print(f"plots in {plots}/")
+    return 0
+
+
+# sleep metrics shown per subject by --sleep-metrics: (metric, column title)
+SLEEP_METRICS_SHOWN = (("total_sleep_time_min", "TST min"), ("sleep_efficiency_pct", "SE %"),
+                       ("sleep_onset_latency_min", "SOL min"), ("waso_min", "WASO min"),
+                       ("rem_latency_min", "REM lat min"), ("awakenings", "awakenings"), ("wake_min", "Wake min"),
+                       ("light_min", "Light min"), ("deep_min", "Deep min"), ("rem_min", "REM min"))
+
+
+def format_sleep_metrics(comparison: pd.DataFrame) -> str:
+    """--sleep-metrics: per subject PSG / predicted values, then the agreement table over subjects."""
+    import sleep_metrics as sm
+    out = io.StringIO()
+    n_subjects = comparison["subject"].nunique()
+    print("sleep metrics per subject, PSG / predicted (over each night's PSG-scored period):", file=out)
+    width = 15
+    print(f"{'subject':>10}" + "".join(f"{title:>{width}}" for _, title in SLEEP_METRICS_SHOWN), file=out)
+    cells = comparison.set_index(["subject", "metric"])
+    for subject in comparison["subject"].unique():
+        row = []
+        for name, _ in SLEEP_METRICS_SHOWN:
+            psg, pred = cells.loc[(subject, name), "psg"], cells.loc[(subject, name), "predicted"]
+            row.append("/".join("-" if pd.isna(v) else f"{v:.0f}" if name == "awakenings" else f"{v:.1f}"
+                                for v in (psg, pred)))
+        print(f"{str(subject):>10}" + "".join(f"{c:>{width}}" for c in row), file=out)
+    table = sm.agreement(comparison)
+    print(f"\nagreement over {n_subjects} subject(s) (difference = predicted - PSG; limits of agreement = "
+          f"bias +- 1.96 SD):", file=out)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.round(2).to_string(), file=out)
+    return out.getvalue()
+
+
+def _user_report(arch: str, args, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict) -> int:
+    """--hr/--motion/--steps: stage a user's own recording; stages CSV, hypnogram, night summary."""
+    import user_data
+    t0 = time.perf_counter()
+    try:
+        recording = user_data.load_recording(args.hr, args.motion, args.steps)
+    except dl.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    frame = user_data.predict_recording(model, scaler, checkpoint, recording)
+    mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
+    summary = user_data.night_summary(frame, recording, args.checkpoint, mode)
+    out_dir = Path(args.out_dir or "out/report")
+    tst = summary["metrics"]["total_sleep_time_min"]
+    title = (f"{arch} [{mode}] {recording.night.subject_id}: total sleep {int(tst // 60)} h {tst % 60:.0f} min, "
+             f"efficiency {summary['metrics']['sleep_efficiency_pct'] or 0:.0f}%")
+    paths = user_data.write_report(frame, summary, recording, out_dir, title)
+    print(user_data.format_summary(summary))
+    print(f"\n{len(frame)} epochs staged in {time.perf_counter() - t0:.1f} s; wrote "
+          + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -5,6 +5,8 @@
     python inference.py --checkpoint checkpoints/lstm_causal/model.pth
     python inference.py --realtime                        # the same, streamed reading by reading (causal model)
     python inference.py --follow hr.csv counts.csv        # live: a line per closed 30 s epoch
+    python inference.py --sleep-metrics                   # + sleep metrics vs PSG, Bland-Altman PNG
+    python inference.py --hr hr.csv --motion counts.csv   # your own night: stages, hypnogram, summary
 
 Notebook API, as in inference_hybrid.py, with the causal LSTM (checkpoints/lstm_causal/model.pth):
 

@@ -5,6 +5,9 @@
     python inference_hybrid.py --checkpoint checkpoints/hybrid_causal/model.pth
     python inference_hybrid.py --realtime                 # the same, streamed reading by reading (causal model)
     python inference_hybrid.py --follow hr.csv acc.csv    # live: a line per closed 30 s epoch
+    python inference_hybrid.py --sleep-metrics            # + sleep metrics vs PSG, Bland-Altman PNG
+    python inference_hybrid.py --hr hr.csv --motion acc.csv [--steps steps.csv] [--out-dir out/report]
+                                                          # your own night: stages, hypnogram, summary
 
 Notebook API (real-time, one reading per 30 s epoch; the causal model by default):
 

@@ -28,7 +28,9 @@ Rules (each one tested):
 - Out of order inside epochs still open: accepted (aggregates are computed in time order at close).
 - Duplicates (same signal, same timestamp): the first one pushed is kept (`duplicates`).
 - NaN/inf (`non_finite`) and impossible values (`out_of_range`: heart rate outside 25-250 bpm,
-  |acceleration| > 16 g on any axis, negative counts or steps) are dropped and do not move the clock.
+  |acceleration| > 16 g on any axis, negative counts or steps, a timestamp beyond +-1e12 s: Unix
+  seconds are ~1.7e9, so Unix milliseconds passed as seconds are caught, long before float64
+  seconds stop resolving 50 Hz near 1e14 s) are dropped and do not move the clock.
 - Gaps (watch off): epochs without readings close when the clock passes them, with their signals
   flagged missing and filled as causal features do (forward fill; 60 bpm / 0 counts before any).
 - A reading (or flush) more than `max_gap_s` (default 6 h) after max(clock, start of the night)
@@ -46,8 +48,10 @@ Rules (each one tested):
   whole-night features instead call a steps gap 0 when steps resume later).
 - Memory: only the samples of open epochs, plus O(seq_len + 60) numbers of feature state.
 
-`StagerPool` batches the model call across many wearers; `predict_label_from_triplet` is the
-notebook API (one (hr, motion, steps) reading per epoch, context kept per model and wearer).
+`StagerPool` batches the model call across many wearers; `StagerBatch` keeps many wearers in
+lockstep with their state in numpy arrays (no Python work per wearer; for a server that ticks every
+30 s); `predict_label_from_triplet` is the notebook API (one (hr, motion, steps) reading per epoch,
+context kept per model and wearer).
 """
 from __future__ import annotations
 
@@ -71,6 +75,8 @@ KINDS = ("heart_rate", "motion", "counts", "steps")
 _N_VALUES = {"heart_rate": 1, "motion": 3, "counts": 1, "steps": 1}
 STEPS_MARGIN_S = 600.0   # as night_from_arrays: steps are unknown 10 min beyond the readings
 DEFAULT_MAX_GAP_S = 6 * 3600.0
+SPLIT_ABOVE = 64         # predict_windows: more windows than this go to the model in power-of-two calls
+MAX_ABS_TIME_S = 1e12    # ~31,700 years of seconds (Unix time is ~1.7e9; milliseconds would be ~1.7e12)
 # notebook API plausibility limits (per 30 s epoch)
 MAX_ACTIVITY_COUNT = 10_000.0
 MAX_STEPS_PER_EPOCH = 300.0
@@ -83,12 +89,17 @@ class StagedEpoch(NamedTuple):
     probabilities: np.ndarray
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
                     batch_size: int = 1024) -> np.ndarray:
     """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos.
 
-    The same computation as evaluation.predict_night, for windows gathered from any wearers.
+    The same computation as evaluation.predict_night, for windows gathered from any wearers. Up to
+    SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
+    batch_size (1000 = 512 + 256 + 128 + 64 + 32 + 8): a pool's batch size changes every call,
+    and every new input shape leaves allocator fragmentation and cached kernels behind (a
+    200-wearer soak grew ~60 MiB per simulated hour with one call of any size; with power-of-two
+    shapes it stays flat). Outputs are per window: only the last bits depend on the split.
     """
     if model.training:
         model.eval()
@@ -96,10 +107,13 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     if len(windows) == 0:
         return np.zeros((0, 4))
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(windows[start:start + batch_size])).to(device)
+    out, start = [], 0
+    while start < len(windows):
+        rest = len(windows) - start
+        size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
+        batch = torch.from_numpy(np.ascontiguousarray(windows[start:start + size])).to(device)
         out.append(torch.softmax(model(batch)[:, target_pos].float(), dim=-1).cpu().numpy())
+        start += size
     return np.concatenate(out).astype(np.float64)
 
 
@@ -252,8 +266,8 @@ class StreamingStager:
             raise ValueError(f"max_delay_s must be a finite number >= 0, got {max_delay_s}")
         if not max_gap_s > max_delay_s + EPOCH_S:
             raise ValueError(f"max_gap_s must exceed max_delay_s + {EPOCH_S} s, got {max_gap_s}")
-        if start_s is not None and not math.isfinite(start_s):
-            raise ValueError(f"start_s must be finite or None, got {start_s}")
+        if start_s is not None and not (math.isfinite(start_s) and abs(start_s) <= MAX_ABS_TIME_S):
+            raise ValueError(f"start_s must be finite (|start_s| <= {MAX_ABS_TIME_S:g} s) or None, got {start_s}")
         self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
         self.features = tuple(checkpoint["features"])
         self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
@@ -399,6 +413,7 @@ class StreamingStager:
                 plausible = (np.abs(v) <= dl.MOTION_MAX_G).all(axis=1)
             else:
                 plausible = v[:, 0] >= 0
+            plausible &= np.abs(t) <= MAX_ABS_TIME_S
         self.stats["non_finite"] += int((~finite).sum())
         self.stats["out_of_range"] += int((finite & ~plausible).sum())
         valid = finite & plausible
@@ -406,7 +421,7 @@ class StreamingStager:
             t, v = t[valid], v[valid]
         while len(t):
             if self.start_s is None:
-                self.start_s = math.floor(t[0] / EPOCH_S) * EPOCH_S
+                self.start_s = float(math.floor(t[0] / EPOCH_S) * EPOCH_S)
             clock0 = self.clock if self.clock is not None else -math.inf
             clock_before = np.maximum.accumulate(np.concatenate([[clock0], t[:-1]]))
             reference = np.maximum(clock_before, self.start_s)
@@ -478,10 +493,10 @@ class StreamingStager:
 
     def _advance(self, now_s: float, wait_delay: bool) -> None:
         now = float(now_s)
-        if not math.isfinite(now):
-            raise ValueError(f"now_s must be finite, got {now_s}")
+        if not (math.isfinite(now) and abs(now) <= MAX_ABS_TIME_S):
+            raise ValueError(f"now_s must be finite (|now_s| <= {MAX_ABS_TIME_S:g} s), got {now_s}")
         if self.start_s is None:
-            self.start_s = math.floor(now / EPOCH_S) * EPOCH_S
+            self.start_s = float(math.floor(now / EPOCH_S) * EPOCH_S)
         reference = self.start_s if self.clock is None else max(self.clock, self.start_s)
         if now - reference > self.max_gap_s:
             self._start_new_night(now)
@@ -573,7 +588,8 @@ class StreamingStager:
 # ----------------------------------------------------------------------------- many wearers, one model call
 
 class StagerPool:
-    """One StreamingStager per wearer sharing one model; the model runs once per `predict()` for all of them.
+    """One StreamingStager per wearer sharing one model; `predict()` runs it on all of them at once
+    (one call up to 64 windows, a few power-of-two calls above: see predict_windows).
 
         pool = StagerPool(model, scaler, checkpoint)
         pool.push("watch-17", "heart_rate", t, bpm)        # queues the epochs this closes
@@ -623,6 +639,164 @@ class StagerPool:
         for wearer, start, p in zip(owners, starts, probs):
             results.setdefault(wearer, []).append(StagedEpoch(start, int(p.argmax()), p))
         return results
+
+
+class StagerBatch:
+    """Many wearers in lockstep, vectorised: one epoch closes for every wearer at once, one model call.
+
+        batch = StagerBatch(model, scaler, checkpoint, n_wearers=1000)
+        aggregates = batch.aggregate(hr_wearer, hr_bpm, count_wearer, counts)   # this epoch's readings
+        epoch_start_s, stages, probabilities = batch.step(**aggregates)         # (n,), (n,), (n, 4)
+
+    For a server that ticks every 30 s: the state of all wearers (the CausalFeatures running sums
+    and ring buffers, the last seq_len scaled feature rows) lives in numpy arrays, so closing an
+    epoch costs a few array operations for everyone instead of Python work per wearer. Each
+    wearer gets what a StreamingStager (start_s = start_s[w]) fed the same readings gives: the
+    same float64 operations per number (feature rows equal; tested), the same windows, and the
+    model call of StagerPool (probabilities equal to a lone stager's to ~1e-7: batch size only).
+    What it does not do: timestamps, late or duplicate readings, clock jumps, raw motion
+    filtering and the steps span rule. Readings are already assigned to the epoch; a wearer
+    without readings in an epoch passes NaN (missing), as the stream's empty epoch. Raw motion
+    and steps: reduce them per wearer (data_loader.motion_epoch_aggregates, the stream's steps
+    rule) and pass the aggregates. The model runs on chunks of batch_size windows (256: the
+    activations of a chunk stay in cache; ~10% faster than 1000 at once on 2 cores).
+    """
+
+    def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
+                 start_s=0.0, batch_size: int = 256):
+        StreamingStager(model, scaler, checkpoint)  # the same checks: causal, known features
+        self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
+        self.features = tuple(checkpoint["features"])
+        self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
+        self.n_wearers, self.batch_size = int(n_wearers), int(batch_size)
+        self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
+        self._wearers = np.arange(self.n_wearers)
+        self._positions = np.arange(self.seq_len) - self.target_pos
+        self.reset()
+
+    def reset(self, wearers=None) -> None:
+        """A new night for the given wearers (indices or boolean mask; None: all)."""
+        w = self._wearers if wearers is None else np.asarray(wearers)
+        if not hasattr(self, "n"):
+            n, f = self.n_wearers, len(self.features)
+            self.n = np.zeros(n, np.int64)
+            self.hr_last, self.count_last, self.prev_hr = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+            self.n_seen, self.s1, self.s2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+            self.hr_c1, self.hr_c2, self.la_c1 = np.zeros((n, 61)), np.zeros((n, 61)), np.zeros((n, 21))
+            self.last_move = np.full(n, -1, np.int64)
+            self.rows = np.zeros((n, self.seq_len, f), np.float32)  # scaled rows, epoch e at e % seq_len
+        self.n[w] = 0
+        self.hr_last[w], self.count_last[w], self.prev_hr[w] = np.nan, np.nan, np.nan
+        self.n_seen[w], self.s1[w], self.s2[w] = 0, 0.0, 0.0
+        self.hr_c1[w], self.hr_c2[w], self.la_c1[w] = 0.0, 0.0, 0.0
+        self.last_move[w] = -1
+
+    def aggregate(self, hr_wearer=None, hr_bpm=None, count_wearer=None, counts=None) -> dict[str, np.ndarray]:
+        """Per-wearer heart-rate mean/std and activity count of one epoch from flat reading arrays.
+
+        hr_wearer / count_wearer: wearer index of each reading; readings of one wearer in time order
+        (as the stream sorts an epoch's samples). Non-finite and implausible values are dropped as
+        the stream drops them. Wearers without readings get NaN (missing).
+        """
+        n = self.n_wearers
+        out = {"heart_rate_bpm": np.full(n, np.nan), "heart_rate_std_bpm": np.full(n, np.nan),
+               "activity_count": np.full(n, np.nan)}
+        if hr_wearer is not None and len(hr_wearer):
+            idx, v = np.asarray(hr_wearer, np.int64), np.asarray(hr_bpm, np.float64)
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(v) & (v >= dl.HR_MIN_BPM) & (v <= dl.HR_MAX_BPM)
+            out["heart_rate_bpm"], out["heart_rate_std_bpm"], _ = dl._per_epoch_mean_std(idx[ok], v[ok], n)
+        if count_wearer is not None and len(count_wearer):
+            idx, v = np.asarray(count_wearer, np.int64), np.asarray(counts, np.float64)
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(v) & (v >= 0)
+            out["activity_count"] = dl._per_epoch_mean_std(idx[ok], v[ok], n)[0]
+        return out
+
+    def feature_rows(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
+                     motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray]:
+        """Close one epoch for every wearer: (epoch_start_s (n,), raw feature rows (n, n_features) float32).
+
+        CausalFeatures.update for all wearers at once, the same float64 operations per number.
+        NaN marks a missing aggregate; heart_rate_std_bpm defaults to 0 where the heart rate is given.
+        """
+        nan = np.full(self.n_wearers, np.nan)
+        hr_raw = np.asarray(heart_rate_bpm, np.float64)
+        hr_std = (np.where(np.isnan(hr_raw), np.nan, 0.0) if heart_rate_std_bpm is None
+                  else np.asarray(heart_rate_std_bpm, np.float64))
+        count_raw = nan if activity_count is None else np.asarray(activity_count, np.float64)
+        steps = nan if steps is None else np.asarray(steps, np.float64)
+        mag_mean = nan if motion_mag_mean_g is None else np.asarray(motion_mag_mean_g, np.float64)
+        mag_std = nan if motion_mag_std_g is None else np.asarray(motion_mag_std_g, np.float64)
+        k = self.n
+        hr_observed = ~np.isnan(hr_raw)
+        self.hr_last = np.where(hr_observed, hr_raw, self.hr_last)
+        self.n_seen = self.n_seen + hr_observed
+        self.s1 = np.where(hr_observed, self.s1 + hr_raw, self.s1)
+        self.s2 = np.where(hr_observed, self.s2 + hr_raw * hr_raw, self.s2)
+        hr = np.where(np.isnan(self.hr_last), dl.HR_PRIOR_BPM, self.hr_last)
+        self.count_last = np.where(np.isnan(count_raw), self.count_last, count_raw)
+        counts = np.where(np.isnan(self.count_last), 0.0, self.count_last)
+        seen = np.maximum(self.n_seen, 1)
+        night_mean = np.where(self.n_seen > 0, self.s1 / seen, hr)
+        var = np.where(self.n_seen > 1, self.s2 / seen - night_mean * night_mean, 0.0)
+        night_std = np.sqrt(np.where(var > 0, var, 0.0))
+        n1 = k + 1
+        w = self._wearers
+        self.hr_c1[w, n1 % 61] = self.hr_c1[w, k % 61] + hr
+        self.hr_c2[w, n1 % 61] = self.hr_c2[w, k % 61] + hr * hr
+        log_counts = np.log1p(counts)
+        self.la_c1[w, n1 % 21] = self.la_c1[w, k % 21] + log_counts
+        self.last_move = np.where(counts > dl.MOVE_COUNT, k, self.last_move)
+        since_move = np.where(self.last_move >= 0, k - self.last_move, k + 1)
+
+        def rolling(c1, c2, window, size):
+            count = np.minimum(window, n1)
+            end, begin = n1 % size, (n1 - count) % size
+            mean = (c1[w, end] - c1[w, begin]) / count
+            if c2 is None:
+                return mean
+            var = (c2[w, end] - c2[w, begin]) / count - mean * mean
+            return np.sqrt(np.where(var > 0, var, 0.0))
+
+        epoch_start = self.start_s + (dl.EPOCH_S * k).astype(np.float64)
+        columns = {
+            "heart_rate_bpm": hr,
+            "heart_rate_std_bpm": np.where(np.isnan(hr_std), 0.0, hr_std),
+            "hr_night_z": (hr - night_mean) / np.maximum(night_std, 1.0),
+            "hr_minus_30min_mean": hr - rolling(self.hr_c1, None, 60, 61),
+            "hr_delta_bpm": hr - np.where(np.isnan(self.prev_hr), hr, self.prev_hr),
+            "hrv_2_5min_bpm": rolling(self.hr_c1, self.hr_c2, 5, 61),
+            "hrv_5min_bpm": rolling(self.hr_c1, self.hr_c2, 10, 61),
+            "hrv_10min_bpm": rolling(self.hr_c1, self.hr_c2, 20, 61),
+            "log_activity": log_counts,
+            "log_activity_2_5min": rolling(self.la_c1, None, 5, 21),
+            "log_activity_10min": rolling(self.la_c1, None, 20, 21),
+            "log_epochs_since_move": np.log1p(since_move.astype(np.float64)),
+            "hours_since_start": (epoch_start - self.start_s) / 3600.0,
+            "hr_missing": (~hr_observed).astype(np.float64),
+            "motion_missing": np.isnan(count_raw).astype(np.float64),
+            "motion_mag_mean_g": np.nan_to_num(mag_mean),
+            "motion_mag_std_g": np.nan_to_num(mag_std),
+            "steps": np.nan_to_num(steps),
+            "steps_missing": np.isnan(steps).astype(np.float64),
+        }
+        self.prev_hr = hr
+        self.n = n1
+        return epoch_start, np.stack([columns[name] for name in self.features], axis=1).astype(np.float32)
+
+    def step(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
+             motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Close one epoch for every wearer and stage it: (epoch_start_s (n,), stage (n,), probabilities (n, 4))."""
+        k = self.n.copy()
+        epoch_start, rows = self.feature_rows(heart_rate_bpm, heart_rate_std_bpm, activity_count, steps,
+                                              motion_mag_mean_g, motion_mag_std_g)
+        self.rows[self._wearers, k % self.seq_len] = self.scaler.transform(rows)  # elementwise: as on windows
+        # as window_indices on each night so far: positions before epoch 0 repeat it, after epoch k repeat k
+        epochs = np.clip(k[:, None] + self._positions[None, :], 0, k[:, None])
+        windows = self.rows[self._wearers[:, None], epochs % self.seq_len]
+        probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
+        return epoch_start, probs.argmax(axis=1), probs
 
 
 # ----------------------------------------------------------------------------- replaying recorded nights

@@ -2,6 +2,7 @@
 
     python sleep_metrics.py --predictions preds.csv            # a CSV from inference*.py
     python sleep_metrics.py --predictions preds.csv --plot out/bland_altman.png
+    python inference_hybrid.py --sleep-metrics                 # the same in one command, on the scored period
 
 Definitions (30 s epochs; stages 0 Wake, 1 Light, 2 Deep, 3 REM, -1 unscored):
 - time in bed: the whole recording, first to last epoch.
@@ -12,6 +13,9 @@ Definitions (30 s epochs; stages 0 Wake, 1 Light, 2 Deep, 3 REM, -1 unscored):
 - awakenings: runs of one or more non-sleep epochs between sleep onset and the last sleep epoch.
 - minutes and percent (of TST) per stage; Wake minutes over the whole recording.
 Unscored epochs count as time in bed and as not asleep.
+Against PSG (`compare(..., scored_only=True)`, `--scored-only`, `inference*.py --sleep-metrics`) each
+night is cut to its PSG-scored period (first to last scored epoch) and the prediction counts the
+unscored epochs inside it as not asleep too, so both hypnograms cover the same time.
 """
 from __future__ import annotations
 
@@ -56,11 +60,23 @@ def sleep_metrics(stages: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def compare(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Per subject and metric: PSG value, predicted value, difference (predicted - PSG)."""
+def compare(predictions: pd.DataFrame, scored_only: bool = False) -> pd.DataFrame:
+    """Per subject and metric: PSG value, predicted value, difference (predicted - PSG).
+
+    scored_only: compare over the PSG-scored period only: each night is cut to its first..last
+    scored epoch, and unscored epochs inside it count as not asleep in the prediction too, so
+    both hypnograms cover the same time (a subject without scored epochs is left out).
+    """
     rows = []
     for subject, night in predictions.sort_values(["subject", "epoch_start_s"]).groupby("subject", sort=False):
-        psg, pred = sleep_metrics(night["true_stage"].to_numpy()), sleep_metrics(night["pred"].to_numpy())
+        true, predicted = night["true_stage"].to_numpy(), night["pred"].to_numpy()
+        if scored_only:
+            scored = np.flatnonzero(true >= 0)
+            if not scored.size:
+                continue
+            true, predicted = true[scored[0]:scored[-1] + 1], predicted[scored[0]:scored[-1] + 1]
+            predicted = np.where(true >= 0, predicted, -1)
+        psg, pred = sleep_metrics(true), sleep_metrics(predicted)
         for name in METRICS:
             rows.append({"subject": subject, "metric": name, "psg": psg[name], "predicted": pred[name],
                          "difference": pred[name] - psg[name]})
@@ -92,7 +108,8 @@ def plot_bland_altman(comparison: pd.DataFrame, path: str | Path,
         ax.scatter(mean, rows["difference"], s=18)
         bias, sd = rows["difference"].mean(), rows["difference"].std(ddof=1)
         for y, style in ((bias, "-"), (bias + 1.96 * sd, "--"), (bias - 1.96 * sd, "--")):
-            ax.axhline(y, color="tab:red", ls=style, lw=1)
+            if np.isfinite(y):  # one subject: no SD, no limits of agreement
+                ax.axhline(y, color="tab:red", ls=style, lw=1)
         ax.set_title(f"{name}: bias {bias:+.1f}")
         ax.set_xlabel("mean of PSG and predicted")
         ax.set_ylabel("predicted - PSG")
@@ -105,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", required=True, help="CSV with subject,epoch_start_s,true_stage,pred")
     parser.add_argument("--per-subject", action="store_true", help="also print every subject's values")
     parser.add_argument("--plot", default=None, help="Bland-Altman PNG")
+    parser.add_argument("--scored-only", action="store_true",
+                        help="compare over each night's PSG-scored period only (as inference*.py --sleep-metrics)")
     args = parser.parse_args(argv)
     try:
         frame = pd.read_csv(args.predictions)
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: {args.predictions} lacks column(s) {sorted(missing)}", file=sys.stderr)
         return 1
-    comparison = compare(frame)
+    comparison = compare(frame, scored_only=args.scored_only)
     if args.per_subject:
         print(comparison.pivot(index="subject", columns="metric", values="difference")[list(METRICS)].round(1))
     with pd.option_context("display.width", 160, "display.max_columns", 20):

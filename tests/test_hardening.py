@@ -1,6 +1,8 @@
-"""Hostile input and interrupted runs: parsers only ever raise DataError; a SIGKILLed training
-run loses nothing and --resume reaches the uninterrupted result."""
+"""Hostile input, interrupted and repeated runs: parsers only ever raise DataError; a SIGKILLed
+training run loses nothing and --resume reaches the uninterrupted result; the same seed gives the
+same run, bit for bit, on CPU."""
 import gzip
+import json
 import os
 import signal
 import subprocess
@@ -10,11 +12,13 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data_loader as dl
-from checkpoint import load_model_from_checkpoint
+import training
+from checkpoint import load_model_from_checkpoint, read_checkpoint
 from conftest import BUNDLED, ROOT
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -81,6 +85,43 @@ def test_any_heart_rate_values_give_finite_features_or_a_clear_error(tmp_path_fa
         assert np.isfinite(dl.night_features(night)).all()
 
 
+def _motion_text(n_rows: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    xyz = rng.normal(0, 0.5, (n_rows, 3))
+    return [f"{i / 50:.5f} {x:.6f} {y:.6f} {z:.6f}" for i, (x, y, z) in enumerate(xyz)]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_chunked_reading_keeps_results_and_line_numbers_across_chunks(tmp_path, gz):
+    lines = _motion_text(500)
+    for i in (0, 3, 4, 99, 250, 499):
+        lines[i] = ""                                         # blank lines, also at chunk edges
+    lines[7], lines[120], lines[301] = "0.14 nan 0 1", "2.4 0 inf 1", "6.02 20 0 0"   # NaN, inf, > 16 g
+    path = tmp_path / ("m.txt.gz" if gz else "m.txt")
+
+    def write(rows):
+        data = ("\n".join(rows) + "\n").encode()
+        path.write_bytes(gzip.compress(data) if gz else data)
+
+    write(lines)
+    in_range = lambda v: (np.abs(v[:, 1:4]) <= dl.MOTION_MAX_G).all(axis=1)  # noqa: E731
+    whole, whole_report = dl.read_signal(path, 4, report := {}, keep=in_range, chunk_rows=10**6), report
+    assert whole.shape == (491, 4) and whole_report == {"non_finite": 2, "out_of_range": 1}
+    for chunk_rows in (1, 3, 7, 100):
+        report = {}
+        np.testing.assert_array_equal(dl.read_signal(path, 4, report, keep=in_range, chunk_rows=chunk_rows), whole)
+        assert report == whole_report
+        for bad_line, row, reason in ((401, "8.0 0 1", "expected 4 fields, found 3"),
+                                      (450, "9.0 0 1 x", "'x' is not a number"),
+                                      (1, "0 0 0 1 5", "expected 4 fields, found 5")):
+            broken = list(lines)
+            broken[bad_line - 1] = row
+            write(broken)
+            with pytest.raises(dl.DataError, match=rf"m\.txt(\.gz)?, line {bad_line}: {reason}"):
+                dl.read_signal(path, 4, chunk_rows=chunk_rows)
+            write(lines)
+
+
 def _train_cmd(data_dir, out, epochs, *extra):
     return [sys.executable, "train_hybrid.py", "--data-dir", str(data_dir), "--out-dir", str(out),
             "--epochs", str(epochs), "--stride", "25", "--batch-size", "32", *extra]
@@ -112,3 +153,29 @@ def test_sigkill_during_training_loses_nothing_and_resume_matches(small_data_dir
     pd.testing.assert_frame_equal(a, b)
     assert (straight / "test_metrics.json").read_text().split('"train_minutes"')[0] == \
         (killed / "test_metrics.json").read_text().split('"train_minutes"')[0]
+
+
+TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
+
+
+def _tiny_run(data_dir, out, seed):
+    """A 2-epoch tiny hybrid (as test_training.tiny_run) with the given seed: its log, test metrics, weights."""
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(out), "--epochs", "2", "--batch-size", "64",
+            "--stride", "10", "--seed", str(seed)]
+    assert training.run("hybrid", TINY_HYBRID, training.TrainConfig(), argv) == 0
+    log = pd.read_csv(out / "train_log.csv").drop(columns="seconds")
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    metrics.pop("train_minutes")
+    return log, metrics, read_checkpoint(out / "model.pth")["state_dict"]
+
+
+def test_same_seed_and_data_give_identical_runs_on_cpu_and_another_seed_does_not(small_data_dir, tmp_path):
+    log_a, metrics_a, weights_a = _tiny_run(small_data_dir, tmp_path / "a", seed=7)
+    log_b, metrics_b, weights_b = _tiny_run(small_data_dir, tmp_path / "b", seed=7)
+    pd.testing.assert_frame_equal(log_a, log_b, check_exact=True)
+    assert metrics_a == metrics_b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    log_c, metrics_c, weights_c = _tiny_run(small_data_dir, tmp_path / "c", seed=8)
+    assert metrics_c["test_subjects"] == metrics_a["test_subjects"]  # the split has its own seed
+    assert not log_c.equals(log_a) and metrics_c != metrics_a
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)

@@ -24,7 +24,7 @@ import realtime
 import synthetic
 import training
 from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
-from realtime import StagerPool, StreamingStager
+from realtime import StagerBatch, StagerPool, StreamingStager
 from conftest import copy_subjects
 
 TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
@@ -525,3 +525,47 @@ def test_importing_the_inference_scripts_runs_nothing():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "imported"
+
+
+def test_vectorised_batch_equals_one_stager_per_wearer(small_data_dir, loaded):
+    """StagerBatch (all wearers' state in arrays, one epoch for everyone per step) == StreamingStager each."""
+    model, scaler, ckpt = loaded
+    subjects = ("46343", "3509524", "4018081", "5132496", "9961348")
+    n_epochs = 90
+    end_s = 30.0 * n_epochs
+    readings = []
+    for i, s in enumerate(subjects):
+        r = {k: v[(v[:, 0] >= 0) & (v[:, 0] < end_s)] for k, v in realtime.recorded_readings(small_data_dir, s).items()}
+        if i == 1:  # watch off for 10 min: empty epochs, forward fill
+            r = {k: v[(v[:, 0] < 900) | (v[:, 0] >= 1500)] for k, v in r.items()}
+        if i == 2:  # heart rate starts late: the 60 bpm prior, expanding statistics start later
+            r["heart_rate"] = r["heart_rate"][r["heart_rate"][:, 0] >= 400]
+        for kind, rows in r.items():  # the stream keeps the first of duplicate timestamps
+            r[kind] = rows[np.sort(np.unique(rows[:, 0], return_index=True)[1])]
+        readings.append(r)
+    batch = StagerBatch(model, scaler, ckpt, n_wearers=len(subjects))
+    rows_only = StagerBatch(model, scaler, ckpt, n_wearers=len(subjects))
+    starts, probs, raw_rows = [], [], []
+    for k in range(n_epochs):
+        lo, hi = 30.0 * k, 30.0 * (k + 1)
+        flat = {}
+        for kind in ("heart_rate", "counts"):
+            sel = [r[kind][(r[kind][:, 0] >= lo) & (r[kind][:, 0] < hi)] for r in readings]
+            flat[kind] = (np.concatenate([np.full(len(x), w) for w, x in enumerate(sel)]),
+                          np.concatenate([x[:, 1] for x in sel]))
+        aggregates = batch.aggregate(*flat["heart_rate"], *flat["counts"])
+        start, stage, p = batch.step(**aggregates)
+        starts.append(start)
+        probs.append(p)
+        raw_rows.append(rows_only.feature_rows(**aggregates)[1])
+        np.testing.assert_array_equal(stage, p.argmax(1))
+    probs, raw_rows = np.stack(probs, axis=1), np.stack(raw_rows, axis=1)  # (wearer, epoch, ...)
+    for w, r in enumerate(readings):
+        alone = StreamingStager(model, scaler, ckpt, record_features=True)
+        epochs = realtime.replay(alone, r, end_s=end_s)
+        assert [e.epoch_start_s for e in epochs] == list(np.stack(starts)[:, w])
+        np.testing.assert_array_equal(raw_rows[w], np.stack(alone.feature_rows))  # the same float operations
+        assert_same_predictions(probs[w], probs_of(epochs), atol=1e-5)
+    assert raw_rows[1, 31:50, list(ckpt["features"]).index("hr_missing")].all()
+    batch.reset([0])
+    assert batch.n.tolist() == [0] + [n_epochs] * (len(subjects) - 1)

@@ -119,3 +119,14 @@ def test_inference_sleep_metrics_prints_per_subject_agreement_and_plots(small_da
                                                  "--sleep-metrics", "--plots-dir", str(tmp_path / "one")]) == 0
     assert "agreement over 1 subject(s)" in capsys.readouterr().out
     assert (tmp_path / "one" / "hybrid_bland_altman.png").is_file()
+
+
+def test_cli_scored_only(tmp_path, capsys):
+    true = np.array([-1] * 10 + [1] * 50 + [3] * 20)
+    frame = pd.DataFrame({"subject": "x", "epoch_start_s": 30 * np.arange(80), "true_stage": true, "pred": 1})
+    path = tmp_path / "p.csv"
+    frame.to_csv(path, index=False)
+    assert sm.main(["--predictions", str(path), "--per-subject", "--scored-only"]) == 0
+    out = capsys.readouterr().out
+    row = next(r for r in out.splitlines() if r.startswith("total_sleep_time_min"))
+    assert [float(v) for v in row.split()[1:5]] == [1, 35, 35, 0] and row.split()[5] == "NaN"  # n, PSG, pred, bias, SD

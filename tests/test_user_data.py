@@ -366,3 +366,25 @@ def test_real_night_exported_to_user_csv_gives_the_offline_evaluation_stages(sma
     np.testing.assert_array_equal(report["pred"], expected["pred"])
     np.testing.assert_allclose(report[PROB_COLUMNS], expected[PROB_COLUMNS], rtol=0, atol=1e-6)
     assert report["clock_time"].iloc[0] == "2024-03-01T22:00:00+01:00"
+
+
+def test_a_causal_checkpoint_works_too(tmp_path):
+    from checkpoint import build_model, make_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    features = dl.DEFAULT_FEATURES
+    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(features), "causal": True}).eval()
+    scaler = dl.FeatureScaler(np.zeros(len(features), np.float32), np.ones(len(features), np.float32))
+    save_checkpoint(make_checkpoint(model, "hybrid", features=list(features), seq_len=25, target_pos=24, scaler=scaler),
+                    tmp_path / "causal.pth")
+    hr = write(tmp_path / "hr.csv", ["t", "hr"], hr_rows(1800.0))
+    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(1800.0))
+    assert evaluation.main("hybrid", tmp_path / "unused.pth", ["--checkpoint", str(tmp_path / "causal.pth"), "--hr", str(hr),
+                                                               "--motion", str(counts), "--out-dir", str(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["mode"].startswith("causal") and summary["epochs"] == 61 and summary["start"] == 999_990.0
+    frame = pd.read_csv(tmp_path / "r" / "stages.csv")
+    assert list(frame.columns) == evaluation.PREDICTION_COLUMNS  # seconds: no clock_time column
+    night = user_data.load_recording(hr, counts).night
+    expected = evaluation.predict_nights(model, scaler, {"causal": True, "features": list(features), "seq_len": 25,
+                                                          "target_pos": 24}, [night])
+    np.testing.assert_array_equal(frame["pred"], expected["pred"])

@@ -1,0 +1,376 @@
+"""Speed on this machine, printed as JSON: streaming latency, batched throughput, offline scoring, loading.
+
+    python benchmark.py                          # full run
+    python benchmark.py --quick                  # smoke run: fewer epochs, rounds and repeats
+    python benchmark.py --json-out out/benchmark.json
+
+1. stream_update: one StreamingStager (torch on one thread, as realtime.py runs it) replays a
+   real bundled night epoch by epoch; an update is the push_heart_rate / push_counts calls with
+   one epoch's readings, the first of which closes the previous epoch (aggregates, feature row,
+   window, one model call). p50/p99 over --stream-epochs epochs after a warm-up.
+2. batched: --wearers wearers each close one epoch per round, one batched model call per round;
+   wearer-epochs per second of the median of --rounds rounds (and over all rounds), for torch
+   threads in --threads (the best is reported).
+   `vectorised` is realtime.StagerBatch (every wearer's state in numpy arrays), `pool` is
+   realtime.StagerPool (one StreamingStager per wearer, readings pushed with timestamps, then a
+   flush at the epoch's end); both give the same probabilities (checked on the last round).
+   `model_only` is the model call alone on the same number of windows: the ceiling.
+   Wall-clock figures decide the targets. The CPU-time figures (`cpu_*`: this thread's CPU time
+   per update; `wearer_epochs_per_cpu_s`: per CPU-second of the process) leave out the time the
+   process waited for a core, so on a machine busy with other work they estimate what an idle
+   one gives (single-threaded figures; with 2 threads, CPU time includes OpenMP spin-waiting).
+3. offline_scoring: evaluation.predict_nights (features + model) per night on the bundled test
+   subjects, both models.
+4. data_loading: data_loader.load_nights for the bundled subjects, without cache and from cache.
+
+Checkpoints come from checkpoints/<arch>_<mode>/model.pth; where one is missing, a freshly
+initialised model of the training script's config (train_hybrid.py / train.py MODEL) stands in
+(same shapes, same cost, untrained) and the JSON says so.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data_loader as dl
+import realtime
+from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+TARGETS = {"stream_update_p99_ms": 5.0, "batched_wearer_epochs_per_s": 20_000.0}
+PUSH = {"heart_rate": "push_heart_rate", "counts": "push_counts", "motion": "push_acceleration", "steps": "push_steps"}
+
+
+# ----------------------------------------------------------------------------- models
+
+def _fresh_model(arch: str, causal: bool, nights: list[dl.Night], train_ids: list[str]):
+    """(model, scaler, checkpoint) of an untrained model of the training script's config."""
+    if arch == "hybrid":
+        import train_hybrid as script
+    else:
+        import train as script
+    config = {k: v for k, v in asdict(script.MODEL).items() if k not in ("n_features", "causal", "dropout")}
+    features = list(script.TRAIN.features)
+    seq_len = script.TRAIN.seq_len
+    torch.manual_seed(0)
+    model = build_model(arch, {**config, "n_features": len(features), "causal": causal}).eval()
+    train = [n for n in nights if n.subject_id in set(train_ids)] or nights
+    scaler = dl.FeatureScaler.fit([dl.night_features(n, causal=causal, features=tuple(features)) for n in train])
+    checkpoint = make_checkpoint(model, arch, features=features, seq_len=seq_len,
+                                 target_pos=seq_len - 1 if causal else seq_len // 2, scaler=scaler)
+    return model, scaler, checkpoint
+
+
+def get_model(arch: str, causal: bool, checkpoint_dir: Path, nights: list[dl.Night], train_ids: list[str]):
+    """(model, scaler, checkpoint, description): the shipped checkpoint, or a fresh stand-in."""
+    path = checkpoint_dir / f"{arch}_{'causal' if causal else 'offline'}" / "model.pth"
+    if path.is_file():
+        try:
+            model, scaler, checkpoint = load_model_from_checkpoint(path, expected_arch=arch)
+            return model, scaler, checkpoint, {"checkpoint": str(path), "fresh": False}
+        except CheckpointError as exc:
+            reason = f"{path} cannot be used ({exc})"
+    else:
+        reason = f"{path} not found"
+    script = "train_hybrid.py" if arch == "hybrid" else "train.py"
+    model, scaler, checkpoint = _fresh_model(arch, causal, nights, train_ids)
+    return model, scaler, checkpoint, {
+        "checkpoint": None, "fresh": True,
+        "note": f"{reason}: a freshly initialised {'causal' if causal else 'offline'} {arch} of {script}'s MODEL "
+                f"config stands in (same shapes and cost, untrained)"}
+
+
+def _percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# ----------------------------------------------------------------------------- 1. one streaming update
+
+def bench_stream(model, scaler, checkpoint, readings: dict, n_epochs: int, warmup: int) -> dict:
+    """Latency of the push calls that bring one epoch's readings (and close the previous epoch)."""
+    total = warmup + n_epochs + 1
+    groups = [list(realtime.time_ordered_runs(readings, 30.0 * k, 30.0 * (k + 1))) for k in range(total)]
+    stager = realtime.StreamingStager(model, scaler, checkpoint, start_s=0.0)
+    times, cpu_times, sizes = [], [], []
+    with realtime.single_thread():
+        gc.collect()
+        for k, runs in enumerate(groups):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            closed = 0
+            for kind, rows in runs:
+                closed += len(getattr(stager, PUSH[kind])(rows[:, 0], *rows[:, 1:].T))
+            elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            if k > warmup and closed:
+                times.append(elapsed * 1000.0)
+                cpu_times.append(cpu * 1000.0)
+                sizes.append(sum(len(rows) for _, rows in runs))
+        window = torch.from_numpy(scaler.transform(np.zeros((1, checkpoint["seq_len"], len(checkpoint["features"])),
+                                                            np.float32)))
+        model_ms = []
+        with torch.inference_mode():
+            for _ in range(min(len(times), 200)):
+                t0 = time.perf_counter()
+                model(window)
+                model_ms.append((time.perf_counter() - t0) * 1000.0)
+    return {"epochs_timed": len(times), "readings_per_update_mean": float(np.mean(sizes)) if sizes else 0.0,
+            "p50_ms": _percentile(times, 50), "p90_ms": _percentile(times, 90), "p99_ms": _percentile(times, 99),
+            "mean_ms": float(np.mean(times)), "max_ms": float(np.max(times)),
+            "cpu_p50_ms": _percentile(cpu_times, 50), "cpu_p99_ms": _percentile(cpu_times, 99),
+            "model_call_p50_ms": _percentile(model_ms, 50), "torch_threads": 1}
+
+
+# ----------------------------------------------------------------------------- 2. many wearers batched
+
+def _wearer_epochs(nights_readings: list[dict], n_wearers: int, n_rounds: int):
+    """Per round, per wearer: (hr rows, counts rows) of one epoch, each wearer a real night from its own offset."""
+    rounds = [[None] * n_wearers for _ in range(n_rounds)]
+    for w in range(n_wearers):
+        readings = nights_readings[w % len(nights_readings)]
+        n_available = readings["n_epochs"]
+        offset = (w * 37) % max(n_available - n_rounds, 1)
+        for r in range(n_rounds):
+            lo, hi = 30.0 * (offset + r), 30.0 * (offset + r + 1)
+            shift = 30.0 * offset
+            rounds[r][w] = tuple(
+                np.column_stack([rows[:, 0] - shift, rows[:, 1:]]) if len(rows) else rows
+                for rows in (readings[kind][(readings[kind][:, 0] >= lo) & (readings[kind][:, 0] < hi)]
+                             for kind in ("heart_rate", "counts")))
+    return rounds
+
+
+def _flat(round_readings, kind_index: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [r[kind_index] for r in round_readings]
+    wearer = np.concatenate([np.full(len(p), w, np.int64) for w, p in enumerate(parts)])
+    return wearer, np.concatenate([p[:, 1] for p in parts if len(p)] or [np.zeros(0)])
+
+
+def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wearers: int, n_rounds: int,
+                  warmup_rounds: int, threads: list[int]) -> dict:
+    rounds = _wearer_epochs(nights_readings, n_wearers, warmup_rounds + n_rounds)
+    flat = [(_flat(r, 0), _flat(r, 1)) for r in rounds]  # the vectorised path takes flat arrays
+    results: dict = {"vectorised": {}, "pool": {}, "model_only": {}}
+    last_probs = {}
+    saved_threads = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            # vectorised: StagerBatch
+            batch = realtime.StagerBatch(model, scaler, checkpoint, n_wearers)
+            elapsed, cpu = [], []
+            for r, ((hr_w, hr_v), (c_w, c_v)) in enumerate(flat):
+                gc.collect()
+                t0, c0 = time.perf_counter(), time.process_time()
+                _, _, probs = batch.step(**batch.aggregate(hr_w, hr_v, c_w, c_v))
+                if r >= warmup_rounds:
+                    elapsed.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+            last_probs["vectorised"] = probs
+            results["vectorised"][str(n_threads)] = _rate(n_wearers, elapsed, cpu)
+            # pool: one StreamingStager per wearer
+            pool = realtime.StagerPool(model, scaler, checkpoint, start_s=0.0)
+            elapsed, cpu = [], []
+            for r, round_readings in enumerate(rounds):
+                gc.collect()
+                t0, c0 = time.perf_counter(), time.process_time()
+                for w, (hr, counts) in enumerate(round_readings):
+                    if len(hr):
+                        pool.push(w, "heart_rate", hr[:, 0], hr[:, 1])
+                    if len(counts):
+                        pool.push(w, "counts", counts[:, 0], counts[:, 1])
+                pool.flush(30.0 * (r + 1), range(n_wearers))
+                out = pool.predict()
+                if r >= warmup_rounds:
+                    elapsed.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+            last_probs["pool"] = np.stack([out[w][-1].probabilities for w in range(n_wearers)])
+            results["pool"][str(n_threads)] = _rate(n_wearers, elapsed, cpu)
+            # the model call alone, on the same number of windows
+            windows = batch.rows[:, :, :].copy()
+            elapsed, cpu = [], []
+            for r in range(warmup_rounds + n_rounds):
+                t0, c0 = time.perf_counter(), time.process_time()
+                realtime.predict_windows(model, windows, checkpoint["target_pos"], batch.batch_size)
+                if r >= warmup_rounds:
+                    elapsed.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
+            results["model_only"][str(n_threads)] = _rate(n_wearers, elapsed, cpu)
+    finally:
+        torch.set_num_threads(saved_threads)
+    for name in ("vectorised", "pool", "model_only"):
+        best = max(results[name], key=lambda t: results[name][t]["wearer_epochs_per_s"])
+        results[name] = {"by_threads": results[name], "best_threads": int(best),
+                         "wearer_epochs_per_s": results[name][best]["wearer_epochs_per_s"]}
+    difference = float(np.abs(last_probs["vectorised"] - last_probs["pool"]).max())
+    return {"wearers": n_wearers, "rounds": n_rounds, "warmup_rounds": warmup_rounds, **results,
+            "wearer_epochs_per_s": results["vectorised"]["wearer_epochs_per_s"],
+            "best_threads": results["vectorised"]["best_threads"],
+            "vectorised_vs_pool_max_abs_difference": difference, "vectorised_equals_pool": difference < 1e-5}
+
+
+def _rate(n_wearers: int, elapsed: list[float], cpu: list[float]) -> dict:
+    """Wall-clock rate of the median round (what counts; robust to a round preempted by other work),
+    the mean over all rounds, and per CPU-second of this process (all its threads; median round)."""
+    return {"wearer_epochs_per_s": n_wearers / statistics.median(elapsed),
+            "wearer_epochs_per_s_all_rounds": n_wearers * len(elapsed) / sum(elapsed),
+            "round_ms_median": statistics.median(elapsed) * 1000.0, "round_ms_min": min(elapsed) * 1000.0,
+            "round_ms_max": max(elapsed) * 1000.0,
+            "wearer_epochs_per_cpu_s": n_wearers / max(statistics.median(cpu), 1e-9)}
+
+
+# ----------------------------------------------------------------------------- 3. offline scoring
+
+def bench_offline(arch: str, checkpoint_dir: Path, nights: list[dl.Night], train_ids: list[str], test_ids: list[str],
+                  repeats: int, max_epochs: int | None) -> dict:
+    import evaluation
+    model, scaler, checkpoint, source = get_model(arch, False, checkpoint_dir, nights, train_ids)
+    ids = checkpoint.get("test_subjects") or test_ids
+    scored = [n for n in nights if n.subject_id in set(ids)]
+    if max_epochs:
+        scored = [_crop(n, max_epochs) for n in scored]
+    evaluation.predict_nights(model, scaler, checkpoint, scored[:1])  # warm-up
+    totals = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        evaluation.predict_nights(model, scaler, checkpoint, scored)
+        totals.append(time.perf_counter() - t0)
+    best = min(totals)
+    return {**source, "nights": len(scored), "subjects": [n.subject_id for n in scored],
+            "epochs_per_night_mean": float(np.mean([len(n) for n in scored])),
+            "seconds_per_night": best / len(scored), "seconds_total_best": best, "repeats": repeats,
+            "torch_threads": torch.get_num_threads(), **({"cropped_to_epochs": max_epochs} if max_epochs else {})}
+
+
+def _crop(night: dl.Night, n: int) -> dl.Night:
+    arrays = {name: getattr(night, name)[:n] for name in dl.Night.ARRAYS}
+    return dl.Night(night.subject_id, **arrays, report=night.report)
+
+
+# ----------------------------------------------------------------------------- 4. data loading
+
+def bench_loading(data_dir: Path, repeats: int) -> dict:
+    cold, cached = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        n = len(dl.load_nights(data_dir, cache_dir=cache))  # fills the private cache
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dl.load_nights(data_dir, cache_dir=None)
+            cold.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dl.load_nights(data_dir, cache_dir=cache)
+            cached.append(time.perf_counter() - t0)
+    return {"subjects": n, "cold_s": statistics.median(cold), "cached_s": statistics.median(cached),
+            "cold_s_min": min(cold), "cached_s_min": min(cached), "repeats": repeats}
+
+
+# ----------------------------------------------------------------------------- main
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads_default": torch.get_num_threads(), "load_average_1min_at_start": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer epochs, rounds and repeats")
+    parser.add_argument("--json-out", default=None, help="also write the JSON here")
+    parser.add_argument("--data-dir", default=str(dl.DEFAULT_DATA_DIR))
+    parser.add_argument("--checkpoint-dir", default=str(ROOT / "checkpoints"))
+    parser.add_argument("--subject", default="1066528", help="night replayed for the streaming latency")
+    parser.add_argument("--stream-epochs", type=int, default=None, help="timed updates (default 500, quick 50)")
+    parser.add_argument("--wearers", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=None, help="timed batched rounds (default 10, quick 2)")
+    parser.add_argument("--warmup-rounds", type=int, default=None, help="default 2, quick 1")
+    parser.add_argument("--threads", default="2,1", help="torch thread counts tried for the batched figures")
+    parser.add_argument("--repeats", type=int, default=None, help="offline scoring / loading repeats (default 3, quick 1)")
+    parser.add_argument("--offline-epochs", type=int, default=None,
+                        help="crop the scored nights to this many epochs (smoke tests only)")
+    args = parser.parse_args(argv)
+    stream_epochs = args.stream_epochs or (50 if args.quick else 500)
+    rounds = args.rounds or (2 if args.quick else 10)
+    warmup_rounds = args.warmup_rounds if args.warmup_rounds is not None else (1 if args.quick else 2)
+    repeats = args.repeats or (1 if args.quick else 3)
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    data_dir, checkpoint_dir = Path(args.data_dir), Path(args.checkpoint_dir)
+    report: dict = {"machine": _machine(), "quick": args.quick}
+    started = time.perf_counter()
+
+    nights = dl.load_nights(data_dir, cache_dir=None)
+    ids = [n.subject_id for n in nights]
+    train_ids, _, test_ids = dl.split_subjects(ids)
+
+    # 1. one streaming update
+    model, scaler, checkpoint, source = get_model("hybrid", True, checkpoint_dir, nights, train_ids)
+    readings_all = {n.subject_id: _recorded(data_dir, n) for n in nights}
+    if args.subject not in readings_all:
+        parser.error(f"--subject {args.subject} is not in {data_dir}")
+    stream = readings_all[args.subject]
+    warmup = 20
+    n_stream = min(stream_epochs, stream["n_epochs"] - warmup - 2)
+    report["stream_update"] = {**source, "subject": args.subject,
+                               **bench_stream(model, scaler, checkpoint, stream, n_stream, warmup)}
+
+    # 2. many wearers, one model call per round
+    report["batched"] = {**source, **bench_batched(model, scaler, checkpoint, list(readings_all.values()), args.wearers,
+                                                   rounds, warmup_rounds, threads)}
+
+    # 3. whole nights offline, 4. loading
+    report["offline_scoring"] = {arch: bench_offline(arch, checkpoint_dir, nights, train_ids, test_ids, repeats,
+                                                     args.offline_epochs) for arch in ("hybrid", "lstm")}
+    report["data_loading"] = bench_loading(data_dir, repeats)
+
+    report["targets"] = {"stream_update_p99_ms": f"< {TARGETS['stream_update_p99_ms']:g}",
+                         "batched_wearer_epochs_per_s": f">= {TARGETS['batched_wearer_epochs_per_s']:g}"}
+    report["met"] = {
+        "stream_update_p99_ms": report["stream_update"]["p99_ms"] < TARGETS["stream_update_p99_ms"],
+        "batched_wearer_epochs_per_s": report["batched"]["wearer_epochs_per_s"] >= TARGETS["batched_wearer_epochs_per_s"],
+    }
+    report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = report["machine"]["load_average_1min_at_start"]
+    if load is not None and load >= 1.0:
+        report["machine"]["note"] = (f"other work was running (load average {load:.1f} on {os.cpu_count()} CPUs): "
+                                     "wall-clock figures include waiting for a core; the cpu_* figures leave it out")
+    report["seconds"] = time.perf_counter() - started
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text + "\n")
+    return 0
+
+
+def _recorded(data_dir: Path, night: dl.Night) -> dict:
+    """A night's heart-rate and counts rows inside its PSG window, duplicate timestamps removed (as the stream does)."""
+    readings = realtime.recorded_readings(data_dir, night.subject_id)
+    end = float(night.epoch_start_s[-1] + dl.EPOCH_S)
+    out = {"n_epochs": len(night)}
+    for kind in ("heart_rate", "counts"):
+        rows = readings.get(kind, np.zeros((0, 2)))
+        rows = rows[(rows[:, 0] >= night.epoch_start_s[0]) & (rows[:, 0] < end)]
+        out[kind] = rows[np.sort(np.unique(rows[:, 0], return_index=True)[1])]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Sleep reports on a user's own recordings: CSV/TSV exports -> a Night -> stages and a night summary.
+
+    python inference_hybrid.py --hr hr.csv --motion counts.csv [--steps steps.csv] [--out-dir out/report]
+
+Input files have a header row naming their columns (case-insensitive; spaces and hyphens count as
+underscores; comma, tab, semicolon or space separated; plain or gzip):
+
+- time, one of `timestamp`, `time`, `t`, `seconds`, `datetime`: seconds (any origin, the same in
+  every file) or ISO-8601 date-times, with a UTC offset (`2024-03-01T23:05:10Z`,
+  `2024-03-01 23:05:10+01:00`) or without (wall-clock time, taken as given);
+- heart rate: `heart_rate`, `hr` or `bpm` (beats per minute);
+- motion: raw acceleration `x`, `y`, `z` (g, ~50 Hz), or activity counts `count`, `counts` or
+  `activity` (15 s Walch counts, as in the PhysioNet counts files);
+- steps: `steps` or `step_count` (steps since the previous reading).
+
+A file may hold several of these (one export with time, heart rate and x, y, z can be passed as
+both --hr and --motion); a column with another name is an error listing the accepted names.
+Headerless PhysioNet files (`t,bpm`, `t x y z`, `t,count`, `t,steps`) are read as data_loader
+reads them.
+
+Rules: the data_loader input rules apply (non-finite and empty values, heart rate outside 25-250
+bpm, |acceleration| > 16 g, negative counts or steps are dropped and counted; rows are sorted,
+duplicate timestamps keep the first row); text where a number or a time belongs, a row with a
+wrong number of fields, an unknown column, seconds mixed with date-times (in a file or across
+files), or a recording longer than MAX_SPAN_H hours is an error naming the file (and line, value).
+Epoch 0 starts at the earliest heart-rate or motion reading floored to 30 s (date-times: 30 s of
+UTC, i.e. :00 or :30 of the clock); the night ends with the epoch holding the last heart-rate or
+motion reading. Times become seconds since the start of epoch 0. There are no labels:
+true_stage is -1 throughout.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import data_loader as dl
+
+TIME_COLUMNS = ("timestamp", "time", "t", "seconds", "datetime")
+HR_COLUMNS = ("heart_rate", "hr", "bpm")
+ACCELERATION_COLUMNS = ("x", "y", "z")
+COUNT_COLUMNS = ("count", "counts", "activity")
+STEPS_COLUMNS = ("steps", "step_count")
+KNOWN_COLUMNS = TIME_COLUMNS + HR_COLUMNS + ACCELERATION_COLUMNS + COUNT_COLUMNS + STEPS_COLUMNS
+ACCEPTED = ("time: " + ", ".join(TIME_COLUMNS) + "; heart rate: " + ", ".join(HR_COLUMNS)
+            + "; motion: x, y, z (raw g) or " + ", ".join(COUNT_COLUMNS) + " (15 s counts); steps: "
+            + ", ".join(STEPS_COLUMNS))
+ROLES = ("heart_rate", "motion", "steps")
+MAX_SPAN_H = 48.0  # one report is one night; a longer span is a multi-day export (or times in ms)
+NS_PER_S = 1_000_000_000
+EPOCH_NS = dl.EPOCH_S * NS_PER_S
+_TZ_SUFFIX = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?\s*(?:z|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
+# the data_loader input rules: which values are plausible
+_PLAUSIBLE = {
+    "heart_rate": lambda v: (v[:, 0] >= dl.HR_MIN_BPM) & (v[:, 0] <= dl.HR_MAX_BPM),
+    "motion": lambda v: (np.abs(v) <= dl.MOTION_MAX_G).all(axis=1),
+    "counts": lambda v: v[:, 0] >= 0,
+    "steps": lambda v: v[:, 0] >= 0,
+}
+
+
+@dataclass
+class UserSignal:
+    """One signal read from a user file: times (float seconds, or int64 ns since 1970 for date-times)."""
+    kind: str                     # heart_rate, motion (raw x, y, z), counts or steps
+    path: Path
+    time: np.ndarray              # sorted; float64 seconds, or int64 ns (UTC, or wall clock when naive)
+    values: np.ndarray            # (n, 1) or (n, 3)
+    time_format: str              # "seconds", "iso" (with UTC offsets) or "iso-naive"
+    utc_offset: timedelta | None = None   # of the first row (aware date-times)
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class UserRecording:
+    """A user's night: the Night (stage -1) and where epoch 0 lies in the files' time base."""
+    night: dl.Night
+    time_format: str
+    start_clock: datetime | None  # date-times: start of epoch 0 (in the first reading's UTC offset)
+    origin_s: float | None        # seconds: start of epoch 0 in the files' time base
+    inputs: dict[str, str]
+    notes: dict[str, dict]        # per signal: rows dropped or repaired
+
+    def clock_times(self) -> list[str] | None:
+        """ISO-8601 start of every epoch (date-time inputs only)."""
+        if self.start_clock is None:
+            return None
+        return [(self.start_clock + timedelta(seconds=float(s))).isoformat() for s in self.night.epoch_start_s]
+
+
+# ----------------------------------------------------------------------------- reading one file
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", name.strip().strip("\ufeff").strip().strip("\"'").strip().lower())
+
+
+def _first_data_line(path: Path) -> tuple[int, str]:
+    """(line number, text) of the first non-blank line."""
+    with dl._open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                return line_no, line.rstrip("\r\n")
+    raise dl.DataError(f"{path}: empty file (no header, no data rows)")
+
+
+def _separator(line: str) -> str:
+    for sep in (",", "\t", ";"):
+        if sep in line:
+            return sep
+    return " "
+
+
+def _split(line: str, sep: str) -> list[str]:
+    if sep == " ":
+        return line.split()
+    return next(csv.reader([line], delimiter=sep, skipinitialspace=True))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _data_line_numbers(path: Path, header_line: int, rows: np.ndarray) -> dict[int, tuple[int, str]]:
+    """Line number and text of the given data rows (0-based, blank lines not counted); slow path only."""
+    wanted, found, row = set(int(r) for r in rows), {}, -1
+    with dl._open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if line_no <= header_line or not line.strip():
+                continue
+            row += 1
+            if row in wanted:
+                found[row] = (line_no, line.rstrip("\r\n"))
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def _field_count_error(path: Path, header_line: int, sep: str, n_fields: int) -> None:
+    """Raise DataError at the first data line with a wrong number of fields; slow path only."""
+    with dl._open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if line_no <= header_line or not line.strip():
+                continue
+            fields = _split(line.rstrip("\r\n"), sep)
+            if len(fields) != n_fields:
+                raise dl.DataError(f"{path}, line {line_no}: expected {n_fields} fields as in the header, "
+                                   f"found {len(fields)}: {line.strip()[:80]!r}")
+
+
+def _pick(names: list[str], options: tuple[str, ...], what: str, path: Path, header_line: int) -> str | None:
+    present = [n for n in options if n in names]
+    if len(present) > 1:
+        raise dl.DataError(f"{path}, line {header_line}: several {what} columns {present}; keep one")
+    return present[0] if present else None
+
+
+def read_user_signal(path: str | Path, role: str) -> UserSignal:
+    """Read the `role` signal (heart_rate, motion or steps) of one file; see the module docstring."""
+    path = Path(path)
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if not path.is_file():
+        raise dl.DataError(f"{path}: no such file")
+    header_line, first = _first_data_line(path)
+    sep = _separator(first)
+    fields = _split(first, sep)
+    if all(_is_number(f) for f in fields):
+        return _read_headerless(path, role, len(fields))
+    names = [_normalise(f) for f in fields]
+    unknown = [f for f, n in zip(fields, names) if n not in KNOWN_COLUMNS]
+    if unknown:
+        raise dl.DataError(f"{path}, line {header_line}: unknown column(s) {unknown}; accepted column names "
+                           f"(case-insensitive): {ACCEPTED}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise dl.DataError(f"{path}, line {header_line}: column(s) {repeated} appear more than once")
+    time_col = _pick(names, TIME_COLUMNS, "time", path, header_line)
+    if time_col is None:
+        raise dl.DataError(f"{path}, line {header_line}: no time column; name it one of {', '.join(TIME_COLUMNS)}")
+    if role == "heart_rate":
+        col = _pick(names, HR_COLUMNS, "heart-rate", path, header_line)
+        if col is None:
+            raise dl.DataError(f"{path}, line {header_line}: no heart-rate column; name it one of "
+                               f"{', '.join(HR_COLUMNS)}")
+        kind, value_cols = "heart_rate", [col]
+    elif role == "motion":
+        axes = [a for a in ACCELERATION_COLUMNS if a in names]
+        count_col = _pick(names, COUNT_COLUMNS, "activity-count", path, header_line)
+        if len(axes) == 3:
+            kind, value_cols = "motion", list(ACCELERATION_COLUMNS)  # raw motion wins, as in data_loader
+        elif count_col is not None:
+            kind, value_cols = "counts", [count_col]
+        else:
+            missing = f" (found {axes}, missing {[a for a in ACCELERATION_COLUMNS if a not in axes]})" if axes else ""
+            raise dl.DataError(f"{path}, line {header_line}: no motion columns{missing}; give raw acceleration "
+                               f"x, y, z (g) or activity counts named one of {', '.join(COUNT_COLUMNS)}")
+    else:
+        col = _pick(names, STEPS_COLUMNS, "steps", path, header_line)
+        if col is None:
+            raise dl.DataError(f"{path}, line {header_line}: no steps column; name it one of {', '.join(STEPS_COLUMNS)}")
+        kind, value_cols = "steps", [col]
+    try:
+        table = pd.read_csv(path, sep=r"\s+" if sep == " " else sep, header=None, skiprows=header_line,
+                            names=names, dtype=str, na_filter=False,
+                            skip_blank_lines=True, skipinitialspace=True, index_col=False, engine="c",
+                            on_bad_lines="error", compression="gzip" if dl._is_gzip(path) else None)
+    except (pd.errors.ParserError, ValueError) as exc:
+        _field_count_error(path, header_line, sep, len(names))
+        raise dl.DataError(f"{path}: cannot be parsed ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise dl.DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if len(table) == 0:
+        raise dl.DataError(f"{path}: a header but no data rows")
+    columns = {name: table[name].to_numpy(dtype=object) for name in (time_col, *value_cols)}
+    empty = np.zeros(len(table), dtype=bool)
+    for values in columns.values():
+        empty |= (values == "") | pd.isna(values)
+    if empty.any():  # an empty cell is a missing value, a missing field is an error
+        _field_count_error(path, header_line, sep, len(names))
+    report: dict = {}
+    values = np.column_stack([_numbers(path, header_line, col, columns[col]) for col in value_cols])
+    t, time_format, offset = _times(path, header_line, time_col, columns[time_col], ~empty)
+    return _clean(UserSignal(kind, path, t, values, time_format, offset, report), empty)
+
+
+def _numbers(path: Path, header_line: int, name: str, text: np.ndarray) -> np.ndarray:
+    numbers = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(np.isnan(numbers) & (text != "") & ~pd.Series(text).str.strip().str.lower().isin(
+        ["nan", "na", "n/a", "null", "none"]).to_numpy())
+    if bad.size:
+        line_no, line = _data_line_numbers(path, header_line, bad[:1])[int(bad[0])]
+        raise dl.DataError(f"{path}, line {line_no}: {name} {text[bad[0]]!r} is not a number: {line[:80]!r}")
+    return numbers
+
+
+def _times(path: Path, header_line: int, name: str, text: np.ndarray, present: np.ndarray
+           ) -> tuple[np.ndarray, str, timedelta | None]:
+    """Times as float seconds or int64 ns (date-times); the format comes from the first row."""
+    series = pd.Series(text).str.strip()
+    first = series[present].iloc[0] if present.any() else ""
+
+    def fail(row: int, why: str):
+        line_no, line = _data_line_numbers(path, header_line, np.array([row]))[row]
+        raise dl.DataError(f"{path}, line {line_no}: {name} {text[row]!r} {why}: {line[:80]!r}")
+
+    if _is_number(first):
+        seconds = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(present & np.isnan(seconds))
+        if bad.size:
+            fail(int(bad[0]), "is not a number of seconds (the column holds seconds, as its first row)")
+        return seconds, "seconds", None
+    aware = series.str.contains(_TZ_SUFFIX).to_numpy(dtype=bool)
+    mixed = np.flatnonzero(present & (aware != aware[np.flatnonzero(present)[0]]))
+    if mixed.size:
+        fail(int(mixed[0]), "mixes date-times with and without a UTC offset (the first row "
+             + ("has one)" if aware[np.flatnonzero(present)[0]] else "has none)"))
+    stamps = pd.to_datetime(series.where(present, None), format="ISO8601", utc=True, errors="coerce")
+    bad = np.flatnonzero(present & pd.isna(stamps).to_numpy())
+    if bad.size:
+        fail(int(bad[0]), "is not an ISO-8601 date-time (e.g. 2024-03-01T23:05:10Z) nor a number of seconds")
+    ns = stamps.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").view(np.int64).copy()
+    is_aware = bool(aware[np.flatnonzero(present)[0]])
+    offset = pd.Timestamp(first).utcoffset() if is_aware else None
+    return ns, "iso" if is_aware else "iso-naive", offset
+
+
+def _read_headerless(path: Path, role: str, n_fields: int) -> UserSignal:
+    """A PhysioNet-style file without header: t,bpm / t x y z / t,count / t,steps (seconds)."""
+    if role == "motion":
+        if n_fields not in (2, 4):
+            raise dl.DataError(f"{path}: a headerless motion file has 4 columns (t x y z, raw g) or 2 (t,count), "
+                               f"found {n_fields}; or add a header row ({ACCEPTED})")
+        kind = "motion" if n_fields == 4 else "counts"
+    else:
+        if n_fields != 2:
+            raise dl.DataError(f"{path}: a headerless {role.replace('_', '-')} file has 2 columns (t,value), found "
+                               f"{n_fields}; or add a header row ({ACCEPTED})")
+        kind = role
+    report: dict = {}
+    rows = dl.read_signal(path, n_fields, report)
+    return _clean(UserSignal(kind, path, rows[:, 0], rows[:, 1:], "seconds", None, report), None)
+
+
+def _clean(signal: UserSignal, empty: np.ndarray | None) -> UserSignal:
+    """The data_loader input rules: drop missing, non-finite and implausible rows; sort; dedupe."""
+    report, t, v = signal.report, signal.time, signal.values
+    keep = np.ones(len(t), dtype=bool) if empty is None else ~empty
+    if empty is not None and empty.any():
+        report["missing"] = report.get("missing", 0) + int(empty.sum())
+    if t.dtype.kind == "f":
+        finite = np.isfinite(t) & np.isfinite(v).all(axis=1)
+    else:
+        finite = np.isfinite(v).all(axis=1)
+    if (keep & ~finite).any():
+        report["non_finite"] = report.get("non_finite", 0) + int((keep & ~finite).sum())
+    keep &= finite
+    with np.errstate(invalid="ignore"):
+        plausible = _PLAUSIBLE[signal.kind](v)
+    if (keep & ~plausible).any():
+        report["out_of_range"] = int((keep & ~plausible).sum())
+    keep &= plausible
+    t, v = t[keep], v[keep]
+    if len(t) == 0:
+        raise dl.DataError(f"{signal.path}: no valid {signal.kind.replace('_', '-')} rows "
+                           f"(dropped: {report or 'none'})")
+    if np.any(np.diff(t) < 0):
+        report["unsorted"] = True
+        order = np.argsort(t, kind="stable")
+        t, v = t[order], v[order]
+    dup = np.concatenate([[False], np.diff(t) == 0])
+    if dup.any():
+        report["duplicates"] = int(dup.sum())
+        t, v = t[~dup], v[~dup]
+    signal.time, signal.values = t, v
+    return signal
+
+
+# ----------------------------------------------------------------------------- a night from several files
+
+def load_recording(hr: str | Path, motion: str | Path, steps: str | Path | None = None,
+                   subject: str | None = None) -> UserRecording:
+    """Read the files, put them on one 30 s epoch grid and reduce them to a Night (stage -1)."""
+    signals = {"heart_rate": read_user_signal(hr, "heart_rate"), "motion": read_user_signal(motion, "motion")}
+    if steps is not None:
+        signals["steps"] = read_user_signal(steps, "steps")
+    formats = {role: s.time_format for role, s in signals.items()}
+    if len(set(formats.values())) > 1:
+        described = {"seconds": "seconds", "iso": "date-times with UTC offset", "iso-naive": "date-times without offset"}
+        raise dl.DataError("the files use different kinds of time, which cannot be aligned: " + "; ".join(
+            f"{signals[r].path}: {described[f]}" for r, f in formats.items()))
+    time_format = formats["heart_rate"]
+    main = [signals["heart_rate"], signals["motion"]]
+    first = min(s.time[0] for s in main)
+    last = max(s.time[-1] for s in main)
+    if time_format == "seconds":
+        origin = math.floor(first / dl.EPOCH_S) * dl.EPOCH_S
+        relative = {role: s.time - origin for role, s in signals.items()}
+        span_s = float(last - origin)
+    else:
+        origin = (int(first) // EPOCH_NS) * EPOCH_NS
+        relative = {role: (s.time - origin) / NS_PER_S for role, s in signals.items()}
+        span_s = (int(last) - origin) / NS_PER_S
+    if span_s > MAX_SPAN_H * 3600:
+        raise dl.DataError(f"the recording spans {span_s / 3600:.1f} h ({signals['heart_rate'].path}, "
+                           f"{signals['motion'].path}); a report covers one night (at most {MAX_SPAN_H:g} h): crop "
+                           "the export to the night (are the times in seconds, not milliseconds?)")
+    n_epochs = int(span_s // dl.EPOCH_S) + 1
+    epoch_start_s = dl.EPOCH_S * np.arange(n_epochs, dtype=np.float64)
+
+    def rows(role):
+        s = signals.get(role)
+        return None if s is None else np.column_stack([relative[role], s.values])
+
+    motion_signal = signals["motion"]
+    name = subject or re.sub(r"\.(csv|tsv|txt)$", "", Path(hr).name.removesuffix(".gz"), flags=re.IGNORECASE)
+    report: dict = {}
+    night = dl.night_from_arrays(name, epoch_start_s, np.full(n_epochs, -1, np.int8), rows("heart_rate"),
+                                 motion=rows("motion") if motion_signal.kind == "motion" else None,
+                                 counts=rows("motion") if motion_signal.kind == "counts" else None,
+                                 steps=rows("steps"), report=report)
+    for role, s in signals.items():
+        if s.report:
+            night.report[s.kind] = s.report
+    start_clock = origin_s = None
+    if time_format == "seconds":
+        origin_s = float(origin)
+    else:
+        start_clock = datetime(1970, 1, 1) + timedelta(microseconds=origin // 1000)
+        if time_format == "iso":
+            offset = signals["heart_rate"].utc_offset or timedelta(0)
+            start_clock = (start_clock.replace(tzinfo=timezone.utc)).astimezone(timezone(offset))
+    return UserRecording(night, time_format, start_clock, origin_s,
+                         {role: str(s.path) for role, s in signals.items()},
+                         {s.kind: s.report for s in signals.values() if s.report})
+
+
+# ----------------------------------------------------------------------------- predicting and summarising
+
+def predict_recording(model, scaler: dl.FeatureScaler, checkpoint: dict, recording: UserRecording) -> pd.DataFrame:
+    """evaluation.PREDICTION_COLUMNS for every epoch (true_stage -1), plus clock_time for date-time inputs."""
+    import evaluation
+    frame = evaluation.predict_nights(model, scaler, checkpoint, [recording.night])
+    clock = recording.clock_times()
+    if clock is not None:
+        frame.insert(2, "clock_time", clock)
+    return frame
+
+
+def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path: str = "",
+                  mode: str = "") -> dict:
+    """The night's figures (sleep_metrics.sleep_metrics of the predicted stages) and where they come from."""
+    import sleep_metrics as sm
+    stages = frame["pred"].to_numpy()
+    metrics = sm.sleep_metrics(stages)
+    night = recording.night
+    n = len(stages)
+    per_stage = {}
+    for code, stage in enumerate(dl.STAGE_NAMES):
+        minutes = float((stages == code).sum() * sm.EPOCH_MIN)
+        per_stage[stage] = {
+            "minutes": minutes,
+            "percent_of_sleep": None if code == 0 else metrics[f"{stage.lower()}_pct"],
+            "percent_of_time_in_bed": 100.0 * minutes / metrics["time_in_bed_min"] if n else float("nan"),
+        }
+    end_s = float(night.epoch_start_s[-1] + dl.EPOCH_S)
+    summary = {
+        "subject": night.subject_id,
+        "inputs": recording.inputs,
+        "checkpoint": str(checkpoint_path),
+        "mode": mode,
+        "epochs": n,
+        "time_format": recording.time_format,
+        "start": recording.start_clock.isoformat() if recording.start_clock else recording.origin_s,
+        "end": (recording.start_clock + timedelta(seconds=end_s)).isoformat() if recording.start_clock
+        else recording.origin_s + end_s,
+        "motion_source": night.report.get("motion_source"),
+        "heart_rate_coverage_pct": 100.0 * float(np.mean(~np.isnan(night.heart_rate_bpm))),
+        "motion_coverage_pct": 100.0 * float(np.mean(~np.isnan(night.activity_count))),
+        "input_notes": recording.notes,
+        "metrics": {name: metrics[name] for name in sm.METRICS},
+        "stages": per_stage,
+    }
+    return _json_safe(summary)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def format_summary(summary: dict) -> str:
+    """The printed night summary (also summary.txt)."""
+    m = summary["metrics"]
+
+    def minutes(value):
+        if value is None:
+            return "-"
+        return f"{value:.1f} min ({int(value // 60)} h {value % 60:04.1f} min)" if value >= 60 else f"{value:.1f} min"
+
+    when = (f"{summary['start']} to {summary['end']}" if summary["time_format"] != "seconds"
+            else f"{summary['start']:g} s to {summary['end']:g} s of the files' time base")
+    lines = [
+        f"Night summary: {summary['subject']} ({summary['epochs']} epochs of 30 s, {when})",
+        f"  model: {summary['checkpoint']} [{summary['mode']}]; motion from {summary['motion_source']}; "
+        f"heart rate in {summary['heart_rate_coverage_pct']:.0f}% of epochs, motion in "
+        f"{summary['motion_coverage_pct']:.0f}%",
+        f"  time in bed          {minutes(m['time_in_bed_min'])}",
+        f"  total sleep time     {minutes(m['total_sleep_time_min'])}",
+        f"  sleep efficiency     " + ("-" if m["sleep_efficiency_pct"] is None else f"{m['sleep_efficiency_pct']:.1f} %"),
+        f"  sleep-onset latency  {minutes(m['sleep_onset_latency_min'])}",
+        f"  WASO                 {minutes(m['waso_min'])}",
+        f"  REM latency          {minutes(m['rem_latency_min'])}" + (" from sleep onset"
+                                                                     if m["rem_latency_min"] is not None else ""),
+        f"  awakenings           {int(m['awakenings']) if m['awakenings'] is not None else '-'}",
+        f"  {'stage':<8}{'minutes':>9}{'% of sleep':>12}{'% of time in bed':>18}",
+    ]
+    for stage, row in summary["stages"].items():
+        pct_sleep = "-" if row["percent_of_sleep"] is None else f"{row['percent_of_sleep']:.1f}"
+        pct_bed = "-" if row["percent_of_time_in_bed"] is None else f"{row['percent_of_time_in_bed']:.1f}"
+        lines.append(f"  {stage:<8}{row['minutes']:>9.1f}{pct_sleep:>12}{pct_bed:>18}")
+    if summary["input_notes"]:
+        notes = "; ".join(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in rules.items())
+                          for kind, rules in summary["input_notes"].items())
+        lines.append(f"  input rows dropped or repaired: {notes}")
+    return "\n".join(lines)
+
+
+def write_report(frame: pd.DataFrame, summary: dict, recording: UserRecording, out_dir: str | Path,
+                 title: str = "") -> dict[str, Path]:
+    """stages.csv, hypnogram.png, summary.json, summary.txt in out_dir; returns their paths."""
+    import evaluation
+    from checkpoint import atomic_write
+    out = Path(out_dir)
+    paths = {"stages": out / "stages.csv", "hypnogram": out / "hypnogram.png",
+             "summary_json": out / "summary.json", "summary_txt": out / "summary.txt"}
+    evaluation.write_predictions(frame, paths["stages"])
+    evaluation.plot_hypnogram(frame, paths["hypnogram"], title, start_clock=recording.start_clock)
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(paths["summary_json"], lambda f: f.write(text.encode()))
+    atomic_write(paths["summary_txt"], lambda f: f.write((format_summary(summary) + "\n").encode()))
+    return paths
