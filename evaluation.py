@@ -99,6 +99,32 @@ def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 
 
+_WORKER_MODEL: tuple | None = None
+
+
+def _init_worker(checkpoint_path: str) -> None:
+    """Load the model once per worker process; one torch thread each, so K workers use K cores."""
+    global _WORKER_MODEL
+    torch.set_num_threads(1)
+    _WORKER_MODEL = load_model_from_checkpoint(checkpoint_path)
+
+
+def _score_chunk(nights: list[dl.Night]) -> pd.DataFrame:
+    return predict_nights(*_WORKER_MODEL, nights)
+
+
+def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night], workers: int) -> pd.DataFrame:
+    """predict_nights over `workers` processes; rows in the same order as one process gives."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    chunks = [list(c) for c in np.array_split(np.array(nights, dtype=object), min(workers * 4, len(nights))) if len(c)]
+    # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(str(checkpoint_path),)) as pool:
+        frames = list(pool.map(_score_chunk, chunks))  # map keeps the chunks' order
+    return pd.concat(frames, ignore_index=True)
+
+
 def prediction_frame(night: dl.Night, probs: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({
         "subject": night.subject_id, "epoch_start_s": night.epoch_start_s.astype(np.int64),
@@ -203,6 +229,8 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     parser.add_argument("--subjects", nargs="*", default=None, help="only these subject ids")
     parser.add_argument("--predictions-out", default=None, help="CSV, one row per epoch")
     parser.add_argument("--plots-dir", default="out/plots", help="hypnogram and confusion PNGs ('' for none)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="score nights in K processes (same rows, same order as K=1)")
     parser.add_argument("--realtime", action="store_true",
                         help="replay every night's files reading by reading through the streaming predictor "
                              "(causal checkpoint); same CSV and metrics as the offline evaluation")
@@ -229,6 +257,8 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     report.add_argument("--out-dir", default=None,
                         help="with --hr: where stages.csv, hypnogram.png, summary.json/.txt go (default out/report)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.hr is None:
         given = [flag for flag, value in (("--motion", args.motion), ("--steps", args.steps),
                                           ("--out-dir", args.out_dir)) if value is not None]
@@ -292,7 +322,10 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
             frame = realtime.replay_nights(model, scaler, checkpoint, data_dir, nights, max_delay_s=args.max_delay)
         mode = "causal, streamed reading by reading"
     else:
-        frame = predict_nights(model, scaler, checkpoint, nights)
+        if args.workers > 1:
+            frame = predict_nights_parallel(args.checkpoint, nights, args.workers)
+        else:
+            frame = predict_nights(model, scaler, checkpoint, nights)
         mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
     print(f"{arch} checkpoint {args.checkpoint} [{mode}] on {len(nights)} subject(s) from {data_dir}: "
           f"{', '.join(n.subject_id for n in nights)} ({time.perf_counter() - t0:.1f} s)")

@@ -97,3 +97,16 @@ def test_torchrun_two_processes_write_one_checkpoint_that_inference_loads(small_
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert infer.returncode == 0, infer.stderr[-2000:]
     assert "kappa" in infer.stdout
+
+
+def test_batch_scoring_with_two_workers_writes_the_same_csv(small_data_dir, tmp_path):
+    one, two = tmp_path / "k1.csv", tmp_path / "k2.csv"
+    checkpoint = ROOT / "checkpoints" / "hybrid_offline" / "model.pth"
+    for path, workers in ((one, "1"), (two, "2")):
+        result = subprocess.run([sys.executable, "inference_hybrid.py", "--checkpoint", str(checkpoint),
+                                 "--data-dir", str(small_data_dir), "--predictions-out", str(path),
+                                 "--plots-dir", "", "--workers", workers],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert one.read_bytes() == two.read_bytes()
+    assert len(one.read_text().splitlines()) == 1 + sum(len(n) for n in dl.load_nights(small_data_dir, cache_dir=None))
