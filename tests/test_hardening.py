@@ -179,3 +179,35 @@ def test_same_seed_and_data_give_identical_runs_on_cpu_and_another_seed_does_not
     assert metrics_c["test_subjects"] == metrics_a["test_subjects"]  # the split has its own seed
     assert not log_c.equals(log_a) and metrics_c != metrics_a
     assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.sampled_from(["heart_rate", "motion", "steps"]),
+       st.sampled_from([b"", b"timestamp,heart_rate\n", b"time,x,y,z\n", b"t,count\n", b"datetime,steps\n"]))
+def test_user_csv_reader_on_random_bytes_raises_only_data_error(tmp_path_factory, data, role, header):
+    import user_data
+    path = tmp_path_factory.mktemp("user") / "export.csv"
+    path.write_bytes(header + data)
+    try:
+        user_data.read_user_signal(path, role)
+    except dl.DataError as exc:
+        assert str(path) in str(exc)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(b"0123456789-:.,TZ+ \n\tnaif\x00x")), max_size=12))
+def test_mutated_user_csv_exports_load_or_fail_with_a_clear_error(tmp_path_factory, edits):
+    import user_data
+    root = tmp_path_factory.mktemp("user-mutated")
+    hr = "timestamp,heart_rate\n" + "".join(f"2024-03-01T23:{m:02d}:{s:02d}+01:00,{60 + (m * 7 + s) % 25}\n"
+                                             for m in range(0, 20) for s in range(0, 60, 5))
+    counts = "time,count\n" + "".join(f"2024-03-01T23:{m:02d}:{s:02d}+01:00,{(m * s) % 40}\n"
+                                       for m in range(0, 20) for s in (0, 15, 30, 45))
+    (root / "hr.csv").write_bytes(_mutate(hr.encode(), edits))
+    (root / "counts.csv").write_bytes(counts.encode())
+    try:
+        recording = user_data.load_recording(root / "hr.csv", root / "counts.csv")
+    except dl.DataError as exc:
+        assert "hr.csv" in str(exc) or "counts.csv" in str(exc)
+    else:
+        assert recording is not None
