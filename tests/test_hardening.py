@@ -211,3 +211,18 @@ def test_mutated_user_csv_exports_load_or_fail_with_a_clear_error(tmp_path_facto
         assert "hr.csv" in str(exc) or "counts.csv" in str(exc)
     else:
         assert recording is not None
+
+
+def test_a_write_that_dies_midway_leaves_the_previous_checkpoint_intact(tmp_path):
+    from checkpoint import atomic_write
+    target = tmp_path / "model.pth"
+    atomic_write(target, lambda f: f.write(b"previous checkpoint"))
+
+    def dies_midway(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt  # what a kill between write and rename looks like to this process
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, dies_midway)
+    assert target.read_bytes() == b"previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]  # no temp file left behind
