@@ -427,11 +427,23 @@ def _read_optional(files: dict, kind: str, report: dict, valid) -> np.ndarray | 
     return values
 
 
-def _motion_in_range(values: np.ndarray) -> np.ndarray:
-    ok = np.abs(values[:, 1]) <= MOTION_MAX_G
-    ok &= np.abs(values[:, 2]) <= MOTION_MAX_G
-    ok &= np.abs(values[:, 3]) <= MOTION_MAX_G
-    return ok
+def plausible(kind: str, values: np.ndarray) -> np.ndarray:
+    """Rows of a signal's value columns (no time column) that pass the input rules.
+
+    heart_rate: 25-250 bpm; motion: every axis within +-16 g; counts, steps: >= 0. NaN fails.
+    The one definition used by files, streams and user exports alike.
+    """
+    with np.errstate(invalid="ignore"):
+        if kind == "heart_rate":
+            return (values[:, 0] >= HR_MIN_BPM) & (values[:, 0] <= HR_MAX_BPM)
+        if kind == "motion":
+            ok = np.abs(values[:, 0]) <= MOTION_MAX_G  # column by column: no (n, 3) temporary
+            for axis in range(1, values.shape[1]):
+                ok &= np.abs(values[:, axis]) <= MOTION_MAX_G
+            return ok
+        if kind in ("counts", "steps"):
+            return values[:, 0] >= 0
+    raise ValueError(f"unknown signal kind {kind!r}")
 
 
 def parse_night(data_dir: str | Path, subject_id: str) -> Night:
@@ -444,12 +456,9 @@ def parse_night(data_dir: str | Path, subject_id: str) -> Night:
                             " (plain or .gz)")
     epoch_start_s, stage = read_labels(files["labels"])
     report: dict = {}
-    heart_rate = _read_optional(files, "heart_rate", report,
-                                lambda v: (v[:, 1] >= HR_MIN_BPM) & (v[:, 1] <= HR_MAX_BPM))
-    motion = _read_optional(files, "motion", report, _motion_in_range)
-    counts = _read_optional(files, "counts", report, lambda v: v[:, 1] >= 0)
-    steps = _read_optional(files, "steps", report, lambda v: v[:, 1] >= 0)
-    return night_from_arrays(subject_id, epoch_start_s, stage, heart_rate, motion, counts, steps, report)
+    signals = {kind: _read_optional(files, kind, report, lambda v, kind=kind: plausible(kind, v[:, 1:]))
+               for kind in ("heart_rate", "motion", "counts", "steps")}
+    return night_from_arrays(subject_id, epoch_start_s, stage, report=report, **signals)
 
 
 # ----------------------------------------------------------------------------- cache

@@ -29,14 +29,14 @@ PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake"
 
 @torch.no_grad()
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
-                  batch_size: int = 1024) -> np.ndarray:
+                  batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
     """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window."""
     model.eval()
     windows = dl.make_windows(x_scaled, seq_len, target_pos)
     probs = []
     for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start:start + batch_size])
-        probs.append(torch.softmax(model(batch)[:, target_pos], dim=-1).numpy())
+        batch = torch.from_numpy(windows[start:start + batch_size]).to(device)
+        probs.append(torch.softmax(model(batch)[:, target_pos].float(), dim=-1).cpu().numpy())
     return np.concatenate(probs).astype(np.float64)
 
 

@@ -407,13 +407,7 @@ class StreamingStager:
             return
         finite = np.isfinite(t) & np.isfinite(v).all(axis=1)
         with np.errstate(invalid="ignore"):
-            if kind == "heart_rate":
-                plausible = (v[:, 0] >= dl.HR_MIN_BPM) & (v[:, 0] <= dl.HR_MAX_BPM)
-            elif kind == "motion":
-                plausible = (np.abs(v) <= dl.MOTION_MAX_G).all(axis=1)
-            else:
-                plausible = v[:, 0] >= 0
-            plausible &= np.abs(t) <= MAX_ABS_TIME_S
+            plausible = dl.plausible(kind, v) & (np.abs(t) <= MAX_ABS_TIME_S)
         self.stats["non_finite"] += int((~finite).sum())
         self.stats["out_of_range"] += int((finite & ~plausible).sum())
         valid = finite & plausible
@@ -703,13 +697,11 @@ class StagerBatch:
                "activity_count": np.full(n, np.nan)}
         if hr_wearer is not None and len(hr_wearer):
             idx, v = np.asarray(hr_wearer, np.int64), np.asarray(hr_bpm, np.float64)
-            with np.errstate(invalid="ignore"):
-                ok = np.isfinite(v) & (v >= dl.HR_MIN_BPM) & (v <= dl.HR_MAX_BPM)
+            ok = np.isfinite(v) & dl.plausible("heart_rate", v[:, None])
             out["heart_rate_bpm"], out["heart_rate_std_bpm"], _ = dl._per_epoch_mean_std(idx[ok], v[ok], n)
         if count_wearer is not None and len(count_wearer):
             idx, v = np.asarray(count_wearer, np.int64), np.asarray(counts, np.float64)
-            with np.errstate(invalid="ignore"):
-                ok = np.isfinite(v) & (v >= 0)
+            ok = np.isfinite(v) & dl.plausible("counts", v[:, None])
             out["activity_count"] = dl._per_epoch_mean_std(idx[ok], v[ok], n)[0]
         return out
 

@@ -234,7 +234,7 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     model.eval()
     for s in mine:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            probs[s] = _predict(model, data.x[s], cfg, device)
+            probs[s] = predict_night(model, data.x[s], cfg.seq_len, cfg.target_pos, device=device)
     merged = {}
     for part in gather(probs, ctx):
         merged.update(part)
@@ -248,19 +248,6 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
         metrics["loss"] = float(focal_loss(logp, torch.from_numpy(y_true[scored]), weight.cpu(), cfg.focal_gamma))
     metrics["rem_accuracy"] = metrics["recall_rem"]
     return metrics, y_true, y_pred, merged
-
-
-def _predict(model, x: np.ndarray, cfg: TrainConfig, device: torch.device) -> np.ndarray:
-    if device.type == "cpu":
-        return predict_night(model, x, cfg.seq_len, cfg.target_pos)
-    # on an accelerator, move each batch there
-    windows = dl.make_windows(x, cfg.seq_len, cfg.target_pos)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(windows), 2048):
-            batch = torch.from_numpy(windows[start:start + 2048]).to(device)
-            out.append(torch.softmax(model(batch)[:, cfg.target_pos].float(), -1).cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- one training run

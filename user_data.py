@@ -57,13 +57,6 @@ MAX_SPAN_H = 48.0  # one report is one night; a longer span is a multi-day expor
 NS_PER_S = 1_000_000_000
 EPOCH_NS = dl.EPOCH_S * NS_PER_S
 _TZ_SUFFIX = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?\s*(?:z|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
-# the data_loader input rules: which values are plausible
-_PLAUSIBLE = {
-    "heart_rate": lambda v: (v[:, 0] >= dl.HR_MIN_BPM) & (v[:, 0] <= dl.HR_MAX_BPM),
-    "motion": lambda v: (np.abs(v) <= dl.MOTION_MAX_G).all(axis=1),
-    "counts": lambda v: v[:, 0] >= 0,
-    "steps": lambda v: v[:, 0] >= 0,
-}
 
 
 @dataclass
@@ -305,8 +298,7 @@ def _clean(signal: UserSignal, empty: np.ndarray | None) -> UserSignal:
     if (keep & ~finite).any():
         report["non_finite"] = report.get("non_finite", 0) + int((keep & ~finite).sum())
     keep &= finite
-    with np.errstate(invalid="ignore"):
-        plausible = _PLAUSIBLE[signal.kind](v)
+    plausible = dl.plausible(signal.kind, v)
     if (keep & ~plausible).any():
         report["out_of_range"] = int((keep & ~plausible).sum())
     keep &= plausible
