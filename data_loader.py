@@ -34,12 +34,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -688,10 +691,31 @@ class FeatureScaler:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, matrices: list[np.ndarray]) -> "FeatureScaler":
-        from sklearn.preprocessing import StandardScaler
-        scaler = StandardScaler().fit(np.concatenate(matrices, axis=0))
-        return cls(scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32))
+    def fit(cls, matrices: Iterable[np.ndarray]) -> "FeatureScaler":
+        """Mean and std over the rows of all matrices, one matrix at a time (a cohort never sits in RAM).
+
+        Chan's pairwise update in float64 keeps it exact to rounding; a constant feature gets scale 1.
+        """
+        n, mean, m2 = 0, None, None
+        for x in matrices:
+            x = np.asarray(x, np.float64)
+            if len(x) == 0:
+                continue
+            x_mean = x.mean(axis=0)
+            x_m2 = ((x - x_mean) ** 2).sum(axis=0)
+            if mean is None:
+                n, mean, m2 = len(x), x_mean, x_m2
+                continue
+            total = n + len(x)
+            delta = x_mean - mean
+            mean = mean + delta * len(x) / total
+            m2 = m2 + x_m2 + delta ** 2 * n * len(x) / total
+            n = total
+        if mean is None:
+            raise ValueError("cannot fit a scaler on no rows")
+        scale = np.sqrt(m2 / n)
+        scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+        return cls(mean.astype(np.float32), scale.astype(np.float32))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) / self.scale).astype(np.float32)
@@ -723,6 +747,197 @@ def make_windows(x: np.ndarray, seq_len: int, target_pos: int) -> np.ndarray:
     """(n_epochs, seq_len, F): one window per epoch, the epoch at `target_pos`."""
     idx, _ = window_indices(len(x), seq_len, target_pos)
     return x[idx]
+
+
+# ----------------------------------------------------------------------------- feature store (cohort scale)
+
+STORE_VERSION = 1
+REMAP_EVERY = 1024  # reads between fresh memory maps: pages read earlier leave the process's RSS
+
+
+class EpochTimeline(NamedTuple):
+    """What a prediction row needs of a night: who, when each epoch starts, the scored stage."""
+    subject_id: str
+    epoch_start_s: np.ndarray
+    stage: np.ndarray
+
+
+class FeatureStore:
+    """A cohort's per-epoch features, stages and epoch times in flat files on disk, memory-mapped.
+
+    Layout, as nanoGPT's train.bin: `features.f32` (rows, F) float32, `stage.i8` (rows,) int8,
+    `epoch_start_s.f64` (rows,) float64, subject i owning rows offsets[i]:offsets[i + 1], and
+    `index.json` (subjects, offsets, feature names, causal, skipped subjects). Only the offsets live
+    in RAM; reads go through a memory map that is replaced every REMAP_EVERY reads, so training
+    on thousands of nights keeps the resident memory of one batch, not of the cohort.
+    """
+
+    FILES = {"features": ("features.f32", np.float32), "stage": ("stage.i8", np.int8),
+             "epoch_start_s": ("epoch_start_s.f64", np.float64)}
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = json.loads((self.path / "index.json").read_text())
+        if index.get("version") != STORE_VERSION:
+            raise DataError(f"{self.path}: feature store version {index.get('version')}, expected {STORE_VERSION}")
+        self.subjects: list[str] = index["subjects"]
+        self.feature_names: tuple[str, ...] = tuple(index["features"])
+        self.causal: bool = index["causal"]
+        self.skipped: dict[str, str] = index.get("skipped", {})
+        self.offsets = np.asarray(index["offsets"], np.int64)
+        self._position = {s: i for i, s in enumerate(self.subjects)}
+        rows, width = int(self.offsets[-1]), len(self.feature_names)
+        for name, (filename, dtype) in self.FILES.items():
+            expected = rows * (width if name == "features" else 1) * np.dtype(dtype).itemsize
+            actual = (self.path / filename).stat().st_size
+            if actual != expected:
+                raise DataError(f"{self.path / filename}: {actual} bytes, index says {expected}")
+        self._maps: dict[str, np.ndarray] | None = None
+        self._reads = 0
+
+    @classmethod
+    def write(cls, path: str | Path, nights: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+              features: tuple[str, ...], causal: bool, skipped: dict[str, str] | None = None) -> "FeatureStore":
+        """Stream (subject_id, features (n, F), stage (n,), epoch_start_s (n,)) into a new store at path.
+
+        Written in a temporary folder renamed into place, so a reader never sees half a store.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+        try:
+            subjects, offsets = [], [0]
+            handles = {name: open(tmp / filename, "wb") for name, (filename, _) in cls.FILES.items()}
+            try:
+                for subject_id, x, stage, epoch_start_s in nights:
+                    if x.shape != (len(stage), len(features)) or len(epoch_start_s) != len(stage):
+                        raise ValueError(f"subject {subject_id}: features {x.shape}, {len(stage)} stages, "
+                                         f"{len(epoch_start_s)} epoch starts, {len(features)} feature names")
+                    for name, values in (("features", x), ("stage", stage), ("epoch_start_s", epoch_start_s)):
+                        handles[name].write(np.ascontiguousarray(values, cls.FILES[name][1]).tobytes())
+                    subjects.append(subject_id)
+                    offsets.append(offsets[-1] + len(stage))
+            finally:
+                for handle in handles.values():
+                    handle.close()
+            index = {"version": STORE_VERSION, "subjects": subjects, "offsets": offsets,
+                     "features": list(features), "causal": causal, "skipped": skipped or {}}
+            (tmp / "index.json").write_text(json.dumps(index))
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process (a torchrun rank) finished the same store first
+                if not (path / "index.json").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path)
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __contains__(self, subject_id: str) -> bool:
+        return subject_id in self._position
+
+    def _rows(self, subject_id: str) -> tuple[int, int]:
+        i = self._position[subject_id]
+        return int(self.offsets[i]), int(self.offsets[i + 1])
+
+    def _map(self, name: str) -> np.ndarray:
+        self._reads += 1
+        if self._maps is None or self._reads % REMAP_EVERY == 0:
+            rows, width = int(self.offsets[-1]), len(self.feature_names)
+            self._maps = {key: np.memmap(self.path / filename, dtype, "r",
+                                         shape=(rows, width) if key == "features" else (rows,))
+                          if rows else np.zeros((0, width) if key == "features" else (0,), dtype)
+                          for key, (filename, dtype) in self.FILES.items()}
+        return self._maps[name]
+
+    def n_epochs(self, subject_id: str) -> int:
+        start, end = self._rows(subject_id)
+        return end - start
+
+    def read(self, subject_id: str, name: str, index: np.ndarray | None = None) -> np.ndarray:
+        """A copy of one subject's `features`, `stage` or `epoch_start_s`, all rows or the rows at index."""
+        start, end = self._rows(subject_id)
+        values = self._map(name)[start:end]
+        return np.array(values if index is None else values[index])
+
+    def timeline(self, subject_id: str) -> "EpochTimeline":
+        return EpochTimeline(subject_id, self.read(subject_id, "epoch_start_s"), self.read(subject_id, "stage"))
+
+    def class_counts(self, subjects: Iterable[str]) -> np.ndarray:
+        """Scored epochs per stage (4,) over the subjects."""
+        counts = np.zeros(4, np.int64)
+        for s in subjects:
+            stage = self.read(s, "stage")
+            counts += np.bincount(stage[stage >= 0], minlength=4)[:4]
+        return counts
+
+    def fit_scaler(self, subjects: Iterable[str]) -> FeatureScaler:
+        return FeatureScaler.fit(self.read(s, "features") for s in subjects)
+
+
+def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None, *, causal: bool,
+                        features: tuple[str, ...] = DEFAULT_FEATURES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                        strict: bool = False, progress: bool = False) -> FeatureStore:
+    """The cohort's features in a memory-mapped FeatureStore, built once per input and reused.
+
+    Key: every subject's source files (size, mtime), causal, the feature list and the cache and
+    store versions; a changed file builds a new store. Nights are read one at a time (through the
+    per-subject cache) and never held together. A bad subject is skipped with a DataWarning,
+    repeated on every load of the store, unless strict. With cache_dir None the store lives in a
+    temporary folder removed when the store is garbage-collected.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist (download the release with "
+                        "`python data_loader.py --download` or use the bundled data/sleep-accel)")
+    subjects = find_subjects(data_dir) if subjects is None else list(subjects)
+    key = [str(CACHE_VERSION), str(STORE_VERSION), str(data_dir.resolve()), str(causal), ",".join(features)]
+    for subject_id in subjects:
+        for kind, path in sorted(subject_files(data_dir, subject_id).items()):
+            st = path.stat()
+            key.append(f"{subject_id}:{kind}:{path.name}:{st.st_size}:{st.st_mtime_ns}")
+        key.append(f"{subject_id}:end")
+    digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:24]
+    if cache_dir is None:
+        store_path, night_cache = Path(tempfile.mkdtemp(prefix="sleep-staging-store-")) / "store", None
+    else:
+        store_path, night_cache = Path(cache_dir) / f"store-{digest}", cache_dir
+    store = None
+    if (store_path / "index.json").exists():
+        try:
+            store = FeatureStore(store_path)
+        except (DataError, OSError, ValueError, KeyError):  # damaged: rebuild, never trust
+            shutil.rmtree(store_path, ignore_errors=True)
+    if store is None:
+        skipped: dict[str, str] = {}
+
+        def nights():
+            iterator = subjects
+            if progress:
+                from tqdm import tqdm
+                iterator = tqdm(subjects, desc="building feature store", unit="subject", leave=False)
+            for subject_id in iterator:
+                try:
+                    night = load_night(data_dir, subject_id, night_cache)
+                except DataError as exc:
+                    if strict:
+                        raise
+                    skipped[subject_id] = str(exc)
+                    continue
+                yield subject_id, night_features(night, causal, features), night.stage, night.epoch_start_s
+
+        store = FeatureStore.write(store_path, nights(), features, causal, skipped)
+    if strict and store.skipped:
+        raise DataError(next(iter(store.skipped.values())))
+    for subject_id, message in store.skipped.items():
+        warnings.warn(f"skipping subject {subject_id}: {message}", DataWarning, stacklevel=2)
+    if cache_dir is None:
+        weakref.finalize(store, shutil.rmtree, store_path.parent, True)
+    return store
 
 
 # ----------------------------------------------------------------------------- summary CLI

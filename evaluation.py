@@ -125,7 +125,7 @@ def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night],
     return pd.concat(frames, ignore_index=True)
 
 
-def prediction_frame(night: dl.Night, probs: np.ndarray) -> pd.DataFrame:
+def prediction_frame(night: dl.Night | dl.EpochTimeline, probs: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({
         "subject": night.subject_id, "epoch_start_s": night.epoch_start_s.astype(np.int64),
         "true_stage": night.stage.astype(np.int64), "pred": probs.argmax(axis=1),
@@ -328,7 +328,8 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
             frame = predict_nights(model, scaler, checkpoint, nights)
         mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
     print(f"{arch} checkpoint {args.checkpoint} [{mode}] on {len(nights)} subject(s) from {data_dir}: "
-          f"{', '.join(n.subject_id for n in nights)} ({time.perf_counter() - t0:.1f} s)")
+          f"{', '.join(n.subject_id for n in nights[:10])}{', ...' if len(nights) > 10 else ''} "
+          f"({time.perf_counter() - t0:.1f} s)")
     y_true, y_pred = frame["true_stage"].to_numpy(), frame["pred"].to_numpy()
     if (y_true >= 0).any():
         metrics = compute_metrics(y_true, y_pred)

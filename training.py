@@ -132,58 +132,64 @@ def gather(value, ctx: Dist) -> list:
 
 @dataclass
 class Prepared:
-    """Scaled features and labels per subject, and the scaler fitted on the training subjects."""
-    x: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]
-    nights: dict[str, dl.Night]
+    """The cohort's memory-mapped features and the scaler fitted on the training subjects."""
+    store: dl.FeatureStore
     scaler: dl.FeatureScaler
 
+    def x(self, subject_id: str, index: np.ndarray | None = None) -> np.ndarray:
+        """Scaled features of a subject (rows at index, or all)."""
+        return self.scaler.transform(self.store.read(subject_id, "features", index))
 
-def prepare(nights: dict[str, dl.Night], train_ids: list[str], cfg: TrainConfig) -> Prepared:
-    raw = {s: dl.night_features(n, causal=cfg.causal, features=cfg.features) for s, n in nights.items()}
-    scaler = dl.FeatureScaler.fit([raw[s] for s in train_ids])
-    return Prepared({s: scaler.transform(v) for s, v in raw.items()},
-                    {s: n.stage.astype(np.int64) for s, n in nights.items()}, nights, scaler)
+    def y(self, subject_id: str, index: np.ndarray | None = None) -> np.ndarray:
+        return self.store.read(subject_id, "stage", index).astype(np.int64)
+
+
+def prepare(store: dl.FeatureStore, train_ids: list[str]) -> Prepared:
+    return Prepared(store, store.fit_scaler(train_ids))
 
 
 class WindowDataset(Dataset):
-    """Training windows of seq_len epochs from each night, every `stride` epochs.
+    """Training windows of seq_len epochs from each night, every `stride` epochs, read from the store.
 
     The cuts shift with the training epoch (set_epoch), so successive passes see different windows,
     while every epoch of the night is in some window of every pass; the number of windows stays
-    fixed, as DistributedSampler needs.
+    fixed, as DistributedSampler needs. The index is two integer arrays, not a Python list, so it
+    stays small for a cohort of thousands of nights.
     Padded positions (nights shorter than seq_len) carry label -1 and are not trained on.
     """
 
-    def __init__(self, xs: list[np.ndarray], ys: list[np.ndarray], seq_len: int, stride: int, seed: int):
-        self.xs, self.ys, self.seq_len, self.stride, self.seed = xs, ys, seq_len, stride, seed
+    def __init__(self, data: Prepared, subjects: list[str], seq_len: int, stride: int, seed: int):
+        self.data, self.subjects, self.seq_len, self.stride, self.seed = data, list(subjects), seq_len, stride, seed
+        self.lengths = np.array([data.store.n_epochs(s) for s in self.subjects], np.int64)
         # one window more than fits, so shifted cuts still reach both ends of the night
-        self.index = [(night, k) for night, x in enumerate(xs)
-                      for k in range(1 if len(x) <= seq_len else math.ceil((len(x) - seq_len + stride - 1) / stride) + 1)]
+        per_night = np.where(self.lengths <= seq_len, 1,
+                             -(-(self.lengths - seq_len + stride - 1) // stride) + 1).astype(np.int64)
+        self.window_night = np.repeat(np.arange(len(self.subjects), dtype=np.int32), per_night)
+        self.window_k = (np.arange(per_night.sum()) - np.repeat(np.cumsum(per_night) - per_night, per_night)).astype(np.int32)
         self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.offset = int(np.random.default_rng(self.seed + epoch).integers(self.stride))
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.window_night)
 
     def __getitem__(self, i: int):
-        night, k = self.index[i]
-        x, y = self.xs[night], self.ys[night]
-        start = int(np.clip(k * self.stride - self.offset, 0, max(len(x) - self.seq_len, 0)))
+        night, k = int(self.window_night[i]), int(self.window_k[i])
+        subject_id, n = self.subjects[night], int(self.lengths[night])
+        start = int(np.clip(k * self.stride - self.offset, 0, max(n - self.seq_len, 0)))
         idx = start + np.arange(self.seq_len)
-        valid = idx < len(x)
-        idx = np.minimum(idx, len(x) - 1)
-        labels = np.where(valid, y[idx], -1)
-        return torch.from_numpy(x[idx]), torch.from_numpy(labels)
+        valid = idx < n
+        idx = np.minimum(idx, n - 1)
+        labels = np.where(valid, self.data.y(subject_id, idx), -1)
+        return torch.from_numpy(self.data.x(subject_id, idx)), torch.from_numpy(labels)
 
 
-def class_weights(labels: np.ndarray, rem_boost: float, power: float = 1.0) -> torch.Tensor:
-    """Balanced weights (n / (k * count_c)) ** power, REM times rem_boost; absent classes weigh 0."""
-    scored = labels[labels >= 0]
-    counts = np.bincount(scored, minlength=4).astype(np.float64)
-    weights = np.where(counts > 0, (len(scored) / (4 * np.maximum(counts, 1))) ** power, 0.0)
+def class_weights(counts: np.ndarray, rem_boost: float, power: float = 1.0) -> torch.Tensor:
+    """From scored epochs per stage (4,): balanced weights (n / (k * count_c)) ** power, REM times
+    rem_boost; absent classes weigh 0."""
+    counts = np.asarray(counts, np.float64)
+    weights = np.where(counts > 0, (counts.sum() / (4 * np.maximum(counts, 1))) ** power, 0.0)
     weights[3] *= rem_boost
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -234,11 +240,11 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     model.eval()
     for s in mine:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            probs[s] = predict_night(model, data.x[s], cfg.seq_len, cfg.target_pos, device=device)
+            probs[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, device=device)
     merged = {}
     for part in gather(probs, ctx):
         merged.update(part)
-    y_true = np.concatenate([data.y[s] for s in subjects])
+    y_true = np.concatenate([data.y(s) for s in subjects])
     p = np.concatenate([merged[s] for s in subjects])
     y_pred = p.argmax(1)
     metrics = compute_metrics(y_true, y_pred)
@@ -259,11 +265,10 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     torch.manual_seed(cfg.seed)
     model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
     model = build_model(arch, model_config).to(device)
-    dataset = WindowDataset([data.x[s] for s in train_ids], [data.y[s] for s in train_ids],
-                            cfg.seq_len, cfg.stride, cfg.seed)
+    dataset = WindowDataset(data, train_ids, cfg.seq_len, cfg.stride, cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
-    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost, cfg.class_weight_power).to(device)
+    weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
@@ -303,6 +308,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             if ctx.is_main and bar is not None and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
+        windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
         metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
         improved, row = False, None
         if ctx.is_main:
@@ -311,11 +317,13 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(metrics["loss"], 5),
                    "val_accuracy": round(metrics["accuracy"], 4), "val_kappa": round(metrics["kappa"], 4),
                    "val_macro_f1": round(metrics["macro_f1"], 4), "val_rem_recall": round(metrics["recall_rem"], 4),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
+                   "lr": optimizer.param_groups[0]["lr"], "windows_per_s": round(windows_per_s, 1),
+                   "seconds": round(time.perf_counter() - t0, 2)}
             if not quiet:
                 print(f"epoch {epoch + 1:3d}  train {train_loss:.4f}  val {metrics['loss']:.4f}  "
                       f"acc {metrics['accuracy']:.3f}  kappa {metrics['kappa']:.3f}  F1 {metrics['macro_f1']:.3f}  "
-                      f"REM {metrics['recall_rem']:.3f}  {row['seconds']:.1f}s" + ("  *" if improved else ""), flush=True)
+                      f"REM {metrics['recall_rem']:.3f}  {windows_per_s:,.0f} windows/s  {row['seconds']:.1f}s"
+                      + ("  *" if improved else ""), flush=True)
         improved = broadcast(improved, ctx)  # one decision, obeyed by every rank
         state["epoch"] = epoch + 1
         if improved:
@@ -432,29 +440,26 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     say = print if ctx.is_main else (lambda *a, **k: None)
     t_start = time.perf_counter()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", dl.DataWarning)
-            nights = {n.subject_id: n for n in dl.load_nights(cfg.data_dir)}
+        store = _load_store(cfg, ctx, say)
     except dl.DataError as exc:
         say(f"error: {exc}", file=sys.stderr)
         return 1
-    for w in caught:
-        say(f"warning: {w.message}", file=sys.stderr)
-    if len(nights) < 3:
-        say(f"error: {cfg.data_dir} has {len(nights)} usable subject(s); training needs at least 3", file=sys.stderr)
+    if len(store) < 3:
+        say(f"error: {cfg.data_dir} has {len(store)} usable subject(s); training needs at least 3", file=sys.stderr)
         return 1
-    train_ids, val_ids, test_ids = dl.split_subjects(list(nights), seed=cfg.split_seed)
+    say(f"feature store {store.path} ({len(store)} subjects, {store.offsets[-1]:,} epochs, memory-mapped)")
+    train_ids, val_ids, test_ids = dl.split_subjects(store.subjects, seed=cfg.split_seed)
     out_dir = Path(cfg.out_dir)
     mode = "causal" if cfg.causal else "offline"
     say(f"{arch} [{mode}] on {device} x{ctx.world_size}: {len(train_ids)} train / {len(val_ids)} val / "
         f"{len(test_ids)} test subjects, seq_len {cfg.seq_len} (target position {cfg.target_pos}), "
         f"{len(cfg.features)} features")
     if cfg.cv:
-        return _cross_validate(arch, model_config, cfg, nights, train_ids + val_ids, out_dir, ctx, device, say)
-    data = prepare(nights, train_ids, cfg)
+        return _cross_validate(arch, model_config, cfg, store, train_ids + val_ids, out_dir, ctx, device, say)
+    data = prepare(store, train_ids)
     model, state = train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
                              extra={"test_subjects": test_ids})
-    weight = class_weights(np.concatenate([data.y[s] for s in train_ids]), cfg.rem_boost, cfg.class_weight_power)
+    weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
     metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device)
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
@@ -467,7 +472,29 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     return 0
 
 
-def _cross_validate(arch, model_config, cfg, nights, pool_ids, out_dir, ctx, device, say) -> int:
+def _load_store(cfg: TrainConfig, ctx: Dist, say) -> dl.FeatureStore:
+    """The cohort's feature store; rank 0 builds it while the other ranks wait, then they open it."""
+    store, error = None, None
+    if ctx.is_main:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", dl.DataWarning)
+                store = dl.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features, progress=True)
+            for w in caught:
+                say(f"warning: {w.message}", file=sys.stderr)
+        except dl.DataError as exc:
+            error = str(exc)
+    error = broadcast(error, ctx)  # also the barrier: the other ranks open what rank 0 built
+    if error is not None:
+        raise dl.DataError(error)
+    if store is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dl.DataWarning)  # rank 0 has said it
+            store = dl.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features)
+    return store
+
+
+def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, device, say) -> int:
     """k folds by subject over pool_ids; each fold early-stops on a slice of its own training subjects."""
     folds = dl.kfold_subjects(pool_ids, cfg.cv, seed=cfg.split_seed)
     chosen = range(len(folds)) if cfg.fold is None else [cfg.fold]
@@ -476,16 +503,16 @@ def _cross_validate(arch, model_config, cfg, nights, pool_ids, out_dir, ctx, dev
         fit_ids, held_ids = folds[k]
         inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + k, val_frac=0.12, test_frac=0.0)
         t0 = time.perf_counter()
-        data = prepare(nights, inner_train, cfg)
+        data = prepare(store, inner_train)
         model, state = train_one(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
-        weight = class_weights(np.concatenate([data.y[s] for s in inner_train]), cfg.rem_boost, cfg.class_weight_power)
+        weight = class_weights(data.store.class_counts(inner_train), cfg.rem_boost, cfg.class_weight_power)
         metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device)
         if ctx.is_main:
             metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]
             metrics["minutes"] = round((time.perf_counter() - t0) / 60, 2)
             per_fold.append(metrics)
             for s in held_ids:
-                frames.append(prediction_frame(nights[s], probs[s]).assign(fold=k))
+                frames.append(prediction_frame(store.timeline(s), probs[s]).assign(fold=k))
             say(f"fold {k}: kappa {metrics['kappa']:.3f}  acc {metrics['accuracy']:.3f}  F1 {metrics['macro_f1']:.3f}  "
                 f"recall W/L/D/R {metrics['recall_wake']:.2f}/{metrics['recall_light']:.2f}/"
                 f"{metrics['recall_deep']:.2f}/{metrics['recall_rem']:.2f}  (best epoch {state['best_epoch']}, "

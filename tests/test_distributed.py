@@ -19,9 +19,9 @@ TINY = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2, "n_featur
 
 
 def test_two_shards_cover_every_window_and_overlap_only_in_padding(small_data_dir):
-    nights = dl.load_nights(small_data_dir, cache_dir=None)
-    dataset = training.WindowDataset([dl.night_features(n) for n in nights], [n.stage for n in nights],
-                                     seq_len=25, stride=7, seed=0)
+    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=None)
+    data = training.prepare(store, store.subjects)
+    dataset = training.WindowDataset(data, store.subjects, seq_len=25, stride=7, seed=0)
     shards = []
     for rank in (0, 1):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=5)
