@@ -10,6 +10,8 @@ The one place that turns files into model inputs. Reading is in three layers:
    with NaN where a signal is missing. Parsed nights are cached on disk.
 3. `night_features` turns a Night into the model's per-epoch feature matrix. Causal features
    (for real-time use) only look at the past; offline features may use the whole night.
+4. `build_feature_store` writes a cohort's feature matrices, one night at a time, into flat
+   files that training memory-maps (`FeatureStore`), so thousands of nights never sit in RAM.
 
 Input rules (each one tested):
 - labels: rows must be `seconds stage` with seconds increasing in steps that are multiples of

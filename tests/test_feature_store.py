@@ -128,3 +128,13 @@ def test_class_counts_match_the_labels(small_data_dir, cache_dir):
     store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     stages = np.concatenate([dl.load_night(small_data_dir, s, cache_dir=None).stage for s in store.subjects[:4]])
     np.testing.assert_array_equal(store.class_counts(store.subjects[:4]), np.bincount(stages[stages >= 0], minlength=4))
+
+
+def test_scale_check_read_pass_reads_every_training_window(small_data_dir, cache_dir):
+    import scale_check
+    import training
+    out = scale_check.child("read", str(small_data_dir), str(cache_dir), stride=5)
+    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    dataset = training.WindowDataset(training.prepare(store, store.subjects), store.subjects, dl.SEQ_LEN, 5, seed=0)
+    assert out["subjects"] == len(store) and out["epochs"] == store.offsets[-1]
+    assert out["windows"] == len(dataset) and out["peak_rss_mib"] > 0
