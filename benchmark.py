@@ -10,15 +10,18 @@
    window, one model call). p50/p99 over --stream-epochs epochs after a warm-up.
 2. batched: --wearers wearers each close one epoch per round, one batched model call per round;
    wearer-epochs per second of the median of --rounds rounds (and over all rounds), for torch
-   threads in --threads (the best is reported).
-   `vectorised` is realtime.StagerBatch (every wearer's state in numpy arrays), `pool` is
-   realtime.StagerPool (one StreamingStager per wearer, readings pushed with timestamps, then a
-   flush at the epoch's end); both give the same probabilities (checked on the last round).
-   `model_only` is the model call alone on the same number of windows: the ceiling.
+   threads in --threads (the best is reported; with n threads the windows run as n parts side by
+   side, one torch thread each: realtime.in_parallel).
+   `vectorised` is realtime.StagerBatch (every wearer's state in numpy arrays; with the hybrid it
+   keeps each wearer's conv outputs, so only the new epoch and the padded start of the window go
+   through the convolutions), `pool` is realtime.StagerPool (one StreamingStager per wearer,
+   readings pushed with timestamps, then a flush at the epoch's end); both give the same
+   probabilities (checked on the last round). `model_only` is realtime.predict_windows on the
+   same number of windows: the model call alone, whole windows (no conv cache).
    Wall-clock figures decide the targets. The CPU-time figures (`cpu_*`: this thread's CPU time
    per update; `wearer_epochs_per_cpu_s`: per CPU-second of the process) leave out the time the
    process waited for a core, so on a machine busy with other work they estimate what an idle
-   one gives (single-threaded figures; with 2 threads, CPU time includes OpenMP spin-waiting).
+   one gives (single-threaded figures; with 2 threads, CPU time includes the workers' waiting).
 3. offline_scoring: evaluation.predict_nights (features + model) per night on the bundled test
    subjects, both models.
 4. data_loading: data_loader.load_nights for the bundled subjects, without cache and from cache.

@@ -56,3 +56,17 @@ class SleepLSTM(nn.Module):
         attended, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
         h = self.attention_norm(h + self.dropout(attended))
         return self.head(h)
+
+    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits.
+
+        Only the last position's query is attended and classified (keys and values still come from
+        every position). The last query may look at every position, causal or not: no mask.
+        """
+        h = self.input_proj(x)
+        for lstm, norm in zip(self.lstms, self.lstm_norms):
+            out, _ = lstm(h)
+            h = norm(h + out)
+        last = h[:, -1:]
+        attended, _ = self.attention(last, h, h, need_weights=False)
+        return self.head(self.attention_norm(last + attended))[:, 0]

@@ -45,6 +45,22 @@ class ConvBlock(nn.Module):
         h = self.conv(F.pad(x, pad, mode="replicate"))
         return self.dropout(F.gelu(self.norm(h.transpose(1, 2)).transpose(1, 2)))
 
+    def forward_channels_last(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+        """forward in eval mode on (B, L, C) as one matmul (im2col): no transposes, and cheaper than
+        the convolution kernel at these sizes. pad=False: only the L - kernel_size + 1 positions
+        whose inputs all lie in x (no padding), (B, L - kernel_size + 1, C)."""
+        k, length = self.kernel_size, x.shape[1]
+        if pad:  # replicate padding, as forward: clamp the indices
+            left = k - 1 if self.causal else (k - 1) // 2
+            index = (torch.arange(length).unsqueeze(1) + torch.arange(k) - left).clamp_(0, length - 1)
+        else:
+            index = torch.arange(length - k + 1).unsqueeze(1) + torch.arange(k)
+        out_len = index.shape[0]
+        cols = x.index_select(1, index.flatten().to(x.device)).reshape(-1, k * x.shape[2])  # (B*out_len, k*C_in)
+        weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)     # same (tap, channel) order
+        h = torch.addmm(self.conv.bias, cols, weight.t())
+        return F.gelu(self.norm(h)).view(x.shape[0], out_len, -1)
+
 
 class SleepHybrid(nn.Module):
     def __init__(self, config: HybridConfig):
@@ -78,3 +94,61 @@ class SleepHybrid(nn.Module):
         else:
             pooled = h.mean(dim=1, keepdim=True).expand_as(h)
         return self.head(torch.cat([h, pooled], dim=-1))
+
+    # ------------------------------------------------------------------ inference: the last position only
+    # Real-time staging reads only the last epoch of each window. These methods compute forward(x)[:, -1]
+    # (eval mode) with the same weights: every layer still runs on every position (the pooled summary
+    # is a mean over the final layer's outputs), but the head runs once, attention uses batched
+    # matmuls (the fused encoder kernel's masked softmax is slow on CPU), and the convolutions can be
+    # split so that a caller keeping a window's conv outputs computes only what the new epoch changes.
+
+    @property
+    def receptive_field(self) -> int:
+        """The conv output at window position j >= this depends on inputs j - receptive_field .. j only
+        (not on the padding), so it is the same in every window that holds those epochs there."""
+        return 2 * (self.config.kernel_size - 1)
+
+    def embed(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+        """The conv blocks, channels last: (B, L, n_features) -> (B, L, channels); with pad=False only
+        the L - receptive_field positions whose inputs all lie in x (no padding involved)."""
+        return self.conv2.forward_channels_last(self.conv1.forward_channels_last(x, pad), pad)
+
+    def encode_last(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position (B, n_classes) from the conv outputs h (B, L, channels)."""
+        length = h.shape[1]
+        h = h + self.positional[:length]
+        mask = None
+        if self.config.causal:  # additive: -inf where position i may not look at j > i
+            mask = torch.full((length, length), float("-inf"), device=h.device).triu_(1)
+        for layer in self.encoder.layers:
+            h = _encoder_layer(layer, h, mask)
+        h = self.norm(h)
+        # the running mean at the last position (causal) and the window mean (offline) are the same mean
+        return self.head(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1))
+
+    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits."""
+        return self.encode_last(self.embed(x))
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One pre-norm nn.TransformerEncoderLayer (GELU, eval mode: dropout is identity) on (B, L, C)."""
+    batch, length, c = h.shape
+    attn = layer.self_attn
+    n_heads = attn.num_heads
+    d = c // n_heads
+    x = h.reshape(batch * length, c)
+    a = F.layer_norm(x, (c,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    qkv = torch.addmm(attn.in_proj_bias, a, attn.in_proj_weight.t())
+    q, k, v = qkv.view(batch, length, 3, n_heads, d).permute(2, 0, 3, 1, 4).reshape(3, batch * n_heads, length, d)
+    if mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(d ** -0.5)
+    else:  # the mask added inside the matmul
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=d ** -0.5)
+    o = torch.bmm(torch.softmax(scores, dim=-1), v)
+    o = o.view(batch, n_heads, length, d).transpose(1, 2).reshape(batch * length, c)
+    x = torch.addmm(x, o, attn.out_proj.weight.t()).add_(attn.out_proj.bias)  # residual added by the matmul
+    f = F.layer_norm(x, (c,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    f = F.gelu(torch.addmm(layer.linear1.bias, f, layer.linear1.weight.t()))
+    x = torch.addmm(x, f, layer.linear2.weight.t()).add_(layer.linear2.bias)
+    return x.view(batch, length, c)

@@ -57,13 +57,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import sys
 import time
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -80,6 +82,7 @@ MAX_ABS_TIME_S = 1e12    # ~31,700 years of seconds (Unix time is ~1.7e9; millis
 # notebook API plausibility limits (per 30 s epoch)
 MAX_ACTIVITY_COUNT = 10_000.0
 MAX_STEPS_PER_EPOCH = 300.0
+T, R = TypeVar("T"), TypeVar("R")
 
 
 class StagedEpoch(NamedTuple):
@@ -100,6 +103,10 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     and every new input shape leaves allocator fragmentation and cached kernels behind (a
     200-wearer soak grew ~60 MiB per simulated hour with one call of any size; with power-of-two
     shapes it stays flat). Outputs are per window: only the last bits depend on the split.
+    Reading the last position of a model with forward_last (both architectures) runs that instead:
+    the same logits (~1e-6), without the work that only the other positions' outputs need.
+    On CPU with several torch threads, more than SPLIT_ABOVE windows are split into one part per
+    thread (each chunked as above) and the parts run side by side (in_parallel).
     """
     if model.training:
         model.eval()
@@ -107,14 +114,52 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     if len(windows) == 0:
         return np.zeros((0, 4))
     device = next(model.parameters()).device
-    out, start = [], 0
-    while start < len(windows):
-        rest = len(windows) - start
-        size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
-        batch = torch.from_numpy(np.ascontiguousarray(windows[start:start + size])).to(device)
-        out.append(torch.softmax(model(batch)[:, target_pos].float(), dim=-1).cpu().numpy())
-        start += size
-    return np.concatenate(out).astype(np.float64)
+    last_only = target_pos in (-1, windows.shape[1] - 1) and hasattr(model, "forward_last")
+
+    def predict_part(part: np.ndarray) -> np.ndarray:
+        out, start = [], 0
+        while start < len(part):
+            rest = len(part) - start
+            size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
+            batch = torch.from_numpy(np.ascontiguousarray(part[start:start + size])).to(device)
+            logits = model.forward_last(batch) if last_only else model(batch)[:, target_pos]
+            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            start += size
+        return np.concatenate(out)
+
+    n_parts = min(torch.get_num_threads(), len(windows) // SPLIT_ABOVE) if device.type == "cpu" else 1
+    parts = np.array_split(windows, max(n_parts, 1))
+    return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
+
+
+_WORKERS: ThreadPoolExecutor | None = None
+
+
+def in_parallel(fn: Callable[[T], R], parts: list[T]) -> list[R]:
+    """[fn(part) for part in parts] (in inference mode), each part on its own worker thread running
+    torch on one thread; a single part runs here with the caller's settings.
+
+    For a model made of many small ops (a chunk of ~100 windows through the encoder), splitting the
+    windows across threads holds up better than splitting every op across OpenMP threads, where
+    each op waits for the slowest thread: StagerBatch with 1,000 wearers on this 2-core VM gave
+    medians of 13,900-14,700 wearer-epochs/s this way, 9,400-15,300 op by op.
+    """
+    if len(parts) <= 1:
+        return [fn(part) for part in parts]
+    global _WORKERS
+    if _WORKERS is None:
+        _WORKERS = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2), thread_name_prefix="realtime")
+    threads = torch.get_num_threads()
+
+    def run(part: T) -> R:
+        torch.set_num_threads(1)  # this worker's OpenMP and MKL threads (per-thread settings)
+        with torch.inference_mode():
+            return fn(part)
+
+    try:
+        return list(_WORKERS.map(run, parts))
+    finally:  # set_num_threads also sets the default that new threads start from: put it back
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -647,17 +692,24 @@ class StagerBatch:
     epoch costs a few array operations for everyone instead of Python work per wearer. Each
     wearer gets what a StreamingStager (start_s = start_s[w]) fed the same readings gives: the
     same float64 operations per number (feature rows equal; tested), the same windows, and the
-    model call of StagerPool (probabilities equal to a lone stager's to ~1e-7: batch size only).
+    same model (probabilities equal to a lone stager's to ~1e-6: float rounding only; tested).
     What it does not do: timestamps, late or duplicate readings, clock jumps, raw motion
     filtering and the steps span rule. Readings are already assigned to the epoch; a wearer
     without readings in an epoch passes NaN (missing), as the stream's empty epoch. Raw motion
     and steps: reduce them per wearer (data_loader.motion_epoch_aggregates, the stream's steps
-    rule) and pass the aggregates. The model runs on chunks of batch_size windows (256: the
-    activations of a chunk stay in cache; ~10% faster than 1000 at once on 2 cores).
+    rule) and pass the aggregates. The model runs on chunks of batch_size windows (128: the
+    activations of a chunk stay in cache), the wearers split into one part per torch thread
+    (in_parallel).
+    With the hybrid model, each wearer's conv outputs of its last seq_len epochs are kept
+    (`conv`, n_wearers x seq_len x channels float32): a conv output at window position
+    j >= model.receptive_field depends only on the epochs at j - receptive_field .. j, so it is
+    the one computed when that epoch closed (the last position of its own window, built the same
+    way: edge padding included). Each step runs the convolutions at the first receptive_field
+    positions (replicate padding) and at the new epoch only, then the encoder on whole windows.
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
-                 start_s=0.0, batch_size: int = 256):
+                 start_s=0.0, batch_size: int = 128):
         StreamingStager(model, scaler, checkpoint)  # the same checks: causal, known features
         self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
         self.features = tuple(checkpoint["features"])
@@ -666,6 +718,12 @@ class StagerBatch:
         self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
         self._wearers = np.arange(self.n_wearers)
         self._positions = np.arange(self.seq_len) - self.target_pos
+        config = getattr(model, "config", None)
+        self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
+        if (hasattr(model, "encode_last") and getattr(config, "causal", False)
+                and self.target_pos == self.seq_len - 1 and self.seq_len > model.receptive_field):
+            device = next(model.parameters()).device
+            self.conv = torch.zeros(self.n_wearers, self.seq_len, config.channels, device=device)
         self.reset()
 
     def reset(self, wearers=None) -> None:
@@ -684,6 +742,7 @@ class StagerBatch:
         self.n_seen[w], self.s1[w], self.s2[w] = 0, 0.0, 0.0
         self.hr_c1[w], self.hr_c2[w], self.la_c1[w] = 0.0, 0.0, 0.0
         self.last_move[w] = -1
+        # self.conv needs no reset: a window reads only epochs of its night, each written when it closed
 
     def aggregate(self, hr_wearer=None, hr_bpm=None, count_wearer=None, counts=None) -> dict[str, np.ndarray]:
         """Per-wearer heart-rate mean/std and activity count of one epoch from flat reading arrays.
@@ -787,8 +846,40 @@ class StagerBatch:
         # as window_indices on each night so far: positions before epoch 0 repeat it, after epoch k repeat k
         epochs = np.clip(k[:, None] + self._positions[None, :], 0, k[:, None])
         windows = self.rows[self._wearers[:, None], epochs % self.seq_len]
-        probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
+        if self.conv is None:
+            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
+        else:
+            probs = self._predict_cached(windows, epochs % self.seq_len)
         return epoch_start, probs.argmax(axis=1), probs
+
+    @torch.inference_mode()
+    def _predict_cached(self, windows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """predict_windows for the hybrid model, reusing the conv outputs of earlier epochs.
+
+        slots: (n, seq_len) ring position (epoch % seq_len) of each window position. On CPU the
+        wearers are split into one part per torch thread, each run on its own thread (see in_parallel).
+        """
+        if self.model.training:
+            self.model.eval()
+        device = self.conv.device
+        x = torch.from_numpy(windows).to(device)
+        w, slots = torch.from_numpy(self._wearers).to(device), torch.from_numpy(slots).to(device)
+        n_parts = min(torch.get_num_threads(), len(x) // self.batch_size) if device.type == "cpu" else 1
+        bounds = np.linspace(0, len(x), max(n_parts, 1) + 1).astype(int)
+        parts = [(x[a:b], w[a:b], slots[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        logits = torch.cat(in_parallel(self._logits_cached, parts))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+    def _logits_cached(self, part: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Last-position logits of some wearers' windows (x, wearer index, slots), in chunks of batch_size.
+
+        The new epoch's conv output goes into the cache first: early in a night, edge padding repeats it.
+        """
+        x, w, slots = part
+        model, r = self.model, self.model.receptive_field
+        self.conv[w, slots[:, -1]] = model.embed(x[:, -(r + 1):], pad=False)[:, 0]
+        h = torch.cat([model.embed(x[:, :r]), self.conv[w[:, None], slots[:, r:]]], dim=1)
+        return torch.cat([model.encode_last(h[i:i + self.batch_size]) for i in range(0, len(h), self.batch_size)])
 
 
 # ----------------------------------------------------------------------------- replaying recorded nights

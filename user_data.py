@@ -96,10 +96,13 @@ def _normalise(name: str) -> str:
 
 def _first_data_line(path: Path) -> tuple[int, str]:
     """(line number, text) of the first non-blank line."""
-    with dl._open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                return line_no, line.rstrip("\r\n")
+    try:
+        with dl._open_text(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    return line_no, line.rstrip("\r\n")
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # e.g. a truncated .gz
+        raise dl.DataError(f"{path}: cannot read as text or gzip: {exc}") from exc
     raise dl.DataError(f"{path}: empty file (no header, no data rows)")
 
 

@@ -33,3 +33,45 @@ def test_windows_of_other_lengths_work(arch):
     model = small(arch, False).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 7, 6)).shape == (2, 7, 4)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "hybrid"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("size", ["small", "shipped"])
+def test_forward_last_equals_the_last_position_of_forward(arch, causal, size):
+    """forward_last (the real-time path) == forward(x)[:, -1], for every window length, 1 included."""
+    torch.manual_seed(0)
+    if size == "small":
+        model, n_features = small(arch, causal), 6
+    elif arch == "lstm":
+        model, n_features = SleepLSTM(LSTMConfig(causal=causal)), 15
+    else:  # the shipped hybrid's shape (train_hybrid.MODEL)
+        model, n_features = SleepHybrid(HybridConfig(channels=64, kernel_size=5, n_layers=3, n_heads=4,
+                                                     causal=causal)), 15
+    model.eval()
+    for seq_len in (1, 2, 9, 25, 40):
+        x = torch.randn(7, seq_len, n_features) * 2.0
+        with torch.inference_mode():
+            last, full = model.forward_last(x), model(x)[:, -1]
+        assert last.shape == (7, 4)
+        torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.softmax(last, -1), torch.softmax(full, -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_hybrid_conv_outputs_split_as_the_streaming_cache_uses_them(kernel_size):
+    """embed == the conv blocks of forward; with pad=False, position j >= receptive_field of a window
+    is the conv output computed from its receptive_field + 1 inputs alone (what StagerBatch caches)."""
+    torch.manual_seed(0)
+    model = SleepHybrid(HybridConfig(n_features=6, channels=16, kernel_size=kernel_size, n_layers=1, n_heads=2,
+                                     causal=True)).eval()
+    r = model.receptive_field
+    x = torch.randn(5, 25, 6)
+    with torch.inference_mode():
+        conv = model.conv2(model.conv1(x.transpose(1, 2))).transpose(1, 2)
+        torch.testing.assert_close(model.embed(x), conv, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.embed(x[:, :r]), conv[:, :r], atol=1e-5, rtol=1e-5)  # padded start
+        for j in (r, 13, 24):
+            alone = model.embed(x[:, j - r:j + 1], pad=False)[:, 0]
+            torch.testing.assert_close(alone, conv[:, j], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_last(conv), model(x)[:, -1], atol=1e-5, rtol=1e-5)

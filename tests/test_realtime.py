@@ -319,13 +319,19 @@ def test_memory_holds_only_open_epochs_over_ten_hours(loaded):
     assert stager.clock is None and stager.n_closed == 0 and sum(stager.buffered_samples().values()) == 0
 
 
-def test_pool_batches_wearers_and_matches_one_stager_each(small_data_dir, loaded):
+def test_pool_batches_wearers_and_matches_one_stager_each(small_data_dir, loaded, monkeypatch):
     model, scaler, ckpt = loaded
     subjects = ("46343", "3509524", "4018081")
     readings = {s: realtime.recorded_readings(small_data_dir, s) for s in subjects}
     pool = StagerPool(model, scaler, ckpt)
     calls = []
-    hook = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    forward_last = model.forward_last  # what predict_windows calls for the last position
+
+    def counted(x):
+        calls.append(x.shape[0])
+        return forward_last(x)
+
+    monkeypatch.setattr(model, "forward_last", counted)
     pooled = {s: [] for s in subjects}
     try:
         for end in np.arange(60.0, 3600.0 + 1, 60.0):  # every minute, each wearer's new readings
@@ -338,7 +344,7 @@ def test_pool_batches_wearers_and_matches_one_stager_each(small_data_dir, loaded
         for s, epochs in pool.predict().items():
             pooled[s] += epochs
     finally:
-        hook.remove()
+        monkeypatch.undo()
     assert len(pool) == 3 and len(calls) == 61 and max(calls) == 6  # one call per minute for all wearers
     for s in subjects:
         alone = StreamingStager(model, scaler, ckpt)
@@ -569,3 +575,64 @@ def test_vectorised_batch_equals_one_stager_per_wearer(small_data_dir, loaded):
     assert raw_rows[1, 31:50, list(ckpt["features"]).index("hr_missing")].all()
     batch.reset([0])
     assert batch.n.tolist() == [0] + [n_epochs] * (len(subjects) - 1)
+
+
+SHIPPED_CAUSAL = ROOT / "checkpoints" / "hybrid_causal" / "model.pth"
+
+
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count inside a test (this module runs single-threaded otherwise)."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("which", ["tiny", "shipped"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vectorised_batch_with_conv_cache_equals_the_full_model_on_its_windows(loaded, which, threads,
+                                                                                torch_threads):
+    """StagerBatch keeps the conv outputs of earlier epochs and splits wearers across threads: every
+    step's probabilities equal softmax(model(window)[:, -1]) of the windows it stages, from the
+    first epoch of a night (edge padding) on, and after a reset."""
+    if which == "shipped":
+        if not SHIPPED_CAUSAL.is_file():
+            pytest.skip("no shipped causal checkpoint")
+        loaded = load_model_from_checkpoint(SHIPPED_CAUSAL)
+    model, scaler, ckpt = loaded
+    torch_threads(threads)
+    n_wearers, seq_len = 10, ckpt["seq_len"]
+    batch = StagerBatch(model, scaler, ckpt, n_wearers, batch_size=4)  # 2 threads: 2 parts of 5 wearers
+    assert batch.conv is not None and model.receptive_field < seq_len
+    rng = np.random.default_rng(0)
+    for k in range(40):
+        if k == 30:
+            batch.reset([3, 7])  # a new night for two wearers: their windows start over
+        hr = np.where(rng.random(n_wearers) < 0.1, np.nan, rng.normal(62, 8, n_wearers))
+        counts = np.where(rng.random(n_wearers) < 0.1, np.nan, rng.gamma(0.5, 40, n_wearers))
+        _, stages, probs = batch.step(hr, activity_count=counts)
+        n = batch.n - 1  # the epoch just staged, per wearer
+        epochs = np.clip(n[:, None] + np.arange(seq_len) - (seq_len - 1), 0, n[:, None])
+        windows = torch.from_numpy(batch.rows[np.arange(n_wearers)[:, None], epochs % seq_len])
+        with torch.inference_mode():
+            expected = torch.softmax(model(windows)[:, -1], dim=-1).numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(stages, probs.argmax(1))
+    assert torch.get_num_threads() == threads  # the worker threads leave the caller's setting alone
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "lstm"])
+def test_predict_windows_split_across_threads_equals_one_call(tmp_path, arch, torch_threads):
+    """On 2 threads, 1,000 windows run as one part per thread: the same probabilities as the full
+    model's last position (forward_last is used for it), and as on 1 thread."""
+    model, _, _ = load_model_from_checkpoint(untrained_checkpoint(tmp_path / "m.pth", arch=arch))
+    windows = np.random.default_rng(0).normal(size=(1000, 25, len(dl.DEFAULT_FEATURES))).astype(np.float32)
+    with torch.inference_mode():
+        expected = torch.softmax(model(torch.from_numpy(windows))[:, -1], dim=-1).numpy()
+    by_threads = {}
+    for threads in (1, 2):
+        torch_threads(threads)
+        by_threads[threads] = realtime.predict_windows(model, windows, 24, batch_size=128)
+        assert torch.get_num_threads() == threads
+    np.testing.assert_allclose(by_threads[1], expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(by_threads[2], by_threads[1], atol=1e-6, rtol=0)
