@@ -754,7 +754,7 @@ def make_windows(x: np.ndarray, seq_len: int, target_pos: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- feature store (cohort scale)
 
 STORE_VERSION = 1
-REMAP_EVERY = 1024  # reads between fresh memory maps: pages read earlier leave the process's RSS
+REMAP_BYTES = 8 << 20  # bytes read between fresh memory maps: pages read earlier leave the process's RSS
 
 
 class EpochTimeline(NamedTuple):
@@ -770,8 +770,9 @@ class FeatureStore:
     Layout, as nanoGPT's train.bin: `features.f32` (rows, F) float32, `stage.i8` (rows,) int8,
     `epoch_start_s.f64` (rows,) float64, subject i owning rows offsets[i]:offsets[i + 1], and
     `index.json` (subjects, offsets, feature names, causal, skipped subjects). Only the offsets live
-    in RAM; reads go through a memory map that is replaced every REMAP_EVERY reads, so training
-    on thousands of nights keeps the resident memory of one batch, not of the cohort.
+    in RAM; reads go through a memory map that is replaced after every REMAP_BYTES read (the
+    pages a map has touched count in the process's RSS until it is dropped; nanoGPT remaps per
+    batch for the same reason), so the cohort's size does not show in the resident memory.
     """
 
     FILES = {"features": ("features.f32", np.float32), "stage": ("stage.i8", np.int8),
@@ -795,7 +796,7 @@ class FeatureStore:
             if actual != expected:
                 raise DataError(f"{self.path / filename}: {actual} bytes, index says {expected}")
         self._maps: dict[str, np.ndarray] | None = None
-        self._reads = 0
+        self._bytes_read = 0
 
     @classmethod
     def write(cls, path: str | Path, nights: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
@@ -847,8 +848,8 @@ class FeatureStore:
         return int(self.offsets[i]), int(self.offsets[i + 1])
 
     def _map(self, name: str) -> np.ndarray:
-        self._reads += 1
-        if self._maps is None or self._reads % REMAP_EVERY == 0:
+        if self._maps is None or self._bytes_read >= REMAP_BYTES:
+            self._bytes_read = 0
             rows, width = int(self.offsets[-1]), len(self.feature_names)
             self._maps = {key: np.memmap(self.path / filename, dtype, "r",
                                          shape=(rows, width) if key == "features" else (rows,))
@@ -864,7 +865,9 @@ class FeatureStore:
         """A copy of one subject's `features`, `stage` or `epoch_start_s`, all rows or the rows at index."""
         start, end = self._rows(subject_id)
         values = self._map(name)[start:end]
-        return np.array(values if index is None else values[index])
+        out = np.array(values if index is None else values[index])
+        self._bytes_read += max(out.nbytes, 4096)  # at least the page it touched
+        return out
 
     def timeline(self, subject_id: str) -> "EpochTimeline":
         return EpochTimeline(subject_id, self.read(subject_id, "epoch_start_s"), self.read(subject_id, "stage"))

@@ -1,6 +1,6 @@
 """Scale-out figures: a synthetic cohort of thousands of nights, loaded, trained on and scored.
 
-    python scale_check.py                            # 2,000 + 200 subjects under runs/scale (about 20 min)
+    python scale_check.py                            # 2,000 + 200 subjects under runs/scale (about 15 min)
     python scale_check.py --subjects 2000 --small 200 --archs hybrid,lstm --workdir runs/scale
 
 Writes a synthetic cohort (synthetic.write_cohort: labels, heart rate, counts, steps; no raw
@@ -16,8 +16,9 @@ second folder, then measures, each in a fresh process so nothing else inflates t
   `torchrun --standalone --nproc_per_node=2`; windows/s from train_log.csv (the training pass
   only, both ranks together) and the peak RSS of the largest process; and one epoch of
   `train_hybrid.py --stride 25` on each cohort, peak RSS of the real script on 200 vs 2,000 nights;
-- score: `inference_hybrid.py --data-dir SMALL --workers K` for K = 1, 2, nights/s over the
-  command's whole wall time (start-up, loading and writing the CSV included).
+- score: `inference_hybrid.py --data-dir LARGE --workers K` for K = 1, 2, nights/s over the
+  command's whole wall time (start-up, loading and writing the CSV included), and whether the two
+  CSVs are identical.
 
 Prints one JSON object (sizes in MiB) and writes it to WORKDIR/scale.json.
 """
@@ -164,16 +165,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[small] {script} x{processes}", file=sys.stderr, flush=True)
             result["train_small"][f"{arch}_x{processes}"] = _train(script, cohorts["small"], work / f"train-{arch}-{processes}",
                                                                    processes, 5, cache / "small")
-    result["score_small"] = {}
+    result["score_large"] = {}
     for workers in (1, 2):
-        print(f"[small] inference_hybrid.py --workers {workers}", file=sys.stderr, flush=True)
-        measured = _measure([sys.executable, "inference_hybrid.py", "--data-dir", str(cohorts["small"]), "--workers",
+        print(f"[large] inference_hybrid.py --workers {workers}", file=sys.stderr, flush=True)
+        measured = _measure([sys.executable, "inference_hybrid.py", "--data-dir", str(cohorts["large"]), "--workers",
                              str(workers), "--plots-dir", "", "--predictions-out", str(work / f"scores-{workers}.csv")],
-                            env={"SLEEP_STAGING_CACHE": str(cache / "small")})
-        result["score_small"][f"workers_{workers}"] = {**measured,
-                                                       "nights_per_s": round(args.small / measured["seconds"], 1)}
+                            env={"SLEEP_STAGING_CACHE": str(cache / "large")})
+        result["score_large"][f"workers_{workers}"] = {**measured,
+                                                       "nights_per_s": round(args.subjects / measured["seconds"], 1)}
     same = (work / "scores-1.csv").read_bytes() == (work / "scores-2.csv").read_bytes()
-    result["score_small"]["csv_identical"] = same
+    result["score_large"]["csv_identical"] = same
     result["total_seconds"] = round(time.perf_counter() - t0)
     text = json.dumps(result, indent=2)
     (work / "scale.json").write_text(text)

@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False
     features: tuple[str, ...] = dl.DEFAULT_FEATURES
+    model: str = ""                 # overrides of the script's MODEL config, e.g. "channels=32,n_heads=2"
 
     @property
     def target_pos(self) -> int:
@@ -407,6 +408,9 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
             parser.add_argument(flag, choices=SELECT_METRICS, default=default)
         elif f.name == "device":
             parser.add_argument(flag, choices=("auto", "cpu", "cuda"), default=default)
+        elif f.name == "model":
+            parser.add_argument(flag, default=default, metavar="KEY=VALUE,...",
+                                help="override the script's MODEL config, e.g. channels=32,n_heads=2")
         else:
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--features", default=",".join(defaults.features),
@@ -421,10 +425,29 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
     return TrainConfig(**args)
 
 
+def override_model_config(model_config: dict, overrides: str) -> dict:
+    """model_config with "key=value,..." applied; each value takes the type of the key's default."""
+    out = dict(model_config)
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in model_config:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {sorted(model_config)}")
+        kind = type(model_config[key])
+        try:
+            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a {kind.__name__}") from None
+    return out
+
+
 def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | None = None) -> int:
     """Full CLI behaviour for one architecture: train + test evaluation, or --cv K."""
     script = "train.py" if arch == "lstm" else "train_hybrid.py"
     cfg = parse_args(defaults, argv, script)
+    try:
+        model_config = override_model_config(model_config, cfg.model)
+    except ValueError as exc:
+        raise SystemExit(f"{script}: error: --model: {exc}") from None
     if not cfg.out_dir:
         cfg.out_dir = str(Path("checkpoints") / f"{arch}_{'causal' if cfg.causal else 'offline'}")
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))

@@ -102,7 +102,7 @@ def test_two_writers_of_the_same_store_both_succeed(tmp_path):
 def test_reads_across_fresh_memory_maps_return_the_same_rows(small_data_dir, cache_dir, monkeypatch):
     store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     expected = {s: store.read(s, "features") for s in store.subjects}
-    monkeypatch.setattr(dl, "REMAP_EVERY", 3)
+    monkeypatch.setattr(dl, "REMAP_BYTES", 10_000)
     rng = np.random.default_rng(0)
     for _ in range(50):
         s = store.subjects[rng.integers(len(store))]

@@ -167,3 +167,17 @@ def test_env_vars_set_defaults(monkeypatch):
     cfg = training.parse_args(training.TrainConfig(), [], "train.py")
     assert (cfg.epochs, cfg.seq_len, cfg.target_pos) == (7, 11, 5)
     assert training.parse_args(training.TrainConfig(), ["--epochs", "3"], "train.py").epochs == 3
+
+
+def test_model_overrides_change_the_trained_architecture(small_data_dir, tmp_path):
+    assert training.override_model_config({"channels": 64, "n_heads": 4}, "channels=32, n_heads=2") == \
+        {"channels": 32, "n_heads": 2}
+    for bad in ("width=3", "channels", "channels=wide"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            training.override_model_config({"channels": 64}, bad)
+    out = tmp_path / "small"
+    assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--model", "channels=8,n_heads=2") == 0
+    model, _, checkpoint = load_model_from_checkpoint(out / "model.pth")
+    assert model.config.channels == 8 and model.config.n_heads == 2
+    with pytest.raises(SystemExit, match="--model"):
+        tiny_run("hybrid", small_data_dir, out, "--model", "depth=2")
