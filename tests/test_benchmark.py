@@ -17,16 +17,19 @@ def test_quick_benchmark_reports_every_section(tmp_path, capsys):
     assert stream["fresh"] and "not found" in stream["note"] and stream["epochs_timed"] >= 4
     for key in ("p50_ms", "p99_ms", "mean_ms", "model_call_p50_ms"):
         assert stream[key] > 0
-    batched = report["batched"]
-    assert batched["wearers"] == 12 and batched["best_threads"] == 1
-    for path in ("vectorised", "pool", "model_only"):
-        assert batched[path]["wearer_epochs_per_s"] > 0 and set(batched[path]["by_threads"]) == {"1"}
-    assert batched["vectorised_equals_pool"] is True
+    for section in ("batched", "batched_compact"):
+        batched = report[section]
+        assert batched["wearers"] == 12 and batched["best_threads"] == 1 and batched["fresh"]
+        for path in ("vectorised", "pool", "model_only"):
+            assert batched[path]["wearer_epochs_per_s"] > 0 and set(batched[path]["by_threads"]) == {"1"}
+        assert batched["vectorised_equals_pool"] is True
+    assert report["batched_compact"]["channels"] == 32 and "channels" in report["batched_compact"]["note"]
     for arch in ("hybrid", "lstm"):
         scoring = report["offline_scoring"][arch]
         assert scoring["fresh"] and scoring["seconds_per_night"] > 0 and scoring["nights"] == 3
         assert scoring["cropped_to_epochs"] == 30
     loading = report["data_loading"]
     assert loading["subjects"] == 25 and loading["cold_s"] > 0 and loading["cached_s"] > 0
-    assert set(report["met"]) == set(report["targets"]) == {"stream_update_p99_ms", "batched_wearer_epochs_per_s"}
+    assert set(report["met"]) == set(report["targets"]) == {"stream_update_p99_ms", "batched_wearer_epochs_per_s",
+                                                           "batched_compact_wearer_epochs_per_s"}
     assert all(isinstance(v, bool) for v in report["met"].values())
