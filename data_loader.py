@@ -754,7 +754,8 @@ def make_windows(x: np.ndarray, seq_len: int, target_pos: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- feature store (cohort scale)
 
 STORE_VERSION = 1
-REMAP_BYTES = 8 << 20  # bytes read between fresh memory maps: pages read earlier leave the process's RSS
+REMAP_BYTES = 16 << 20  # bytes mapped in between fresh memory maps: pages read earlier leave the process's RSS
+FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much of the page cache around each page fault
 
 
 class EpochTimeline(NamedTuple):
@@ -866,7 +867,7 @@ class FeatureStore:
         start, end = self._rows(subject_id)
         values = self._map(name)[start:end]
         out = np.array(values if index is None else values[index])
-        self._bytes_read += max(out.nbytes, 4096)  # at least the page it touched
+        self._bytes_read += out.nbytes + FAULT_AROUND_BYTES  # what the read may have added to RSS
         return out
 
     def timeline(self, subject_id: str) -> "EpochTimeline":
