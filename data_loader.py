@@ -31,6 +31,7 @@ Stage map: 0 Wake; 1, 2 Light; 3, 4 Deep; 5 REM; -1 (unscored) stays in the time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
@@ -42,6 +43,7 @@ import tempfile
 import time
 import warnings
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -214,8 +216,11 @@ def read_signal(path: str | Path, n_cols: int, report: dict | None = None, keep=
     except DataError:
         raise
     except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, EOFError,
-            OSError) as exc:
-        bad = _first_bad_line(path, n_cols) if not isinstance(exc, (OSError, EOFError)) else None
+            OSError, zlib.error) as exc:
+        try:
+            bad = _first_bad_line(path, n_cols) if not isinstance(exc, (OSError, EOFError, zlib.error)) else None
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError):  # a damaged .gz fails again on re-reading
+            bad = None
         if bad:
             line_no, line, reason = bad
             raise DataError(f"{path}, line {line_no}: {reason}: {line[:80]!r}") from None
@@ -811,19 +816,18 @@ class FeatureStore:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
         try:
             subjects, offsets = [], [0]
-            handles = {name: open(tmp / filename, "wb") for name, (filename, _) in cls.FILES.items()}
-            try:
+            with contextlib.ExitStack() as stack:
+                handles = {name: stack.enter_context(open(tmp / filename, "wb"))
+                           for name, (filename, _) in cls.FILES.items()}
                 for subject_id, x, stage, epoch_start_s in nights:
-                    if x.shape != (len(stage), len(features)) or len(epoch_start_s) != len(stage):
+                    if (len(stage) == 0 or x.shape != (len(stage), len(features))
+                            or len(epoch_start_s) != len(stage)):
                         raise ValueError(f"subject {subject_id}: features {x.shape}, {len(stage)} stages, "
                                          f"{len(epoch_start_s)} epoch starts, {len(features)} feature names")
                     for name, values in (("features", x), ("stage", stage), ("epoch_start_s", epoch_start_s)):
                         handles[name].write(np.ascontiguousarray(values, cls.FILES[name][1]).tobytes())
                     subjects.append(subject_id)
                     offsets.append(offsets[-1] + len(stage))
-            finally:
-                for handle in handles.values():
-                    handle.close()
             index = {"version": STORE_VERSION, "subjects": subjects, "offsets": offsets,
                      "features": list(features), "causal": causal, "skipped": skipped or {}}
             (tmp / "index.json").write_text(json.dumps(index))
@@ -894,7 +898,8 @@ def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None,
     store versions; a changed file builds a new store. Nights are read one at a time (through the
     per-subject cache) and never held together. A bad subject is skipped with a DataWarning,
     repeated on every load of the store, unless strict. With cache_dir None the store lives in a
-    temporary folder removed when the store is garbage-collected.
+    temporary folder removed when the store is garbage-collected; the same happens, with a
+    warning, when the cache folder cannot be written.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -908,16 +913,14 @@ def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None,
             key.append(f"{subject_id}:{kind}:{path.name}:{st.st_size}:{st.st_mtime_ns}")
         key.append(f"{subject_id}:end")
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:24]
-    if cache_dir is None:
-        store_path, night_cache = Path(tempfile.mkdtemp(prefix="sleep-staging-store-")) / "store", None
-    else:
-        store_path, night_cache = Path(cache_dir) / f"store-{digest}", cache_dir
-    store = None
-    if (store_path / "index.json").exists():
-        try:
-            store = FeatureStore(store_path)
-        except (DataError, OSError, ValueError, KeyError):  # damaged: rebuild, never trust
-            shutil.rmtree(store_path, ignore_errors=True)
+    store, night_cache = None, cache_dir
+    if cache_dir is not None:
+        store_path = Path(cache_dir) / f"store-{digest}"
+        if (store_path / "index.json").exists():
+            try:
+                store = FeatureStore(store_path)
+            except (DataError, OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: rebuild
+                shutil.rmtree(store_path, ignore_errors=True)
     if store is None:
         skipped: dict[str, str] = {}
 
@@ -936,13 +939,26 @@ def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None,
                     continue
                 yield subject_id, night_features(night, causal, features), night.stage, night.epoch_start_s
 
-        store = FeatureStore.write(store_path, nights(), features, causal, skipped)
+        store = None
+        if cache_dir is not None:
+            try:
+                store = FeatureStore.write(store_path, nights(), features, causal, skipped)
+            except OSError as exc:  # read-only or full cache folder: build a temporary store instead
+                warnings.warn(f"cannot write the feature store in {cache_dir} ({exc}); using a temporary one",
+                              DataWarning, stacklevel=2)
+                skipped.clear()
+        if store is None:
+            folder = Path(tempfile.mkdtemp(prefix="sleep-staging-store-"))
+            try:
+                store = FeatureStore.write(folder / "store", nights(), features, causal, skipped)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            weakref.finalize(store, shutil.rmtree, folder, True)  # the folder goes when the store does
     if strict and store.skipped:
         raise DataError(next(iter(store.skipped.values())))
     for subject_id, message in store.skipped.items():
         warnings.warn(f"skipping subject {subject_id}: {message}", DataWarning, stacklevel=2)
-    if cache_dir is None:
-        weakref.finalize(store, shutil.rmtree, store_path.parent, True)
     return store
 
 

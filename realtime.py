@@ -62,6 +62,7 @@ import re
 import sys
 import time
 import weakref
+import concurrent.futures
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -156,10 +157,20 @@ def in_parallel(fn: Callable[[T], R], parts: list[T]) -> list[R]:
         with torch.inference_mode():
             return fn(part)
 
+    futures = [_WORKERS.submit(run, part) for part in parts]
     try:
-        return list(_WORKERS.map(run, parts))
+        concurrent.futures.wait(futures)  # every part has finished before a failure is raised
+        return [f.result() for f in futures]
     finally:  # set_num_threads also sets the default that new threads start from: put it back
         torch.set_num_threads(threads)
+
+
+def _forget_workers() -> None:
+    global _WORKERS
+    _WORKERS = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_workers)
 
 
 @contextlib.contextmanager

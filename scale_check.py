@@ -1,6 +1,6 @@
 """Scale-out figures: a synthetic cohort of thousands of nights, loaded, trained on and scored.
 
-    python scale_check.py                            # 2,000 + 200 subjects under runs/scale (about 15 min)
+    python scale_check.py                            # 2,000 + 200 subjects under runs/scale (about 12 min)
     python scale_check.py --subjects 2000 --small 200 --archs hybrid,lstm --workdir runs/scale
 
 Writes a synthetic cohort (synthetic.write_cohort: labels, heart rate, counts, steps; no raw

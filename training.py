@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import io
 import json
 import math
@@ -97,7 +98,8 @@ def setup_distributed(device: torch.device) -> Dist:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    # rank 0 builds the feature store while the others wait in a collective: allow a cohort's worth
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -430,8 +432,9 @@ def override_model_config(model_config: dict, overrides: str) -> dict:
     out = dict(model_config)
     for item in filter(None, (part.strip() for part in overrides.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or key not in model_config:
-            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {sorted(model_config)}")
+        if not sep or key not in model_config or key == "n_classes":  # four stages, fixed
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of "
+                             f"{sorted(k for k in model_config if k != 'n_classes')}")
         kind = type(model_config[key])
         try:
             out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
@@ -446,8 +449,12 @@ def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | 
     cfg = parse_args(defaults, argv, script)
     try:
         model_config = override_model_config(model_config, cfg.model)
-    except ValueError as exc:
-        raise SystemExit(f"{script}: error: --model: {exc}") from None
+        check = build_model(arch, {**model_config, "n_features": len(cfg.features), "causal": cfg.causal,
+                                   "dropout": cfg.dropout}).eval()
+        with torch.no_grad():  # a config that cannot run one window fails here, not mid-training
+            check(torch.zeros(1, cfg.seq_len, len(cfg.features)))
+    except Exception as exc:
+        raise SystemExit(f"{script}: error: --model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
     if not cfg.out_dir:
         cfg.out_dir = str(Path("checkpoints") / f"{arch}_{'causal' if cfg.causal else 'offline'}")
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -505,8 +512,10 @@ def _load_store(cfg: TrainConfig, ctx: Dist, say) -> dl.FeatureStore:
                 store = dl.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features, progress=True)
             for w in caught:
                 say(f"warning: {w.message}", file=sys.stderr)
-        except dl.DataError as exc:
-            error = str(exc)
+        except Exception as exc:  # any failure reaches every rank, so none waits forever
+            error = str(exc) if isinstance(exc, dl.DataError) else f"{type(exc).__name__}: {exc}"
+            if not ctx.enabled and not isinstance(exc, dl.DataError):
+                raise
     error = broadcast(error, ctx)  # also the barrier: the other ranks open what rank 0 built
     if error is not None:
         raise dl.DataError(error)

@@ -34,6 +34,7 @@ import csv
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -101,7 +102,7 @@ def _first_data_line(path: Path) -> tuple[int, str]:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     return line_no, line.rstrip("\r\n")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # e.g. a truncated .gz
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # e.g. a truncated or damaged .gz
         raise dl.DataError(f"{path}: cannot read as text or gzip: {exc}") from exc
     raise dl.DataError(f"{path}: empty file (no header, no data rows)")
 
@@ -214,7 +215,7 @@ def read_user_signal(path: str | Path, role: str) -> UserSignal:
     except (pd.errors.ParserError, ValueError) as exc:
         _field_count_error(path, header_line, sep, len(names))
         raise dl.DataError(f"{path}: cannot be parsed ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise dl.DataError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     if len(table) == 0:
         raise dl.DataError(f"{path}: a header but no data rows")

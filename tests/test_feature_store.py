@@ -138,3 +138,25 @@ def test_scale_check_read_pass_reads_every_training_window(small_data_dir, cache
     dataset = training.WindowDataset(training.prepare(store, store.subjects), store.subjects, dl.SEQ_LEN, 5, seed=0)
     assert out["subjects"] == len(store) and out["epochs"] == store.offsets[-1]
     assert out["windows"] == len(dataset) and out["peak_rss_mib"] > 0
+
+
+def test_a_damaged_gzip_skips_its_subject_and_an_unwritable_cache_falls_back_to_a_temporary_store(tmp_path):
+    data = copy_subjects(BUNDLED, tmp_path / "data", ("46343", "3509524", "4018081"))
+    hr_file = next((data / "heart_rate").glob("4018081_*"))
+    damaged = bytearray(hr_file.read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)  # a hole in the deflate stream
+    hr_file.write_bytes(bytes(damaged))
+    not_a_folder = tmp_path / "cache-is-a-file"
+    not_a_folder.write_text("")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", dl.DataWarning)
+        store = dl.build_feature_store(data, causal=False, cache_dir=not_a_folder)
+    messages = [str(w.message) for w in caught]
+    assert store.subjects == ["3509524", "46343"]
+    assert any("4018081" in m and hr_file.name in m for m in messages)
+    assert any("cannot write the feature store" in m for m in messages)
+    folder = store.path.parent
+    assert folder != not_a_folder and folder.is_dir()
+    del store
+    gc.collect()
+    assert not folder.exists()

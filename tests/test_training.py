@@ -179,5 +179,6 @@ def test_model_overrides_change_the_trained_architecture(small_data_dir, tmp_pat
     assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--model", "channels=8,n_heads=2") == 0
     model, _, checkpoint = load_model_from_checkpoint(out / "model.pth")
     assert model.config.channels == 8 and model.config.n_heads == 2
-    with pytest.raises(SystemExit, match="--model"):
-        tiny_run("hybrid", small_data_dir, out, "--model", "depth=2")
+    for bad in ("depth=2", "n_classes=2", "channels=15"):  # unknown, fixed, not divisible by the 2 heads
+        with pytest.raises(SystemExit, match="--model"):
+            tiny_run("hybrid", small_data_dir, out, "--model", bad)
