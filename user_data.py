@@ -225,6 +225,8 @@ def read_user_signal(path: str | Path, role: str) -> UserSignal:
         empty |= (values == "") | pd.isna(values)
     if empty.any():  # an empty cell is a missing value, a missing field is an error
         _field_count_error(path, header_line, sep, len(names))
+    if empty.all():
+        raise dl.DataError(f"{path}: no data row has both a time and a value")
     report: dict = {}
     values = np.column_stack([_numbers(path, header_line, col, columns[col]) for col in value_cols])
     t, time_format, offset = _times(path, header_line, time_col, columns[time_col], ~empty)

@@ -255,6 +255,9 @@ def bad_case(tmp_path, name):
             ["the recording spans .* h", "not milliseconds"]
     if name == "missing file":
         return tmp_path / "nope.csv", good_counts, [r"nope\.csv: no such file"]
+    if name == "only empty cells":
+        (tmp_path / "bad.csv").write_text("timestamp,hr\n , \n\x0b\n")
+        return tmp_path / "bad.csv", good_counts, [r"bad\.csv: no data row has both a time and a value"]
     if name == "truncated gzip":
         (tmp_path / "bad.csv.gz").write_bytes(b"\x1f\x8b")
         return tmp_path / "bad.csv.gz", good_counts, [r"bad\.csv\.gz: cannot read as text or gzip"]
@@ -265,7 +268,7 @@ BAD_CASES = ["unknown column", "two heart-rate columns", "missing time column", 
              "partial x,y,z", "unparseable time", "unparseable date-time", "offset mixed with naive",
              "seconds and date-times across files", "text for a number", "wrong field count", "short row",
              "empty file", "header only", "no valid heart rate", "headerless with wrong columns",
-             "longer than one night", "missing file", "truncated gzip"]
+             "longer than one night", "missing file", "truncated gzip", "only empty cells"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
