@@ -531,14 +531,18 @@ def load_night(data_dir: str | Path, subject_id: str, cache_dir: str | Path | No
     return night
 
 
+def _require_folder(data_dir: Path) -> None:
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist (download the release with "
+                        "`python data_loader.py --download` or use the bundled data/sleep-accel)")
+
+
 def load_nights(data_dir: str | Path = DEFAULT_DATA_DIR, subjects: list[str] | None = None, *,
                 strict: bool = False, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
                 progress: bool = False) -> list[Night]:
     """Load every (or the given) subject; a bad subject is skipped with a DataWarning unless strict."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist (download the release with "
-                        "`python data_loader.py --download` or use the bundled data/sleep-accel)")
+    _require_folder(data_dir)
     subjects = find_subjects(data_dir) if subjects is None else list(subjects)
     iterator = subjects
     if progress:
@@ -845,9 +849,6 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.subjects)
 
-    def __contains__(self, subject_id: str) -> bool:
-        return subject_id in self._position
-
     def _rows(self, subject_id: str) -> tuple[int, int]:
         i = self._position[subject_id]
         return int(self.offsets[i]), int(self.offsets[i + 1])
@@ -902,16 +903,11 @@ def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None,
     warning, when the cache folder cannot be written.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist (download the release with "
-                        "`python data_loader.py --download` or use the bundled data/sleep-accel)")
+    _require_folder(data_dir)
     subjects = find_subjects(data_dir) if subjects is None else list(subjects)
-    key = [str(CACHE_VERSION), str(STORE_VERSION), str(data_dir.resolve()), str(causal), ",".join(features)]
-    for subject_id in subjects:
-        for kind, path in sorted(subject_files(data_dir, subject_id).items()):
-            st = path.stat()
-            key.append(f"{subject_id}:{kind}:{path.name}:{st.st_size}:{st.st_mtime_ns}")
-        key.append(f"{subject_id}:end")
+    # each night's cache key (its files' sizes and mtimes), then what turns nights into the store
+    key = [_cache_path(Path(), data_dir, s, subject_files(data_dir, s)).name for s in subjects]
+    key += [str(STORE_VERSION), str(causal), ",".join(features)]
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:24]
     store, night_cache = None, cache_dir
     if cache_dir is not None:

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 SUBJECT = "9000000"
 
 
-def _peak_mib() -> float:
+def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -51,7 +51,7 @@ def child(mode: str, data_dir: str, ids: list[str], hours: float = 10.0) -> dict
         return {"paths": {kind: str(path) for kind, path in paths.items()},
                 "write_seconds": round(time.perf_counter() - t0, 1)}
     import data_loader as dl
-    after_import = _peak_mib()
+    after_import = peak_rss_mib()
     t0 = time.perf_counter()
     if mode == "single":
         night = dl.parse_night(data_dir, ids[0])
@@ -60,10 +60,10 @@ def child(mode: str, data_dir: str, ids: list[str], hours: float = 10.0) -> dict
         peaks, nights = [], []
         for subject_id in ids:
             nights.extend(dl.load_nights(data_dir, [subject_id], strict=True, cache_dir=None))
-            peaks.append(round(_peak_mib(), 1))
+            peaks.append(round(peak_rss_mib(), 1))
         out = {"subjects": len(nights), "peak_rss_mib_after_each_subject": peaks}
     out.update({"seconds": round(time.perf_counter() - t0, 2), "rss_after_import_mib": round(after_import, 1),
-                "peak_rss_mib": round(_peak_mib(), 1), "vm_hwm_mib": round(_status_mib("VmHWM"), 1),
+                "peak_rss_mib": round(peak_rss_mib(), 1), "vm_hwm_mib": round(_status_mib("VmHWM"), 1),
                 "rss_at_end_mib": round(_status_mib("VmRSS"), 1)})
     return out
 

@@ -128,9 +128,15 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
             start += size
         return np.concatenate(out)
 
-    n_parts = min(torch.get_num_threads(), len(windows) // SPLIT_ABOVE) if device.type == "cpu" else 1
-    parts = np.array_split(windows, max(n_parts, 1))
+    parts = [windows[part] for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
     return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
+
+
+def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:
+    """Split n items into one part per torch thread on CPU, each at least min_size (one part on GPU)."""
+    n_parts = max(min(torch.get_num_threads(), n // min_size), 1) if device.type == "cpu" else 1
+    bounds = np.linspace(0, n, n_parts + 1).astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 _WORKERS: ThreadPoolExecutor | None = None
@@ -142,8 +148,7 @@ def in_parallel(fn: Callable[[T], R], parts: list[T]) -> list[R]:
 
     For a model made of many small ops (a chunk of ~100 windows through the encoder), splitting the
     windows across threads holds up better than splitting every op across OpenMP threads, where
-    each op waits for the slowest thread: StagerBatch with 1,000 wearers on this 2-core VM gave
-    medians of 13,900-14,700 wearer-epochs/s this way, 9,400-15,300 op by op.
+    each op waits for the slowest thread (compare `python benchmark.py --threads 1` and 2).
     """
     if len(parts) <= 1:
         return [fn(part) for part in parts]
@@ -875,9 +880,7 @@ class StagerBatch:
         device = self.conv.device
         x = torch.from_numpy(windows).to(device)
         w, slots = torch.from_numpy(self._wearers).to(device), torch.from_numpy(slots).to(device)
-        n_parts = min(torch.get_num_threads(), len(x) // self.batch_size) if device.type == "cpu" else 1
-        bounds = np.linspace(0, len(x), max(n_parts, 1) + 1).astype(int)
-        parts = [(x[a:b], w[a:b], slots[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        parts = [(x[part], w[part], slots[part]) for part in thread_parts(len(x), self.batch_size, device)]
         logits = torch.cat(in_parallel(self._logits_cached, parts))
         return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 

@@ -28,12 +28,13 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from memory_check import peak_rss_mib  # standard library only: the parent stays small
 
 HERE = Path(__file__).resolve().parent
 FOLDERS = ("labels", "heart_rate", "counts", "steps")
@@ -44,14 +45,10 @@ WRAPPER = ("import json, resource, subprocess, sys, time; t = time.perf_counter(
            "'peak_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
 def child(mode: str, data_dir: str, cache_dir: str, stride: int) -> dict:
     """Runs in a fresh process: load the store (mode load) or read one training pass (mode read)."""
     import data_loader as dl
-    after_import = _peak_mib()
+    after_import = peak_rss_mib()
     t0 = time.perf_counter()
     store = dl.build_feature_store(data_dir, causal=False, cache_dir=cache_dir)
     out = {"subjects": len(store), "epochs": int(store.offsets[-1]), "load_seconds": round(time.perf_counter() - t0, 2)}
@@ -66,7 +63,7 @@ def child(mode: str, data_dir: str, cache_dir: str, stride: int) -> dict:
         n = sum(len(x) for x, _ in loader)
         seconds = time.perf_counter() - t0
         out.update(windows=n, read_seconds=round(seconds, 2), windows_per_s=round(n / seconds))
-    out.update(rss_after_import_mib=round(after_import, 1), peak_rss_mib=round(_peak_mib(), 1))
+    out.update(rss_after_import_mib=round(after_import, 1), peak_rss_mib=round(peak_rss_mib(), 1))
     return out
 
 

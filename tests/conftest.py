@@ -16,6 +16,20 @@ def cache_dir(tmp_path):
     return tmp_path / "cache"
 
 
+def count_forward_last(monkeypatch, model) -> list:
+    """The batch size of every model.forward_last call from now on (what predict_windows runs for a
+    window's last position), until monkeypatch.undo()."""
+    sizes = []
+    forward_last = model.forward_last
+
+    def counted(x):
+        sizes.append(x.shape[0])
+        return forward_last(x)
+
+    monkeypatch.setattr(model, "forward_last", counted)
+    return sizes
+
+
 SMALL_SUBJECTS = ("46343", "3509524", "4018081", "5132496", "9961348", "1360686")
 
 

@@ -25,7 +25,7 @@ import synthetic
 import training
 from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
 from realtime import StagerBatch, StagerPool, StreamingStager
-from conftest import copy_subjects
+from conftest import copy_subjects, count_forward_last
 
 TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
 TINY_LSTM = {"hidden": 16, "n_layers": 1, "n_heads": 2}
@@ -324,14 +324,7 @@ def test_pool_batches_wearers_and_matches_one_stager_each(small_data_dir, loaded
     subjects = ("46343", "3509524", "4018081")
     readings = {s: realtime.recorded_readings(small_data_dir, s) for s in subjects}
     pool = StagerPool(model, scaler, ckpt)
-    calls = []
-    forward_last = model.forward_last  # what predict_windows calls for the last position
-
-    def counted(x):
-        calls.append(x.shape[0])
-        return forward_last(x)
-
-    monkeypatch.setattr(model, "forward_last", counted)
+    calls = count_forward_last(monkeypatch, model)
     pooled = {s: [] for s in subjects}
     try:
         for end in np.arange(60.0, 3600.0 + 1, 60.0):  # every minute, each wearer's new readings

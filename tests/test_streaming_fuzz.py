@@ -20,6 +20,7 @@ import data_loader as dl
 import realtime
 from checkpoint import build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
 from realtime import StagerPool, StreamingStager
+from conftest import count_forward_last
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
@@ -270,14 +271,7 @@ def test_timestamps_beyond_the_plausible_range_are_dropped_without_moving_the_cl
 
 def test_large_model_calls_are_split_into_few_shapes_with_the_same_probabilities(loaded, monkeypatch):
     model, _, _ = loaded
-    shapes = []
-    forward_last = model.forward_last  # what predict_windows calls for the last position
-
-    def counted(x):
-        shapes.append(x.shape[0])
-        return forward_last(x)
-
-    monkeypatch.setattr(model, "forward_last", counted)
+    shapes = count_forward_last(monkeypatch, model)
     rng = np.random.default_rng(0)
     calls = {}
     try:
