@@ -18,6 +18,7 @@ import torch
 from data_loader import PSG_STAGE_TO_CLASS, STAGE_NAMES, FeatureScaler
 from model import LSTMConfig, SleepLSTM
 from model_hybrid import HybridConfig, SleepHybrid
+from smoothing import check_transitions
 
 FORMAT = "sleep-staging-checkpoint/1"
 _UMASK = os.umask(0o022)
@@ -29,10 +30,32 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and what differs."""
 
 
-def build_model(arch: str, config: dict) -> torch.nn.Module:
+class Ensemble(torch.nn.Module):
+    """Models of one architecture trained with different seeds, used as one: forward returns the log
+    of their mean stage probabilities, so a softmax of it is the averaged probabilities. Averaging
+    seeds steadies what one small-cohort run gets by chance (README, Results)."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(member(x).float(), dim=-1) for member in self.members]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x)[:, -1] (eval mode), through each member's own last-position path."""
+        probs = torch.stack([torch.softmax(member.forward_last(x).float(), dim=-1) for member in self.members]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+
+def build_model(arch: str, config: dict, ensemble_size: int = 1) -> torch.nn.Module:
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     model_cls, config_cls = ARCHITECTURES[arch]
+    if ensemble_size > 1:
+        return Ensemble([model_cls(config_cls(**config)) for _ in range(ensemble_size)])
     return model_cls(config_cls(**config))
 
 
@@ -61,6 +84,7 @@ def make_checkpoint(model: torch.nn.Module, arch: str, *, features: list[str], s
         "format": FORMAT,
         "arch": arch,
         "model_config": config,
+        "ensemble_size": len(model.members) if isinstance(model, Ensemble) else 1,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "features": list(features),
         "seq_len": int(seq_len),
@@ -116,7 +140,7 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
         raise CheckpointError(f"checkpoint {path} was trained on other features: missing {missing}, "
                               f"extra {extra}, order {checkpoint['features']}")
     try:
-        model = build_model(arch, checkpoint["model_config"])
+        model = build_model(arch, checkpoint["model_config"], int(checkpoint.get("ensemble_size", 1)))
     except TypeError as exc:
         raise CheckpointError(f"checkpoint {path}: model config does not fit {arch}: {exc}") from None
     if model.config.n_features != len(checkpoint["features"]):
@@ -132,6 +156,11 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
                               f"{missing[:5]}, unexpected {unexpected[:5]}, shapes {wrong_shape[:5]}")
     model.load_state_dict(saved)
     model.eval()
+    if checkpoint.get("transitions") is not None:
+        try:
+            checkpoint["transitions"] = check_transitions(checkpoint["transitions"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
     scaler = FeatureScaler(np.asarray(checkpoint["scaler_mean"], np.float32),
                            np.asarray(checkpoint["scaler_scale"], np.float32))
     return model, scaler, checkpoint

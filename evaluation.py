@@ -22,6 +22,7 @@ import torch
 
 import data_loader as dl
 from checkpoint import CheckpointError, atomic_write, load_model_from_checkpoint
+from smoothing import smooth_night
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake", "p_light", "p_deep", "p_rem"]
@@ -29,15 +30,18 @@ PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake"
 
 @torch.no_grad()
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
-                  batch_size: int = 1024, device: torch.device | str = "cpu") -> np.ndarray:
-    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window."""
+                  batch_size: int = 1024, device: torch.device | str = "cpu",
+                  transitions: np.ndarray | None = None) -> np.ndarray:
+    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window, then
+    smoothed over the whole night when a transition matrix is given (offline checkpoints)."""
     model.eval()
     windows = dl.make_windows(x_scaled, seq_len, target_pos)
     probs = []
     for start in range(0, len(windows), batch_size):
         batch = torch.from_numpy(windows[start:start + batch_size]).to(device)
         probs.append(torch.softmax(model(batch)[:, target_pos].float(), dim=-1).cpu().numpy())
-    return np.concatenate(probs).astype(np.float64)
+    probs = np.concatenate(probs).astype(np.float64)
+    return probs if transitions is None else smooth_night(probs, transitions)
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
@@ -94,7 +98,8 @@ def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint:
     frames = []
     for night in nights:
         x = scaler.transform(dl.night_features(night, causal=checkpoint["causal"], features=tuple(checkpoint["features"])))
-        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"])
+        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"],
+                              transitions=checkpoint.get("transitions"))
         frames.append(prediction_frame(night, probs))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import data_loader as dl
-from checkpoint import atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from checkpoint import Ensemble, atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+from smoothing import transition_matrix
 from evaluation import compute_metrics, format_report, predict_night, prediction_frame, write_predictions
 
 SELECT_METRICS = ("kappa", "macro_f1", "accuracy", "rem_accuracy")
@@ -55,6 +56,10 @@ class TrainConfig:
     rem_boost: float = 1.6          # extra weight on REM on top of the balanced class weights
     class_weight_power: float = 1.0  # 1: fully balanced weights; 0.5 tempers them (sqrt), 0: none
     rem_noise: float = 0.1          # std of Gaussian noise added to REM epochs (standardised units)
+    ensemble: int = 1               # >1: train this many seeds (seed, seed+1, ...) and average them
+    smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
+    ema_decay: float = 0.0          # >0: validate and keep an exponential moving average of the weights
+    feature_jitter: float = 0.0     # std of a random offset and scale per window and feature (standardised units)
     stride: int = 5                 # epochs between training windows
     causal: bool = False            # True: real-time model, the window ends at the predicted epoch
     patience: int = 12              # epochs without validation improvement before stopping
@@ -188,6 +193,13 @@ class WindowDataset(Dataset):
         return torch.from_numpy(self.data.x(subject_id, idx)), torch.from_numpy(labels)
 
 
+def stage_transitions(data: Prepared, subjects: list[str], cfg: TrainConfig) -> np.ndarray | None:
+    """The transition matrix that offline checkpoints smooth nights with (None: no smoothing)."""
+    if cfg.causal or not cfg.smooth:
+        return None
+    return transition_matrix(data.y(s) for s in subjects)
+
+
 def class_weights(counts: np.ndarray, rem_boost: float, power: float = 1.0) -> torch.Tensor:
     """From scored epochs per stage (4,): balanced weights (n / (k * count_c)) ** power, REM times
     rem_boost; absent classes weigh 0."""
@@ -218,6 +230,10 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
     """One optimisation step on this rank's share of the global batch; returns the loss."""
     if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
         x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
+    if cfg.feature_jitter > 0:  # nights differ by person: shift and scale each feature of a window as a whole
+        shape = (x.shape[0], 1, x.shape[2])
+        x = x * (1 + cfg.feature_jitter * torch.randn(shape, device=x.device)) \
+            + cfg.feature_jitter * torch.randn(shape, device=x.device)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cuda"):
         logits = ddp_model(x)
     normaliser = None
@@ -236,14 +252,16 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
 # ----------------------------------------------------------------------------- evaluation during training
 
 def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str], cfg: TrainConfig,
-                      ctx: Dist, weight: torch.Tensor, device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+                      ctx: Dist, weight: torch.Tensor, device: torch.device,
+                      transitions: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, dict]:
     """Metrics over the whole subject list: each rank predicts its share, rank 0 gets all of it."""
     mine = subjects[ctx.rank::ctx.world_size]
     probs = {}
     model.eval()
     for s in mine:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            probs[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, device=device)
+            probs[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, device=device,
+                                     transitions=transitions)
     merged = {}
     for part in gather(probs, ctx):
         merged.update(part)
@@ -272,7 +290,12 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
     weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
+    transitions = stage_transitions(data, train_ids, cfg)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
+    # the averaged weights are what is validated and saved: steadier than the last step's on small cohorts
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+           if cfg.ema_decay > 0 else None)
+    eval_model = ema.module if ema is not None else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
                                                                      eta_min=cfg.min_lr)
@@ -284,14 +307,17 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         torch.set_rng_state(saved["rng_state"])
         state = saved["train_state"]
         if ctx.is_main:
             print(f"resumed from {last_path} after epoch {state['epoch']} (best {cfg.select_metric} "
                   f"{state['best']:.4f} at epoch {state['best_epoch']})")
     checkpoint_extra = {"train_subjects": train_ids, "val_subjects": val_ids,
-                        "train_config": _jsonable(asdict(cfg)), **(extra or {})}
-    best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        "train_config": _jsonable(asdict(cfg)),
+                        "transitions": None if transitions is None else transitions.tolist(), **(extra or {})}
+    best_model_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
     if best_path is not None and best_path.exists() and state["best_epoch"] >= 0:
         best_model_state = read_checkpoint(best_path)["state_dict"]
     from tqdm import tqdm
@@ -306,13 +332,15 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         for step, (x, y) in enumerate(bar):
             loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx)
             scheduler.step(epoch + (step + 1) / len(loader))
+            if ema is not None:
+                ema.update_parameters(model)
             total += loss.item()
             n_batches += 1
             if ctx.is_main and bar is not None and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
-        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
+        metrics, *_ = evaluate_subjects(eval_model, data, val_ids, cfg, ctx, weight, device, transitions)
         improved, row = False, None
         if ctx.is_main:
             score = metrics[cfg.select_metric]
@@ -331,7 +359,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         state["epoch"] = epoch + 1
         if improved:
             state.update(best=metrics[cfg.select_metric] if ctx.is_main else state["best"], best_epoch=epoch + 1, stale=0)
-            best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_model_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
         else:
             state["stale"] += 1
         state = broadcast(state if ctx.is_main else None, ctx) if ctx.enabled else state
@@ -339,7 +367,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             state["log"].append(row)
             if out_dir is not None:
                 if improved:
-                    save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                    save_checkpoint(make_checkpoint(eval_model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                                     target_pos=cfg.target_pos, scaler=data.scaler,
                                                     extra={**checkpoint_extra, "val_metrics": _jsonable(metrics),
                                                            "epoch": epoch + 1}),
@@ -349,11 +377,47 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                                        target_pos=cfg.target_pos, scaler=data.scaler, extra=checkpoint_extra)
                 last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             rng_state=torch.get_rng_state(), train_state=state)
+                if ema is not None:
+                    last["ema"] = ema.state_dict()
                 save_checkpoint(last, last_path)
     model.load_state_dict(best_model_state)
     if ctx.is_main and out_dir is not None and state["log"]:
         plot_curves(state["log"], out_dir / "curves.png", cfg.select_metric)
     return model, state
+
+
+def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],
+                val_ids: list[str], out_dir: Path | None, ctx: Dist, device: torch.device,
+                extra: dict | None = None, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
+    """train_one, or with cfg.ensemble > 1 that many members (seeds seed, seed+1, ...), each trained and
+    selected on val_ids like a single model in out_dir/members/seed<S>/, then averaged (checkpoint.Ensemble)
+    and saved as one model.pth in out_dir. --resume continues the unfinished member."""
+    if cfg.ensemble <= 1:
+        return train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device, extra, quiet)
+    members, best_epochs = [], []
+    for i in range(cfg.ensemble):
+        member_cfg = replace(cfg, seed=cfg.seed + i)
+        if ctx.is_main and not quiet:
+            print(f"ensemble member {i + 1}/{cfg.ensemble} (seed {member_cfg.seed})", flush=True)
+        member_dir = out_dir / "members" / f"seed{member_cfg.seed}" if out_dir is not None else None
+        member, state = train_one(arch, model_config, member_cfg, data, train_ids, val_ids, member_dir, ctx, device,
+                                  extra, quiet)
+        members.append(member)
+        best_epochs.append(state["best_epoch"])
+    model = Ensemble(members).eval()
+    weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
+    transitions = stage_transitions(data, train_ids, cfg)
+    metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device, transitions)
+    if ctx.is_main and out_dir is not None:
+        save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                                        target_pos=cfg.target_pos, scaler=data.scaler,
+                                        extra={"train_subjects": train_ids, "val_subjects": val_ids,
+                                               "train_config": _jsonable(asdict(cfg)),
+                                               "transitions": None if transitions is None else transitions.tolist(),
+                                               "val_metrics": _jsonable(metrics), "epoch": best_epochs,
+                                               **(extra or {})}),
+                        out_dir / "model.pth", out_dir / "scaler.pkl")
+    return model, {"best_epoch": best_epochs, "best": metrics[cfg.select_metric]}
 
 
 def _jsonable(value):
@@ -416,14 +480,14 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
         else:
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--features", default=",".join(defaults.features),
-                        help=f"comma-separated; known: {','.join(dl.FEATURES)}")
+                        help=f"comma-separated; known: {','.join(dl.FEATURES + dl.OFFLINE_FEATURES)}")
     args = vars(parser.parse_args(argv))
     args["features"] = tuple(s for s in args["features"].split(",") if s)
-    unknown = [s for s in args["features"] if s not in dl.FEATURES]
+    unknown = [s for s in args["features"] if s not in dl.FEATURES + dl.OFFLINE_FEATURES]
     if unknown:
         parser.error(f"unknown feature(s) {unknown}")
-    if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
-        parser.error("--seq-len, --batch-size and --stride must be >= 1, --epochs >= 0")
+    if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1 or args["ensemble"] < 1:
+        parser.error("--seq-len, --batch-size, --stride and --ensemble must be >= 1, --epochs >= 0")
     return TrainConfig(**args)
 
 
@@ -487,10 +551,11 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     if cfg.cv:
         return _cross_validate(arch, model_config, cfg, store, train_ids + val_ids, out_dir, ctx, device, say)
     data = prepare(store, train_ids)
-    model, state = train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
-                             extra={"test_subjects": test_ids})
+    model, state = train_model(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
+                               extra={"test_subjects": test_ids})
     weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
-    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device)
+    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device,
+                                                   stage_transitions(data, train_ids, cfg))
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
         say(f"\nbest epoch {state['best_epoch']} ({cfg.select_metric} {state['best']:.4f} on validation); "
@@ -536,9 +601,10 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
         inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + k, val_frac=0.12, test_frac=0.0)
         t0 = time.perf_counter()
         data = prepare(store, inner_train)
-        model, state = train_one(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
+        model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
         weight = class_weights(data.store.class_counts(inner_train), cfg.rem_boost, cfg.class_weight_power)
-        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device)
+        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device,
+                                                 stage_transitions(data, inner_train, cfg))
         if ctx.is_main:
             metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]
             metrics["minutes"] = round((time.perf_counter() - t0) / 60, 2)
