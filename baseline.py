@@ -7,6 +7,9 @@ models earn their cost.
     python baseline.py --cv 5            # k-fold by subject over the non-test subjects
     python baseline.py                   # fit on train+val subjects, score the test subjects
     python baseline.py --causal          # only past context (real-time comparison)
+
+Offline, its probabilities are smoothed over the night like the deep models' (smoothing.py, the
+stage transitions of the fitting subjects); --no-smooth scores each epoch on its own.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import pandas as pd
 import data_loader as dl
 from checkpoint import atomic_write
 from evaluation import compute_metrics, format_report, prediction_frame, write_predictions
+from smoothing import smooth_night, transition_matrix
 from training import format_cv_summary, summarize_folds
 
 CONTEXT_EPOCHS = (5, 11, 21)   # rolling windows (epochs) over which context features are averaged
@@ -40,7 +44,7 @@ def design_matrix(night: dl.Night, causal: bool) -> np.ndarray:
 
 
 def fit_predict(nights: dict[str, dl.Night], fit_ids: list[str], score_ids: list[str], causal: bool,
-                seed: int) -> dict[str, np.ndarray]:
+                seed: int, smooth: bool = True) -> dict[str, np.ndarray]:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -51,10 +55,13 @@ def fit_predict(nights: dict[str, dl.Night], fit_ids: list[str], score_ids: list
     trees = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=31,
                                            class_weight="balanced", random_state=seed).fit(x, y)
     linear = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000)).fit(x, y)
+    transitions = transition_matrix(nights[s].stage for s in fit_ids) if smooth and not causal else None
     out = {}
     for s in score_ids:
         xs = design_matrix(nights[s], causal)
         out[s] = (trees.predict_proba(xs) + linear.predict_proba(xs)) / 2
+        if transitions is not None:
+            out[s] = smooth_night(out[s], transitions)
     return out
 
 
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(dl.DEFAULT_DATA_DIR))
     parser.add_argument("--cv", type=int, default=0)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                        help="offline: smooth each night with the fitting subjects' stage transitions")
     parser.add_argument("--split-seed", type=int, default=1337)
     parser.add_argument("--out-dir", default="runs/baseline")
     args = parser.parse_args(argv)
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir) / ("causal" if args.causal else "offline")
     t0 = time.perf_counter()
     if not args.cv:
-        probs = fit_predict(nights, train_ids + val_ids, test_ids, args.causal, args.split_seed)
+        probs = fit_predict(nights, train_ids + val_ids, test_ids, args.causal, args.split_seed, args.smooth)
         frame = pd.concat([prediction_frame(nights[s], probs[s]) for s in test_ids], ignore_index=True)
         metrics = compute_metrics(frame["true_stage"].to_numpy(), frame["pred"].to_numpy())
         print(f"classical reference [{'causal' if args.causal else 'offline'}], test subjects {', '.join(test_ids)}:")
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     per_fold, frames = [], []
     for k, (fit_ids, held_ids) in enumerate(dl.kfold_subjects(train_ids + val_ids, args.cv, seed=args.split_seed)):
-        probs = fit_predict(nights, fit_ids, held_ids, args.causal, args.split_seed + k)
+        probs = fit_predict(nights, fit_ids, held_ids, args.causal, args.split_seed + k, args.smooth)
         fold = pd.concat([prediction_frame(nights[s], probs[s]) for s in held_ids], ignore_index=True)
         metrics = compute_metrics(fold["true_stage"].to_numpy(), fold["pred"].to_numpy())
         per_fold.append(metrics)

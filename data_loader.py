@@ -614,12 +614,6 @@ FEATURES = (
 )
 # Bundled data has neither raw motion nor steps, so the default models use the rest.
 DEFAULT_FEATURES = FEATURES[:15]
-# Offline only: they rank an epoch against the whole night, which a stream cannot know yet.
-OFFLINE_FEATURES = (
-    "hr_night_rank",           # heart rate's percentile rank within the night (0-1)
-    "hrv_night_ratio",         # log of 5 min heart-rate variability over the night's median
-    "night_fraction",          # position in the recording (0 at the start, 1 at the end)
-)
 MOVE_COUNT = 10.0
 
 
@@ -668,17 +662,6 @@ def night_features(night: Night, causal: bool = True, features: tuple[str, ...] 
         "steps": np.nan_to_num(night.steps),
         "steps_missing": np.isnan(night.steps).astype(np.float64),
     }
-    if not causal:
-        order = np.argsort(np.argsort(hr, kind="stable"), kind="stable")
-        hrv = columns["hrv_5min_bpm"]
-        columns.update({
-            "hr_night_rank": order / max(len(hr) - 1, 1),
-            "hrv_night_ratio": np.log((hrv + 0.5) / (np.median(hrv) + 0.5)),
-            "night_fraction": np.arange(len(hr)) / max(len(hr) - 1, 1),
-        })
-    elif any(name in OFFLINE_FEATURES for name in features):
-        raise ValueError(f"feature(s) {[n for n in features if n in OFFLINE_FEATURES]} need the whole night: "
-                         "offline models only")
     unknown = [name for name in features if name not in columns]
     if unknown:
         raise ValueError(f"unknown feature(s) {unknown}; known: {list(columns)}")

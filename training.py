@@ -58,8 +58,6 @@ class TrainConfig:
     rem_noise: float = 0.1          # std of Gaussian noise added to REM epochs (standardised units)
     ensemble: int = 1               # >1: train this many seeds (seed, seed+1, ...) and average them
     smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
-    ema_decay: float = 0.0          # >0: validate and keep an exponential moving average of the weights
-    feature_jitter: float = 0.0     # std of a random offset and scale per window and feature (standardised units)
     stride: int = 5                 # epochs between training windows
     causal: bool = False            # True: real-time model, the window ends at the predicted epoch
     patience: int = 12              # epochs without validation improvement before stopping
@@ -230,10 +228,6 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
     """One optimisation step on this rank's share of the global batch; returns the loss."""
     if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
         x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
-    if cfg.feature_jitter > 0:  # nights differ by person: shift and scale each feature of a window as a whole
-        shape = (x.shape[0], 1, x.shape[2])
-        x = x * (1 + cfg.feature_jitter * torch.randn(shape, device=x.device)) \
-            + cfg.feature_jitter * torch.randn(shape, device=x.device)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cuda"):
         logits = ddp_model(x)
     normaliser = None
@@ -292,10 +286,6 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
     transitions = stage_transitions(data, train_ids, cfg)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
-    # the averaged weights are what is validated and saved: steadier than the last step's on small cohorts
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
-           if cfg.ema_decay > 0 else None)
-    eval_model = ema.module if ema is not None else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
                                                                      eta_min=cfg.min_lr)
@@ -307,17 +297,13 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
         torch.set_rng_state(saved["rng_state"])
         state = saved["train_state"]
         if ctx.is_main:
             print(f"resumed from {last_path} after epoch {state['epoch']} (best {cfg.select_metric} "
                   f"{state['best']:.4f} at epoch {state['best_epoch']})")
-    checkpoint_extra = {"train_subjects": train_ids, "val_subjects": val_ids,
-                        "train_config": _jsonable(asdict(cfg)),
-                        "transitions": None if transitions is None else transitions.tolist(), **(extra or {})}
-    best_model_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+    checkpoint_extra = _checkpoint_extra(cfg, train_ids, val_ids, transitions, extra)
+    best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best_path is not None and best_path.exists() and state["best_epoch"] >= 0:
         best_model_state = read_checkpoint(best_path)["state_dict"]
     from tqdm import tqdm
@@ -332,15 +318,13 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         for step, (x, y) in enumerate(bar):
             loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx)
             scheduler.step(epoch + (step + 1) / len(loader))
-            if ema is not None:
-                ema.update_parameters(model)
             total += loss.item()
             n_batches += 1
             if ctx.is_main and bar is not None and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
-        metrics, *_ = evaluate_subjects(eval_model, data, val_ids, cfg, ctx, weight, device, transitions)
+        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device, transitions)
         improved, row = False, None
         if ctx.is_main:
             score = metrics[cfg.select_metric]
@@ -359,7 +343,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         state["epoch"] = epoch + 1
         if improved:
             state.update(best=metrics[cfg.select_metric] if ctx.is_main else state["best"], best_epoch=epoch + 1, stale=0)
-            best_model_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+            best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state["stale"] += 1
         state = broadcast(state if ctx.is_main else None, ctx) if ctx.enabled else state
@@ -367,7 +351,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             state["log"].append(row)
             if out_dir is not None:
                 if improved:
-                    save_checkpoint(make_checkpoint(eval_model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                    save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                                     target_pos=cfg.target_pos, scaler=data.scaler,
                                                     extra={**checkpoint_extra, "val_metrics": _jsonable(metrics),
                                                            "epoch": epoch + 1}),
@@ -377,8 +361,6 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                                        target_pos=cfg.target_pos, scaler=data.scaler, extra=checkpoint_extra)
                 last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             rng_state=torch.get_rng_state(), train_state=state)
-                if ema is not None:
-                    last["ema"] = ema.state_dict()
                 save_checkpoint(last, last_path)
     model.load_state_dict(best_model_state)
     if ctx.is_main and out_dir is not None and state["log"]:
@@ -411,13 +393,17 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
     if ctx.is_main and out_dir is not None:
         save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                         target_pos=cfg.target_pos, scaler=data.scaler,
-                                        extra={"train_subjects": train_ids, "val_subjects": val_ids,
-                                               "train_config": _jsonable(asdict(cfg)),
-                                               "transitions": None if transitions is None else transitions.tolist(),
-                                               "val_metrics": _jsonable(metrics), "epoch": best_epochs,
-                                               **(extra or {})}),
+                                        extra={**_checkpoint_extra(cfg, train_ids, val_ids, transitions, extra),
+                                               "val_metrics": _jsonable(metrics), "epoch": best_epochs}),
                         out_dir / "model.pth", out_dir / "scaler.pkl")
     return model, {"best_epoch": best_epochs, "best": metrics[cfg.select_metric]}
+
+
+def _checkpoint_extra(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], transitions: np.ndarray | None,
+                      extra: dict | None) -> dict:
+    """What a checkpoint records of its training besides the weights."""
+    return {"train_subjects": train_ids, "val_subjects": val_ids, "train_config": _jsonable(asdict(cfg)),
+            "transitions": None if transitions is None else transitions.tolist(), **(extra or {})}
 
 
 def _jsonable(value):
@@ -480,10 +466,10 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
         else:
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--features", default=",".join(defaults.features),
-                        help=f"comma-separated; known: {','.join(dl.FEATURES + dl.OFFLINE_FEATURES)}")
+                        help=f"comma-separated; known: {','.join(dl.FEATURES)}")
     args = vars(parser.parse_args(argv))
     args["features"] = tuple(s for s in args["features"].split(",") if s)
-    unknown = [s for s in args["features"] if s not in dl.FEATURES + dl.OFFLINE_FEATURES]
+    unknown = [s for s in args["features"] if s not in dl.FEATURES]
     if unknown:
         parser.error(f"unknown feature(s) {unknown}")
     if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1 or args["ensemble"] < 1:
