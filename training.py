@@ -35,7 +35,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import data_loader as dl
 from checkpoint import Ensemble, atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
-from smoothing import transition_matrix
+from smoothing import smooth_night, transition_matrix
 from evaluation import compute_metrics, format_report, predict_night, prediction_frame, write_predictions
 
 SELECT_METRICS = ("kappa", "macro_f1", "accuracy", "rem_accuracy")
@@ -248,24 +248,28 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
 def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str], cfg: TrainConfig,
                       ctx: Dist, weight: torch.Tensor, device: torch.device,
                       transitions: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, dict]:
-    """Metrics over the whole subject list: each rank predicts its share, rank 0 gets all of it."""
-    mine = subjects[ctx.rank::ctx.world_size]
-    probs = {}
+    """Metrics over the whole subject list: each rank predicts its share, rank 0 gets all of it.
+
+    Metrics and the returned probabilities are smoothed when `transitions` is given; the loss is the
+    network's own (unsmoothed), comparable with the training loss."""
+    mine = {}
     model.eval()
-    for s in mine:
+    for s in subjects[ctx.rank::ctx.world_size]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            probs[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, device=device,
-                                     transitions=transitions)
-    merged = {}
-    for part in gather(probs, ctx):
-        merged.update(part)
+            mine[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, device=device)
+    raw = {}
+    for part in gather(mine, ctx):
+        raw.update(part)
+    merged = raw if transitions is None else {s: smooth_night(p, transitions) for s, p in raw.items()}
     y_true = np.concatenate([data.y(s) for s in subjects])
-    p = np.concatenate([merged[s] for s in subjects])
-    y_pred = p.argmax(1)
+    y_pred = np.concatenate([merged[s] for s in subjects]).argmax(1)
     metrics = compute_metrics(y_true, y_pred)
+    if transitions is not None:  # the same model's figures without smoothing: a paired comparison
+        unsmoothed = compute_metrics(y_true, np.concatenate([raw[s] for s in subjects]).argmax(1))
+        metrics["unsmoothed"] = {k: unsmoothed[k] for k in CV_KEYS}
     scored = y_true >= 0
     with torch.no_grad():
-        logp = torch.log(torch.from_numpy(p[scored]).clamp_min(1e-8)).float()
+        logp = torch.log(torch.from_numpy(np.concatenate([raw[s] for s in subjects])[scored]).clamp_min(1e-8)).float()
         metrics["loss"] = float(focal_loss(logp, torch.from_numpy(y_true[scored]), weight.cpu(), cfg.focal_gamma))
     metrics["rem_accuracy"] = metrics["recall_rem"]
     return metrics, y_true, y_pred, merged
@@ -472,8 +476,10 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
     unknown = [s for s in args["features"] if s not in dl.FEATURES]
     if unknown:
         parser.error(f"unknown feature(s) {unknown}")
-    if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1 or args["ensemble"] < 1:
-        parser.error("--seq-len, --batch-size, --stride and --ensemble must be >= 1, --epochs >= 0")
+    if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
+        parser.error("--seq-len, --batch-size and --stride must be >= 1, --epochs >= 0")
+    if args["ensemble"] < 1:
+        parser.error(f"--ensemble must be >= 1 (models averaged), got {args['ensemble']}")
     return TrainConfig(**args)
 
 
@@ -620,14 +626,24 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
 CV_KEYS = ("kappa", "accuracy", "macro_f1", "recall_wake", "recall_light", "recall_deep", "recall_rem")
 
 
-def summarize_folds(per_fold: list[dict], pooled: dict) -> dict:
+def _mean_sd(per_fold: list[dict]) -> dict:
     return {"mean": {k: float(np.nanmean([m[k] for m in per_fold])) for k in CV_KEYS},
-            "sd": {k: float(np.nanstd([m[k] for m in per_fold], ddof=1)) if len(per_fold) > 1 else 0.0 for k in CV_KEYS},
-            "pooled": {k: pooled[k] for k in CV_KEYS}, "n_folds": len(per_fold)}
+            "sd": {k: float(np.nanstd([m[k] for m in per_fold], ddof=1)) if len(per_fold) > 1 else 0.0 for k in CV_KEYS}}
+
+
+def summarize_folds(per_fold: list[dict], pooled: dict) -> dict:
+    """Mean and sd over folds, pooled figures; for smoothed runs also the same models unsmoothed."""
+    summary = {**_mean_sd(per_fold), "pooled": {k: pooled[k] for k in CV_KEYS}, "n_folds": len(per_fold)}
+    if per_fold and all("unsmoothed" in m for m in per_fold):
+        summary["unsmoothed"] = _mean_sd([m["unsmoothed"] for m in per_fold])
+    return summary
 
 
 def format_cv_summary(summary: dict) -> str:
     lines = [f"{'':>14}" + "".join(f"{k:>14}" for k in CV_KEYS)]
     lines.append(f"{'mean +- sd':>14}" + "".join(f"{summary['mean'][k]:>8.3f}+-{summary['sd'][k]:<4.3f}" for k in CV_KEYS))
     lines.append(f"{'pooled':>14}" + "".join(f"{summary['pooled'][k]:>14.3f}" for k in CV_KEYS))
+    if "unsmoothed" in summary:  # same models, each epoch on its own
+        plain = summary["unsmoothed"]
+        lines.append(f"{'unsmoothed':>14}" + "".join(f"{plain['mean'][k]:>8.3f}+-{plain['sd'][k]:<4.3f}" for k in CV_KEYS))
     return f"cross-validation over {summary['n_folds']} fold(s):\n" + "\n".join(lines)

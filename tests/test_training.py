@@ -122,6 +122,9 @@ def test_cross_validation_holds_out_every_subject_once(small_data_dir, tmp_path,
     assert oof.groupby("subject")["fold"].nunique().eq(1).all()
     summary = json.loads((out / "cv_summary.json").read_text())
     assert summary["n_folds"] == 3 and len(summary["folds"]) == 3
+    # offline runs are smoothed; the same models' unsmoothed figures come along for comparison
+    assert set(summary["unsmoothed"]["mean"]) == set(summary["mean"])
+    assert all(-1 <= f["unsmoothed"]["kappa"] <= 1 for f in summary["folds"])
     assert "mean +- sd" in capsys.readouterr().out
 
 
@@ -159,6 +162,9 @@ def test_bad_flags_are_rejected(capsys):
     with pytest.raises(SystemExit):
         training.parse_args(training.TrainConfig(), ["--features", "heart_rate_bpm,pulse"], "train.py")
     assert "unknown feature" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        training.parse_args(training.TrainConfig(), ["--ensemble", "0"], "train.py")
+    assert "--ensemble must be >= 1" in capsys.readouterr().err
 
 
 def test_env_vars_set_defaults(monkeypatch):
