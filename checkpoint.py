@@ -139,8 +139,13 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
         extra = [f for f in checkpoint["features"] if f not in expected_features]
         raise CheckpointError(f"checkpoint {path} was trained on other features: missing {missing}, "
                               f"extra {extra}, order {checkpoint['features']}")
+    size = checkpoint.get("ensemble_size", 1)
+    members = {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("members.")}
+    if not isinstance(size, int) or size < 1 or (size > 1 and len(members) != size):
+        raise CheckpointError(f"checkpoint {path}: ensemble_size {size!r} does not match the "
+                              f"{len(members) or 1} model(s) in its state dict")
     try:
-        model = build_model(arch, checkpoint["model_config"], int(checkpoint.get("ensemble_size", 1)))
+        model = build_model(arch, checkpoint["model_config"], size)
     except TypeError as exc:
         raise CheckpointError(f"checkpoint {path}: model config does not fit {arch}: {exc}") from None
     if model.config.n_features != len(checkpoint["features"]):

@@ -118,6 +118,13 @@ def test_ensemble_checkpoint_averages_its_members_and_resumes(small_data_dir, tm
         torch.testing.assert_close(torch.softmax(model(x), -1), expected, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(torch.softmax(model.forward_last(x), -1), expected[:, -1], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(torch.softmax(members[0](x), -1), torch.softmax(members[1](x), -1))  # seeds differ
+    # a tampered member count is refused before any model is built
+    from checkpoint import CheckpointError, read_checkpoint
+    tampered = read_checkpoint(out / "model.pth")
+    tampered["ensemble_size"] = 10**9
+    torch.save(tampered, tmp_path / "tampered.pth")
+    with pytest.raises(CheckpointError, match="ensemble_size 1000000000 does not match the 2 model"):
+        load_model_from_checkpoint(tmp_path / "tampered.pth")
     # resuming a finished ensemble retrains nothing and rebuilds the same averaged model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--ensemble", "2", "--resume") == 0
