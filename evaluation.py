@@ -44,6 +44,16 @@ def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, ta
     return probs if transitions is None else smooth_night(probs, transitions)
 
 
+def describe_mode(checkpoint: dict) -> str:
+    """How a checkpoint stages, for report headers and plot titles."""
+    if checkpoint["causal"]:
+        mode = "causal (real-time"
+    else:
+        mode = "offline (both-sided context" + (", night-smoothed" if checkpoint.get("transitions") is not None else "")
+    size = int(checkpoint.get("ensemble_size", 1))
+    return mode + (f", {size}-model ensemble)" if size > 1 else ")")
+
+
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """Accuracy, Cohen's kappa, macro-F1, per-class recall on scored epochs (y_true >= 0)."""
     from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
@@ -331,7 +341,7 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
             frame = predict_nights_parallel(args.checkpoint, nights, args.workers)
         else:
             frame = predict_nights(model, scaler, checkpoint, nights)
-        mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
+        mode = describe_mode(checkpoint)
     print(f"{arch} checkpoint {args.checkpoint} [{mode}] on {len(nights)} subject(s) from {data_dir}: "
           f"{', '.join(n.subject_id for n in nights[:10])}{', ...' if len(nights) > 10 else ''} "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -408,7 +418,7 @@ def _user_report(arch: str, args, model: torch.nn.Module, scaler: dl.FeatureScal
         print(f"error: {exc}", file=sys.stderr)
         return 1
     frame = user_data.predict_recording(model, scaler, checkpoint, recording)
-    mode = "causal (real-time)" if checkpoint["causal"] else "offline (both-sided context)"
+    mode = describe_mode(checkpoint)
     summary = user_data.night_summary(frame, recording, args.checkpoint, mode)
     out_dir = Path(args.out_dir or "out/report")
     tst = summary["metrics"]["total_sleep_time_min"]

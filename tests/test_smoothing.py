@@ -81,7 +81,10 @@ def test_offline_checkpoints_carry_the_training_transitions_and_evaluation_appli
     nights = {n.subject_id: n for n in dl.load_nights(small_data_dir, cache_dir=None)}
     expected = transition_matrix(nights[s].stage for s in ckpt["train_subjects"])
     np.testing.assert_allclose(ckpt["transitions"], expected)
-    assert load_model_from_checkpoint(tmp_path / "causal" / "model.pth")[2]["transitions"] is None
+    causal_ckpt = load_model_from_checkpoint(tmp_path / "causal" / "model.pth")[2]
+    assert causal_ckpt["transitions"] is None
+    assert evaluation.describe_mode(ckpt) == "offline (both-sided context, night-smoothed)"
+    assert evaluation.describe_mode(causal_ckpt) == "causal (real-time)"
 
     night = nights[ckpt["test_subjects"][0]]
     x = scaler.transform(dl.night_features(night, causal=False, features=tuple(ckpt["features"])))
@@ -111,6 +114,7 @@ def test_ensemble_checkpoint_averages_its_members_and_resumes(small_data_dir, tm
     assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--ensemble", "2") == 0
     model, scaler, ckpt = load_model_from_checkpoint(out / "model.pth")
     assert isinstance(model, Ensemble) and ckpt["ensemble_size"] == 2 and len(ckpt["epoch"]) == 2
+    assert evaluation.describe_mode(ckpt).endswith(", 2-model ensemble)")
     members = [load_model_from_checkpoint(out / "members" / f"seed{s}" / "model.pth")[0] for s in (1337, 1338)]
     x = torch.randn(3, ckpt["seq_len"], len(ckpt["features"]))
     with torch.no_grad():
