@@ -24,6 +24,7 @@ FORMAT = "sleep-staging-checkpoint/1"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once (setting it is the only way to read it)
 ARCHITECTURES = {"lstm": (SleepLSTM, LSTMConfig), "hybrid": (SleepHybrid, HybridConfig)}
+MAX_ENSEMBLE = 64  # members a checkpoint may hold: a tampered count cannot make the loader build millions
 
 
 class CheckpointError(ValueError):
@@ -141,7 +142,8 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
                               f"extra {extra}, order {checkpoint['features']}")
     size = checkpoint.get("ensemble_size", 1)
     members = {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("members.")}
-    if not isinstance(size, int) or size < 1 or (size > 1 and len(members) != size):
+    if (not isinstance(size, int) or not 1 <= size <= MAX_ENSEMBLE
+            or (size > 1 and members != {str(i) for i in range(size)})):
         raise CheckpointError(f"checkpoint {path}: ensemble_size {size!r} does not match the "
                               f"{len(members) or 1} model(s) in its state dict")
     try:
@@ -162,10 +164,12 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
     model.load_state_dict(saved)
     model.eval()
     if checkpoint.get("transitions") is not None:
+        if checkpoint["causal"]:  # smoothing reads later epochs: a causal model must not carry a matrix
+            raise CheckpointError(f"checkpoint {path}: a causal model with a smoothing matrix (transitions)")
         try:
             checkpoint["transitions"] = check_transitions(checkpoint["transitions"])
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {path}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: transitions: {exc}") from None
     scaler = FeatureScaler(np.asarray(checkpoint["scaler_mean"], np.float32),
                            np.asarray(checkpoint["scaler_scale"], np.float32))
     return model, scaler, checkpoint

@@ -117,25 +117,29 @@ def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint:
 _WORKER_MODEL: tuple | None = None
 
 
-def _init_worker(checkpoint_path: str) -> None:
+def _init_worker(checkpoint_path: str, smooth: bool) -> None:
     """Load the model once per worker process; one torch thread each, so K workers use K cores."""
     global _WORKER_MODEL
     torch.set_num_threads(1)
-    _WORKER_MODEL = load_model_from_checkpoint(checkpoint_path)
+    model, scaler, checkpoint = load_model_from_checkpoint(checkpoint_path)
+    if not smooth:
+        checkpoint["transitions"] = None
+    _WORKER_MODEL = model, scaler, checkpoint
 
 
 def _score_chunk(nights: list[dl.Night]) -> pd.DataFrame:
     return predict_nights(*_WORKER_MODEL, nights)
 
 
-def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night], workers: int) -> pd.DataFrame:
+def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night], workers: int,
+                            smooth: bool = True) -> pd.DataFrame:
     """predict_nights over `workers` processes; rows in the same order as one process gives."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     chunks = [list(c) for c in np.array_split(np.array(nights, dtype=object), min(workers * 4, len(nights))) if len(c)]
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(str(checkpoint_path),)) as pool:
+                             initializer=_init_worker, initargs=(str(checkpoint_path), smooth)) as pool:
         frames = list(pool.map(_score_chunk, chunks))  # map keeps the chunks' order
     return pd.concat(frames, ignore_index=True)
 
@@ -259,6 +263,9 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     parser.add_argument("--start-s", default=0.0, type=lambda v: None if v == "auto" else float(v),
                         help="with --follow: start of epoch 0 in the files' time base, or 'auto' (the first "
                              "reading, floored to 30 s); default 0 (PhysioNet files count from the PSG start)")
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                        help="offline checkpoints: smooth each night with the checkpoint's stage transitions "
+                             "(--no-smooth: each epoch on its own, e.g. to count brief awakenings)")
     parser.add_argument("--sleep-metrics", action="store_true",
                         help="also compare sleep metrics (TST, efficiency, latencies, WASO, stage minutes) with PSG: "
                              "per subject, agreement table (bias, SD, limits of agreement, MAE), Bland-Altman PNG")
@@ -299,6 +306,8 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if not args.smooth:
+        checkpoint["transitions"] = None
     if args.hr is not None:
         return _user_report(arch, args, model, scaler, checkpoint)
     if streaming:
@@ -338,7 +347,7 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
         mode = "causal, streamed reading by reading"
     else:
         if args.workers > 1:
-            frame = predict_nights_parallel(args.checkpoint, nights, args.workers)
+            frame = predict_nights_parallel(args.checkpoint, nights, args.workers, args.smooth)
         else:
             frame = predict_nights(model, scaler, checkpoint, nights)
         mode = describe_mode(checkpoint)

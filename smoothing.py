@@ -4,11 +4,13 @@ Sleep stages follow each other in a pattern (Deep rarely jumps straight to REM, 
 Light epochs is brief), which a window of 25 epochs only partly sees. Treating the model's
 per-epoch probabilities as the emissions of a hidden Markov chain over the four stages, with the
 transition matrix counted on the training subjects' hypnograms, the forward-backward algorithm
-gives each epoch's stage probability given the whole night. It adds no parameter to tune: the
-matrix is counted, not fitted, and is stored in the checkpoint (`transitions`).
+gives each epoch's stage probability given the whole night. Nothing is fitted: the matrix is
+counted (with a pseudo-count of 1 per transition) and stored in the checkpoint (`transitions`).
 
-Offline models use forward-backward (the whole night). Causal checkpoints carry no matrix: a
-forward-only filter is causal too, but it did not improve the causal models in cross-validation
+Only offline models are smoothed: the backward pass reads later epochs, so causal checkpoints
+carry no matrix (loading refuses one that does). The network's probabilities already lean towards
+the stages its class weights favour less, and the matrix adds the training nights' stage mix
+again: smoothing moves predictions towards long runs of Light and merges brief awakenings
 (README, Results).
 """
 from __future__ import annotations

@@ -280,7 +280,7 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
 def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],
               val_ids: list[str], out_dir: Path | None, ctx: Dist, device: torch.device,
               extra: dict | None = None, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
-    """Train on train_ids, select on val_ids; writes best.pth/scaler.pkl/log/curves to out_dir (rank 0)."""
+    """Train on train_ids, select on val_ids; writes model.pth/scaler.pkl/last.pth/log/curves to out_dir (rank 0)."""
     torch.manual_seed(cfg.seed)
     model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
     model = build_model(arch, model_config).to(device)

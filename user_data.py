@@ -467,7 +467,9 @@ def format_summary(summary: dict) -> str:
         f"  WASO                 {minutes(m['waso_min'])}",
         f"  REM latency          {minutes(m['rem_latency_min'])}" + (" from sleep onset"
                                                                      if m["rem_latency_min"] is not None else ""),
-        f"  awakenings           {int(m['awakenings']) if m['awakenings'] is not None else '-'}",
+        f"  awakenings           {int(m['awakenings']) if m['awakenings'] is not None else '-'}"
+        + (" (night-smoothed model: brief awakenings are merged; --no-smooth counts them)"
+           if "night-smoothed" in summary["mode"] else ""),
         f"  {'stage':<8}{'minutes':>9}{'% of sleep':>12}{'% of time in bed':>18}",
     ]
     for stage, row in summary["stages"].items():

@@ -3,6 +3,7 @@ its use by offline checkpoints."""
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from smoothing import check_transitions, smooth_night, transition_matrix
@@ -97,8 +98,24 @@ def test_offline_checkpoints_carry_the_training_transitions_and_evaluation_appli
     tampered = read_checkpoint(tmp_path / "offline" / "model.pth")
     tampered["transitions"] = [[1.0, 0.0], [0.0, 1.0]]
     torch.save(tampered, tmp_path / "tampered.pth")
-    with pytest.raises(CheckpointError, match=r"tampered.pth: transition matrix has shape \(2, 2\)"):
+    with pytest.raises(CheckpointError, match=r"tampered.pth: transitions: transition matrix has shape \(2, 2\)"):
         load_model_from_checkpoint(tmp_path / "tampered.pth")
+    tampered["transitions"] = {}
+    torch.save(tampered, tmp_path / "tampered.pth")
+    with pytest.raises(CheckpointError, match="tampered.pth: transitions"):
+        load_model_from_checkpoint(tmp_path / "tampered.pth")
+    causal = read_checkpoint(tmp_path / "causal" / "model.pth")
+    causal["transitions"] = expected.tolist()
+    torch.save(causal, tmp_path / "causal_smoothed.pth")
+    with pytest.raises(CheckpointError, match="a causal model with a smoothing matrix"):
+        load_model_from_checkpoint(tmp_path / "causal_smoothed.pth")
+    # --no-smooth at evaluation scores each epoch on its own, with one process or two
+    for workers in ("1", "2"):
+        csv = tmp_path / f"raw{workers}.csv"
+        assert evaluation.main("hybrid", tmp_path / "offline" / "model.pth",
+                               ["--data-dir", str(small_data_dir), "--subjects", night.subject_id, "--no-smooth",
+                                "--workers", workers, "--predictions-out", str(csv), "--plots-dir", ""]) == 0
+        np.testing.assert_allclose(pd.read_csv(csv)[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(), raw, atol=1e-4)
     # --no-smooth trains and saves without a matrix
     assert training.parse_args(training.TrainConfig(), ["--no-smooth"], "train.py").smooth is False
 
@@ -129,9 +146,13 @@ def test_ensemble_checkpoint_averages_its_members_and_resumes(small_data_dir, tm
     torch.save(tampered, tmp_path / "tampered.pth")
     with pytest.raises(CheckpointError, match="ensemble_size 1000000000 does not match the 2 model"):
         load_model_from_checkpoint(tmp_path / "tampered.pth")
-    # resuming a finished ensemble retrains nothing and rebuilds the same averaged model
+    # resuming a finished ensemble retrains nothing (the members' logs stay as they were) and rebuilds
+    # the same averaged model
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs = {p: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("members/seed*/train_log.csv")}
+    assert len(logs) == 2
     assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--ensemble", "2", "--resume") == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_text()) for p in logs} == logs
     after = load_model_from_checkpoint(out / "model.pth")[0].state_dict()
     for k in before:
         torch.testing.assert_close(before[k], after[k])
