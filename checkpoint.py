@@ -42,13 +42,16 @@ class Ensemble(torch.nn.Module):
         self.config = members[0].config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(member(x).float(), dim=-1) for member in self.members]).mean(dim=0)
-        return probs.clamp_min(1e-12).log()
+        return _log_mean_probs([member(x) for member in self.members])
 
     def forward_last(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x)[:, -1] (eval mode), through each member's own last-position path."""
-        probs = torch.stack([torch.softmax(member.forward_last(x).float(), dim=-1) for member in self.members]).mean(dim=0)
-        return probs.clamp_min(1e-12).log()
+        return _log_mean_probs([member.forward_last(x) for member in self.members])
+
+
+def _log_mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:
+    probs = torch.stack([torch.softmax(z.float(), dim=-1) for z in logits]).mean(dim=0)
+    return probs.clamp_min(1e-12).log()
 
 
 def build_model(arch: str, config: dict, ensemble_size: int = 1) -> torch.nn.Module:

@@ -75,6 +75,11 @@ class TrainConfig:
     model: str = ""                 # overrides of the script's MODEL config, e.g. "channels=32,n_heads=2"
 
     @property
+    def smoothed(self) -> bool:
+        """Whether this run's models smooth nights (offline only: smoothing reads later epochs)."""
+        return self.smooth and not self.causal
+
+    @property
     def target_pos(self) -> int:
         return self.seq_len - 1 if self.causal else self.seq_len // 2
 
@@ -138,9 +143,11 @@ def gather(value, ctx: Dist) -> list:
 
 @dataclass
 class Prepared:
-    """The cohort's memory-mapped features and the scaler fitted on the training subjects."""
+    """The cohort's memory-mapped features, and what is fitted on the training subjects: the scaler and,
+    for smoothed (offline) models, the stage transition matrix (None: no smoothing)."""
     store: dl.FeatureStore
     scaler: dl.FeatureScaler
+    transitions: np.ndarray | None = None
 
     def x(self, subject_id: str, index: np.ndarray | None = None) -> np.ndarray:
         """Scaled features of a subject (rows at index, or all)."""
@@ -150,8 +157,11 @@ class Prepared:
         return self.store.read(subject_id, "stage", index).astype(np.int64)
 
 
-def prepare(store: dl.FeatureStore, train_ids: list[str]) -> Prepared:
-    return Prepared(store, store.fit_scaler(train_ids))
+def prepare(store: dl.FeatureStore, train_ids: list[str], smooth: bool = False) -> Prepared:
+    transitions = None
+    if smooth:
+        transitions = transition_matrix(store.read(s, "stage").astype(np.int64) for s in train_ids)
+    return Prepared(store, store.fit_scaler(train_ids), transitions)
 
 
 class WindowDataset(Dataset):
@@ -189,13 +199,6 @@ class WindowDataset(Dataset):
         idx = np.minimum(idx, n - 1)
         labels = np.where(valid, self.data.y(subject_id, idx), -1)
         return torch.from_numpy(self.data.x(subject_id, idx)), torch.from_numpy(labels)
-
-
-def stage_transitions(data: Prepared, subjects: list[str], cfg: TrainConfig) -> np.ndarray | None:
-    """The transition matrix that offline checkpoints smooth nights with (None: no smoothing)."""
-    if cfg.causal or not cfg.smooth:
-        return None
-    return transition_matrix(data.y(s) for s in subjects)
 
 
 def class_weights(counts: np.ndarray, rem_boost: float, power: float = 1.0) -> torch.Tensor:
@@ -246,11 +249,10 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
 # ----------------------------------------------------------------------------- evaluation during training
 
 def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str], cfg: TrainConfig,
-                      ctx: Dist, weight: torch.Tensor, device: torch.device,
-                      transitions: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+                      ctx: Dist, weight: torch.Tensor, device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, dict]:
     """Metrics over the whole subject list: each rank predicts its share, rank 0 gets all of it.
 
-    Metrics and the returned probabilities are smoothed when `transitions` is given; the loss is the
+    Metrics and the returned probabilities are smoothed when data.transitions is set; the loss is the
     network's own (unsmoothed), comparable with the training loss."""
     mine = {}
     model.eval()
@@ -260,16 +262,18 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     raw = {}
     for part in gather(mine, ctx):
         raw.update(part)
+    transitions = data.transitions
     merged = raw if transitions is None else {s: smooth_night(p, transitions) for s, p in raw.items()}
     y_true = np.concatenate([data.y(s) for s in subjects])
     y_pred = np.concatenate([merged[s] for s in subjects]).argmax(1)
+    raw_all = np.concatenate([raw[s] for s in subjects])
     metrics = compute_metrics(y_true, y_pred)
     if transitions is not None:  # the same model's figures without smoothing: a paired comparison
-        unsmoothed = compute_metrics(y_true, np.concatenate([raw[s] for s in subjects]).argmax(1))
+        unsmoothed = compute_metrics(y_true, raw_all.argmax(1))
         metrics["unsmoothed"] = {k: unsmoothed[k] for k in CV_KEYS}
     scored = y_true >= 0
     with torch.no_grad():
-        logp = torch.log(torch.from_numpy(np.concatenate([raw[s] for s in subjects])[scored]).clamp_min(1e-8)).float()
+        logp = torch.log(torch.from_numpy(raw_all[scored]).clamp_min(1e-8)).float()
         metrics["loss"] = float(focal_loss(logp, torch.from_numpy(y_true[scored]), weight.cpu(), cfg.focal_gamma))
     metrics["rem_accuracy"] = metrics["recall_rem"]
     return metrics, y_true, y_pred, merged
@@ -288,7 +292,6 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
     weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
-    transitions = stage_transitions(data, train_ids, cfg)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
@@ -306,7 +309,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         if ctx.is_main:
             print(f"resumed from {last_path} after epoch {state['epoch']} (best {cfg.select_metric} "
                   f"{state['best']:.4f} at epoch {state['best_epoch']})")
-    checkpoint_extra = _checkpoint_extra(cfg, train_ids, val_ids, transitions, extra)
+    checkpoint_extra = _checkpoint_extra(cfg, train_ids, val_ids, data.transitions, extra)
     best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best_path is not None and best_path.exists() and state["best_epoch"] >= 0:
         best_model_state = read_checkpoint(best_path)["state_dict"]
@@ -328,7 +331,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
-        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device, transitions)
+        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
         improved, row = False, None
         if ctx.is_main:
             score = metrics[cfg.select_metric]
@@ -392,12 +395,11 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
         best_epochs.append(state["best_epoch"])
     model = Ensemble(members).eval()
     weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
-    transitions = stage_transitions(data, train_ids, cfg)
-    metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device, transitions)
+    metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
     if ctx.is_main and out_dir is not None:
         save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                         target_pos=cfg.target_pos, scaler=data.scaler,
-                                        extra={**_checkpoint_extra(cfg, train_ids, val_ids, transitions, extra),
+                                        extra={**_checkpoint_extra(cfg, train_ids, val_ids, data.transitions, extra),
                                                "val_metrics": _jsonable(metrics), "epoch": best_epochs}),
                         out_dir / "model.pth", out_dir / "scaler.pkl")
     return model, {"best_epoch": best_epochs, "best": metrics[cfg.select_metric]}
@@ -542,12 +544,11 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
         f"{len(cfg.features)} features")
     if cfg.cv:
         return _cross_validate(arch, model_config, cfg, store, train_ids + val_ids, out_dir, ctx, device, say)
-    data = prepare(store, train_ids)
+    data = prepare(store, train_ids, smooth=cfg.smoothed)
     model, state = train_model(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
                                extra={"test_subjects": test_ids})
     weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
-    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device,
-                                                   stage_transitions(data, train_ids, cfg))
+    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device)
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
         say(f"\nbest epoch {state['best_epoch']} ({cfg.select_metric} {state['best']:.4f} on validation); "
@@ -592,11 +593,10 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
         fit_ids, held_ids = folds[k]
         inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + k, val_frac=0.12, test_frac=0.0)
         t0 = time.perf_counter()
-        data = prepare(store, inner_train)
+        data = prepare(store, inner_train, smooth=cfg.smoothed)
         model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
         weight = class_weights(data.store.class_counts(inner_train), cfg.rem_boost, cfg.class_weight_power)
-        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device,
-                                                 stage_transitions(data, inner_train, cfg))
+        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device)
         if ctx.is_main:
             metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]
             metrics["minutes"] = round((time.perf_counter() - t0) / 60, 2)
