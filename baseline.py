@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 import data_loader as dl
+import features
 from checkpoint import atomic_write
 from evaluation import compute_metrics, format_report, prediction_frame, write_predictions
 from smoothing import smooth_night, transition_matrix
@@ -34,8 +35,8 @@ CONTEXT_FEATURES = ("heart_rate_bpm", "hr_night_z", "hrv_5min_bpm", "log_activit
 
 def design_matrix(night: dl.Night, causal: bool) -> np.ndarray:
     """Per-epoch features plus rolling means of a few of them (trailing if causal, centred if not)."""
-    x = dl.night_features(night, causal=causal, features=dl.DEFAULT_FEATURES)
-    frame = pd.DataFrame(x, columns=dl.DEFAULT_FEATURES)
+    x = features.night_features(night, causal=causal, features=features.DEFAULT_FEATURES)
+    frame = pd.DataFrame(x, columns=features.DEFAULT_FEATURES)
     extra = []
     for name in CONTEXT_FEATURES:
         for w in CONTEXT_EPOCHS:

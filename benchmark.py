@@ -11,14 +11,14 @@
 2. batched: --wearers wearers each close one epoch per round, one batched model call per round;
    wearer-epochs per second of the median of --rounds rounds (and over all rounds), for torch
    threads in --threads (the best is reported; with n threads the windows run as n parts side by
-   side, one torch thread each: realtime.in_parallel).
+   side, one torch thread each: evaluation.in_parallel).
    The same for the compact real-time model (`batched_compact`: checkpoints/hybrid_causal_compact,
    the hybrid at 32 channels, trained with `train_hybrid.py --causal --model channels=32`).
-   `vectorised` is realtime.StagerBatch (every wearer's state in numpy arrays; with the hybrid it
+   `vectorised` is stager_batch.StagerBatch (every wearer's state in numpy arrays; with the hybrid it
    keeps each wearer's conv outputs, so only the new epoch and the padded start of the window go
    through the convolutions), `pool` is realtime.StagerPool (one StreamingStager per wearer,
    readings pushed with timestamps, then a flush at the epoch's end); both give the same
-   probabilities (checked on the last round). `model_only` is realtime.predict_windows on the
+   probabilities (checked on the last round). `model_only` is evaluation.predict_windows on the
    same number of windows: the model call alone, whole windows (no conv cache).
    Wall-clock figures decide the targets. The CPU-time figures (`cpu_*`: this thread's CPU time
    per update; `wearer_epochs_per_cpu_s`: per CPU-second of the process) leave out the time the
@@ -50,7 +50,10 @@ import numpy as np
 import torch
 
 import data_loader as dl
+import features
+import evaluation
 import realtime
+import stager_batch
 from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -70,13 +73,13 @@ def _fresh_model(arch: str, causal: bool, nights: list[dl.Night], train_ids: lis
         import train as script
     config = {k: v for k, v in asdict(script.MODEL).items() if k not in ("n_features", "causal", "dropout")}
     config.update(overrides or {})
-    features = list(script.TRAIN.features)
+    names = list(script.TRAIN.features)
     seq_len = script.TRAIN.seq_len
     torch.manual_seed(0)
-    model = build_model(arch, {**config, "n_features": len(features), "causal": causal}).eval()
+    model = build_model(arch, {**config, "n_features": len(names), "causal": causal}).eval()
     train = [n for n in nights if n.subject_id in set(train_ids)] or nights
-    scaler = dl.FeatureScaler.fit([dl.night_features(n, causal=causal, features=tuple(features)) for n in train])
-    checkpoint = make_checkpoint(model, arch, features=features, seq_len=seq_len,
+    scaler = dl.FeatureScaler.fit([features.night_features(n, causal=causal, features=tuple(names)) for n in train])
+    checkpoint = make_checkpoint(model, arch, features=names, seq_len=seq_len,
                                  target_pos=seq_len - 1 if causal else seq_len // 2, scaler=scaler)
     return model, scaler, checkpoint
 
@@ -114,7 +117,7 @@ def bench_stream(model, scaler, checkpoint, readings: dict, n_epochs: int, warmu
     groups = [list(realtime.time_ordered_runs(readings, 30.0 * k, 30.0 * (k + 1))) for k in range(total)]
     stager = realtime.StreamingStager(model, scaler, checkpoint, start_s=0.0)
     times, cpu_times, sizes = [], [], []
-    with realtime.single_thread():
+    with evaluation.single_thread():
         gc.collect()
         for k, runs in enumerate(groups):
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -177,7 +180,7 @@ def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wear
         for n_threads in threads:
             torch.set_num_threads(n_threads)
             # vectorised: StagerBatch
-            batch = realtime.StagerBatch(model, scaler, checkpoint, n_wearers)
+            batch = stager_batch.StagerBatch(model, scaler, checkpoint, n_wearers)
             elapsed, cpu = [], []
             for r, ((hr_w, hr_v), (c_w, c_v)) in enumerate(flat):
                 gc.collect()
@@ -211,7 +214,7 @@ def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wear
             elapsed, cpu = [], []
             for r in range(warmup_rounds + n_rounds):
                 t0, c0 = time.perf_counter(), time.process_time()
-                realtime.predict_windows(model, windows, checkpoint["target_pos"], batch.batch_size)
+                evaluation.predict_windows(model, windows, checkpoint["target_pos"], batch.batch_size)
                 if r >= warmup_rounds:
                     elapsed.append(time.perf_counter() - t0)
                     cpu.append(time.process_time() - c0)
@@ -243,7 +246,6 @@ def _rate(n_wearers: int, elapsed: list[float], cpu: list[float]) -> dict:
 
 def bench_offline(arch: str, checkpoint_dir: Path, nights: list[dl.Night], train_ids: list[str], test_ids: list[str],
                   repeats: int, max_epochs: int | None) -> dict:
-    import evaluation
     model, scaler, checkpoint, source = get_model(arch, False, checkpoint_dir, nights, train_ids)
     ids = checkpoint.get("test_subjects") or test_ids
     scored = [n for n in nights if n.subject_id in set(ids)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,25 @@ from smoothing import check_transitions
 FORMAT = "sleep-staging-checkpoint/1"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once (setting it is the only way to read it)
-ARCHITECTURES = {"lstm": (SleepLSTM, LSTMConfig), "hybrid": (SleepHybrid, HybridConfig)}
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An architecture's model class, its config, and the scripts that train and run it."""
+    name: str
+    model_cls: type
+    config_cls: type
+    train_script: str
+    inference_script: str
+
+    def shipped(self, causal: bool) -> Path:
+        """The shipped checkpoint of this architecture in one mode."""
+        return CHECKPOINT_DIR / f"{self.name}_{'causal' if causal else 'offline'}" / "model.pth"
+
+
+ARCHITECTURES = {"lstm": Architecture("lstm", SleepLSTM, LSTMConfig, "train.py", "inference.py"),
+                 "hybrid": Architecture("hybrid", SleepHybrid, HybridConfig, "train_hybrid.py", "inference_hybrid.py")}
 MAX_ENSEMBLE = 64  # members a checkpoint may hold: a tampered count cannot make the loader build millions
 
 
@@ -57,7 +75,7 @@ def _log_mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:
 def build_model(arch: str, config: dict, ensemble_size: int = 1) -> torch.nn.Module:
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
-    model_cls, config_cls = ARCHITECTURES[arch]
+    model_cls, config_cls = ARCHITECTURES[arch].model_cls, ARCHITECTURES[arch].config_cls
     if ensemble_size > 1:
         return Ensemble([model_cls(config_cls(**config)) for _ in range(ensemble_size)])
     return model_cls(config_cls(**config))
@@ -137,7 +155,7 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
     arch = checkpoint["arch"]
     if expected_arch is not None and arch != expected_arch:
         raise CheckpointError(f"checkpoint {path} holds a {arch!r} model, this script runs {expected_arch!r} "
-                              f"models (use {'inference.py' if arch == 'lstm' else 'inference_hybrid.py'})")
+                              f"models (use {ARCHITECTURES[arch].inference_script if arch in ARCHITECTURES else 'another script'})")
     if expected_features is not None and list(expected_features) != checkpoint["features"]:
         missing = [f for f in expected_features if f not in checkpoint["features"]]
         extra = [f for f in checkpoint["features"] if f not in expected_features]

@@ -1,17 +1,15 @@
-"""PhysioNet Sleep-Accel files -> aligned 30 s epochs -> per-epoch features -> SEQ_LEN windows.
+"""PhysioNet Sleep-Accel files -> aligned 30 s epochs (`Night`), plus subject splits and the feature scaler.
 
-The one place that turns files into model inputs. Reading is in three layers:
+Reading is in two layers:
 
 1. `read_signal` parses one file (plain or gzip, in blocks of rows so that a 50 Hz motion file
    needs little more memory than its parsed values) into a clean float array, applying the
    documented input rules below or raising `DataError` naming the file, line and value.
 2. `load_night` crops every signal to the PSG window and reduces it to per-epoch aggregates
-   (a `Night`): heart-rate mean/std/sample count, activity counts, motion magnitude, steps,
-   with NaN where a signal is missing. Parsed nights are cached on disk.
-3. `night_features` turns a Night into the model's per-epoch feature matrix. Causal features
-   (for real-time use) only look at the past; offline features may use the whole night.
-4. `build_feature_store` writes a cohort's feature matrices, one night at a time, into flat
-   files that training memory-maps (`FeatureStore`), so thousands of nights never sit in RAM.
+   (a `Night`): heart-rate mean/std, activity counts, motion magnitude, steps, with NaN where a
+   signal is missing. Parsed nights are cached on disk.
+
+Features (features.py) and the cohort store (feature_store.py) build on the Night.
 
 Input rules (each one tested):
 - labels: rows must be `seconds stage` with seconds increasing in steps that are multiples of
@@ -31,34 +29,30 @@ Stage map: 0 Wake; 1, 2 Light; 3, 4 Deep; 5 REM; -1 (unscored) stays in the time
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 import warnings
-import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 from scipy.signal import butter, filtfilt
 
-EPOCH_S = 30
-SEQ_LEN = 25
+from features import EPOCH_S, epoch_mean_std, epoch_sum
+
 STAGE_NAMES = ("Wake", "Light", "Deep", "REM")
 PSG_STAGE_TO_CLASS = {-1: -1, 0: 0, 1: 1, 2: 1, 3: 2, 4: 2, 5: 3}
 HR_MIN_BPM, HR_MAX_BPM = 25.0, 250.0
 MOTION_MAX_G = 16.0
-HR_PRIOR_BPM = 60.0  # causal fill before the first heart-rate sample of a night
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "sleep-accel"
 DEFAULT_CACHE_DIR = Path(os.environ.get("SLEEP_STAGING_CACHE", Path(__file__).resolve().parent / ".cache"))
 CACHE_VERSION = 4  # 4: raw-motion counts interpolate within each epoch only
@@ -113,20 +107,20 @@ def find_subjects(data_dir: str | Path) -> list[str]:
     return sorted(ids)
 
 
-def _is_gzip(path: Path) -> bool:
+def is_gzip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
 
 
-def _open_text(path: Path):
-    if _is_gzip(path):
+def open_text(path: Path):
+    if is_gzip(path):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
     return open(path, "r", encoding="utf-8", errors="replace")
 
 
 def _first_bad_line(path: Path, n_cols: int) -> tuple[int, str, str] | None:
     """(line number, line, reason) of the first row that is not n_cols numbers; slow path only."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             fields = line.replace(",", " ").split()
             if not fields:
@@ -151,7 +145,7 @@ def _check_nan_rows(path: Path, rows: np.ndarray, n_cols: int) -> int:
     apart. One streaming pass that looks at those lines only.
     """
     blank, i = 0, 0
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for row, line in enumerate(f):
             if row < rows[i]:
                 continue
@@ -181,7 +175,7 @@ def read_signal(path: str | Path, n_cols: int, report: dict | None = None, keep=
     path = Path(path)
     parts, nan_rows, n_inf, n_finite, n_out, row0 = [], [], 0, 0, 0, 0
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             first = ""
             for first in f:
                 if first.strip():
@@ -193,7 +187,7 @@ def read_signal(path: str | Path, n_cols: int, report: dict | None = None, keep=
             # pandas only warns, and drops the extra fields, when the first row is too long
             warnings.simplefilter("error", pd.errors.ParserWarning)
             with pd.read_csv(path, sep=sep, header=None, dtype=np.float64, engine="c", skip_blank_lines=False,
-                             compression="gzip" if _is_gzip(path) else None, names=list(range(n_cols)),
+                             compression="gzip" if is_gzip(path) else None, names=list(range(n_cols)),
                              index_col=False, on_bad_lines="error", chunksize=chunk_rows) as reader:
                 for table in reader:  # one row per line, blank lines included: row i is line i + 1
                     values = table.to_numpy()
@@ -287,7 +281,7 @@ def read_labels(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _line_of(path: Path, row: int) -> int:
     """Line number (1-based) of data row `row`, counting blank lines; slow path only."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         seen = -1
         for line_no, line in enumerate(f, 1):
             if line.strip():
@@ -324,18 +318,6 @@ def _epoch_index(t: np.ndarray, epoch_start_s: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _per_epoch_mean_std(idx: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    keep = idx >= 0
-    idx, values = idx[keep], values[keep]
-    count = np.bincount(idx, minlength=n).astype(np.float64)
-    total = np.bincount(idx, weights=values, minlength=n)
-    total_sq = np.bincount(idx, weights=values * values, minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        var = np.where(count > 0, total_sq / np.maximum(count, 1) - mean ** 2, np.nan)
-    return mean, np.sqrt(np.clip(var, 0, None)), count
-
-
 def motion_epoch_aggregates(motion: np.ndarray, epoch_start_s: np.ndarray) -> dict[str, np.ndarray]:
     """Per-epoch activity count (per 15 s bin), magnitude mean/std (g) from raw t,x,y,z rows.
 
@@ -350,7 +332,7 @@ def motion_epoch_aggregates(motion: np.ndarray, epoch_start_s: np.ndarray) -> di
     magnitude += motion[:, 2] ** 2
     magnitude += motion[:, 3] ** 2
     np.sqrt(magnitude, out=magnitude)
-    mag_mean, mag_std, n_samples = _per_epoch_mean_std(idx, magnitude, n)
+    mag_mean, mag_std, n_samples = epoch_mean_std(idx, magnitude, n)
     del idx, magnitude
     samples_per_epoch = EPOCH_S * COUNTS_FS_HZ
     covered = n_samples >= MIN_MOTION_COVERAGE * samples_per_epoch
@@ -400,7 +382,7 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
     if not (hr_idx >= 0).any():
         raise DataError(f"subject {subject_id}: no heart-rate samples inside the PSG window "
                         f"({epoch_start_s[0]:g}-{epoch_start_s[-1] + EPOCH_S:g} s)")
-    hr_mean, hr_std, _ = _per_epoch_mean_std(hr_idx, heart_rate[:, 1], n)
+    hr_mean, hr_std, _ = epoch_mean_std(hr_idx, heart_rate[:, 1], n)
     report["heart_rate_last_s"] = float(heart_rate[hr_idx >= 0, 0].max())
     nan = np.full(n, np.nan)
     motion_aggs = {"activity_count": nan.copy(), "motion_mag_mean_g": nan.copy(), "motion_mag_std_g": nan.copy()}
@@ -409,14 +391,14 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
         report["motion_source"] = "raw"
     elif counts is not None:
         count_idx = _epoch_index(counts[:, 0], epoch_start_s)
-        motion_aggs["activity_count"] = _per_epoch_mean_std(count_idx, counts[:, 1], n)[0]
+        motion_aggs["activity_count"] = epoch_mean_std(count_idx, counts[:, 1], n)[0]
         report["motion_source"] = "counts"
     covered = np.flatnonzero(~np.isnan(motion_aggs["activity_count"]))
     report["motion_last_s"] = float(epoch_start_s[covered[-1]] + EPOCH_S) if covered.size else None
     step_values = nan.copy()
     if steps is not None:
         step_idx = _epoch_index(steps[:, 0], epoch_start_s)
-        step_values = np.bincount(step_idx[step_idx >= 0], weights=steps[step_idx >= 0, 1], minlength=n)
+        step_values = epoch_sum(step_idx, steps[:, 1], n)
         # outside the span the steps file covers, steps are unknown rather than zero
         step_values[(epoch_start_s < steps[0, 0] - 600) | (epoch_start_s > steps[-1, 0] + 600)] = np.nan
     return Night(subject_id, np.asarray(epoch_start_s, np.float64), np.asarray(stage, np.int8),
@@ -473,7 +455,7 @@ def parse_night(data_dir: str | Path, subject_id: str) -> Night:
 
 # ----------------------------------------------------------------------------- cache
 
-def _cache_path(cache_dir: Path, data_dir: Path, subject_id: str, files: dict[str, Path]) -> Path:
+def cache_path(cache_dir: Path, data_dir: Path, subject_id: str, files: dict[str, Path]) -> Path:
     """Key: cache version + every source file's path, size and mtime; a change makes a new key."""
     key = [str(CACHE_VERSION), str(Path(data_dir).resolve()), subject_id]
     for kind in sorted(files):
@@ -517,7 +499,7 @@ def load_night(data_dir: str | Path, subject_id: str, cache_dir: str | Path | No
     files = subject_files(data_dir, subject_id)
     if not files:
         return parse_night(data_dir, subject_id)  # raises: names the missing files
-    path = _cache_path(Path(cache_dir), Path(data_dir), subject_id, files)
+    path = cache_path(Path(cache_dir), Path(data_dir), subject_id, files)
     if path.exists():
         night = _load_cached_night(path, subject_id)
         if night is not None:
@@ -531,7 +513,7 @@ def load_night(data_dir: str | Path, subject_id: str, cache_dir: str | Path | No
     return night
 
 
-def _require_folder(data_dir: Path) -> None:
+def require_folder(data_dir: Path) -> None:
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist (download the release with "
                         "`python data_loader.py --download` or use the bundled data/sleep-accel)")
@@ -542,7 +524,7 @@ def load_nights(data_dir: str | Path = DEFAULT_DATA_DIR, subjects: list[str] | N
                 progress: bool = False) -> list[Night]:
     """Load every (or the given) subject; a bad subject is skipped with a DataWarning unless strict."""
     data_dir = Path(data_dir)
-    _require_folder(data_dir)
+    require_folder(data_dir)
     subjects = find_subjects(data_dir) if subjects is None else list(subjects)
     iterator = subjects
     if progress:
@@ -557,115 +539,6 @@ def load_nights(data_dir: str | Path = DEFAULT_DATA_DIR, subjects: list[str] | N
                 raise
             warnings.warn(f"skipping subject {subject_id}: {exc}", DataWarning, stacklevel=2)
     return nights
-
-
-# ----------------------------------------------------------------------------- features
-
-def _forward_fill(values: np.ndarray, lead: float) -> np.ndarray:
-    """Carry the last observed value forward; `lead` before the first observation."""
-    observed = ~np.isnan(values)
-    last = np.where(observed, np.arange(len(values)), -1)
-    np.maximum.accumulate(last, out=last)
-    return np.where(last >= 0, values[np.maximum(last, 0)], lead)
-
-
-def fill_missing(values: np.ndarray, causal: bool, lead: float) -> np.ndarray:
-    """Forward fill within the night; offline also fills a leading gap backwards (needs the future)."""
-    if not causal and (~np.isnan(values)).any():
-        lead = values[np.flatnonzero(~np.isnan(values))[0]]
-    return _forward_fill(values, lead)
-
-
-def _rolling(values: np.ndarray, window: int, fn: str, centred: bool = False) -> np.ndarray:
-    """Mean or std over the last `window` epochs (fewer at the start), or centred on the epoch."""
-    c1 = np.concatenate([[0.0], np.cumsum(values)])
-    c2 = np.concatenate([[0.0], np.cumsum(values * values)])
-    end = np.arange(1, len(values) + 1)
-    if centred:  # the trailing window that ends window // 2 epochs later, clipped at the night's end
-        end = np.minimum(end + window // 2, len(values))
-    start = np.maximum(end - window, 0)
-    n = end - start
-    mean = (c1[end] - c1[start]) / n
-    if fn == "mean":
-        return mean
-    return np.sqrt(np.clip((c2[end] - c2[start]) / n - mean * mean, 0, None))
-
-
-FEATURES = (
-    "heart_rate_bpm",          # epoch mean, filled
-    "heart_rate_std_bpm",      # within-epoch spread (0 where missing)
-    "hr_night_z",              # heart rate against the night: expanding (causal) or whole-night statistics
-    "hr_minus_30min_mean",     # heart rate against its 30 min level (trailing if causal, else centred)
-    "hr_delta_bpm",            # change from the previous epoch
-    "hrv_2_5min_bpm",          # heart-rate variability: std over 5, 10, 20 epochs (trailing if causal)
-    "hrv_5min_bpm",
-    "hrv_10min_bpm",
-    "log_activity",            # log1p activity count
-    "log_activity_2_5min",     # activity over 5 and 20 epochs (trailing if causal)
-    "log_activity_10min",
-    "log_epochs_since_move",   # log1p epochs since the last count above MOVE_COUNT
-    "hours_since_start",       # time of night
-    "hr_missing",              # 1 where the epoch had no heart-rate sample
-    "motion_missing",          # 1 where the epoch had no motion/counts data
-    "motion_mag_mean_g",       # raw motion only (0 without it)
-    "motion_mag_std_g",
-    "steps",                   # steps file only (0 without it)
-    "steps_missing",
-)
-# Bundled data has neither raw motion nor steps, so the default models use the rest.
-DEFAULT_FEATURES = FEATURES[:15]
-MOVE_COUNT = 10.0
-
-
-def night_features(night: Night, causal: bool = True, features: tuple[str, ...] = FEATURES) -> np.ndarray:
-    """Per-epoch feature matrix (n, len(features)), float32.
-
-    causal=True uses only the current and past epochs, so a stream computes the same rows;
-    causal=False may use the whole night (night-level heart-rate statistics, centred windows,
-    backward fill).
-    """
-    centred = not causal
-    hr_observed = ~np.isnan(night.heart_rate_bpm)
-    hr = fill_missing(night.heart_rate_bpm, causal, HR_PRIOR_BPM)
-    counts = fill_missing(night.activity_count, causal, 0.0)
-    if causal:
-        n_seen = np.cumsum(hr_observed)
-        s1 = np.cumsum(np.where(hr_observed, night.heart_rate_bpm, 0.0))
-        s2 = np.cumsum(np.where(hr_observed, night.heart_rate_bpm, 0.0) ** 2)
-        night_mean = np.where(n_seen > 0, s1 / np.maximum(n_seen, 1), hr)
-        night_std = np.sqrt(np.clip(np.where(n_seen > 1, s2 / np.maximum(n_seen, 1) - night_mean ** 2, 0.0), 0, None))
-    else:
-        observed = night.heart_rate_bpm[hr_observed]
-        night_mean, night_std = observed.mean(), observed.std()
-    moved = np.where(counts > MOVE_COUNT, np.arange(len(counts)), -1)
-    np.maximum.accumulate(moved, out=moved)
-    since_move = np.where(moved >= 0, np.arange(len(counts)) - moved, np.arange(len(counts)) + 1)
-    log_counts = np.log1p(counts)
-    columns = {
-        "heart_rate_bpm": hr,
-        "heart_rate_std_bpm": np.nan_to_num(night.heart_rate_std_bpm),
-        "hr_night_z": (hr - night_mean) / np.maximum(night_std, 1.0),
-        "hr_minus_30min_mean": hr - _rolling(hr, 60, "mean", centred),
-        "hr_delta_bpm": np.diff(hr, prepend=hr[0]),
-        "hrv_2_5min_bpm": _rolling(hr, 5, "std", centred),
-        "hrv_5min_bpm": _rolling(hr, 10, "std", centred),
-        "hrv_10min_bpm": _rolling(hr, 20, "std", centred),
-        "log_activity": log_counts,
-        "log_activity_2_5min": _rolling(log_counts, 5, "mean", centred),
-        "log_activity_10min": _rolling(log_counts, 20, "mean", centred),
-        "log_epochs_since_move": np.log1p(since_move),
-        "hours_since_start": (night.epoch_start_s - night.epoch_start_s[0]) / 3600.0,
-        "hr_missing": (~hr_observed).astype(np.float64),
-        "motion_missing": np.isnan(night.activity_count).astype(np.float64),
-        "motion_mag_mean_g": np.nan_to_num(night.motion_mag_mean_g),
-        "motion_mag_std_g": np.nan_to_num(night.motion_mag_std_g),
-        "steps": np.nan_to_num(night.steps),
-        "steps_missing": np.isnan(night.steps).astype(np.float64),
-    }
-    unknown = [name for name in features if name not in columns]
-    if unknown:
-        raise ValueError(f"unknown feature(s) {unknown}; known: {list(columns)}")
-    return np.stack([columns[name] for name in features], axis=1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- splits, scaling, windows
@@ -738,224 +611,6 @@ class FeatureScaler:
         scaler.mean_, scaler.scale_ = self.mean.astype(np.float64), self.scale.astype(np.float64)
         scaler.var_, scaler.n_features_in_, scaler.n_samples_seen_ = self.scale.astype(np.float64) ** 2, len(self.mean), 1
         return scaler
-
-
-def window_indices(n_epochs: int, seq_len: int, target_pos: int, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch indices (m, seq_len) of windows whose position `target_pos` is epoch 0, stride, 2*stride...
-
-    Windows running past either end of the night repeat the edge epoch (edge padding), so every
-    epoch gets a window and nights shorter than seq_len still work; `valid` is False there.
-    """
-    if not 0 <= target_pos < seq_len:
-        raise ValueError(f"target_pos must be in [0, {seq_len}), got {target_pos}")
-    targets = np.arange(0, n_epochs, stride)
-    raw = targets[:, None] - target_pos + np.arange(seq_len)[None, :]
-    valid = (raw >= 0) & (raw < n_epochs)
-    return np.clip(raw, 0, n_epochs - 1), valid
-
-
-def make_windows(x: np.ndarray, seq_len: int, target_pos: int) -> np.ndarray:
-    """(n_epochs, seq_len, F): one window per epoch, the epoch at `target_pos`."""
-    idx, _ = window_indices(len(x), seq_len, target_pos)
-    return x[idx]
-
-
-# ----------------------------------------------------------------------------- feature store (cohort scale)
-
-STORE_VERSION = 1
-REMAP_BYTES = 16 << 20  # bytes mapped in between fresh memory maps: pages read earlier leave the process's RSS
-FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much of the page cache around each page fault
-
-
-class EpochTimeline(NamedTuple):
-    """What a prediction row needs of a night: who, when each epoch starts, the scored stage."""
-    subject_id: str
-    epoch_start_s: np.ndarray
-    stage: np.ndarray
-
-
-class FeatureStore:
-    """A cohort's per-epoch features, stages and epoch times in flat files on disk, memory-mapped.
-
-    Layout, as nanoGPT's train.bin: `features.f32` (rows, F) float32, `stage.i8` (rows,) int8,
-    `epoch_start_s.f64` (rows,) float64, subject i owning rows offsets[i]:offsets[i + 1], and
-    `index.json` (subjects, offsets, feature names, causal, skipped subjects). Only the offsets live
-    in RAM; reads go through a memory map that is replaced after every REMAP_BYTES read (the
-    pages a map has touched count in the process's RSS until it is dropped; nanoGPT remaps per
-    batch for the same reason), so the cohort's size does not show in the resident memory.
-    """
-
-    FILES = {"features": ("features.f32", np.float32), "stage": ("stage.i8", np.int8),
-             "epoch_start_s": ("epoch_start_s.f64", np.float64)}
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        index = json.loads((self.path / "index.json").read_text())
-        if index.get("version") != STORE_VERSION:
-            raise DataError(f"{self.path}: feature store version {index.get('version')}, expected {STORE_VERSION}")
-        self.subjects: list[str] = index["subjects"]
-        self.feature_names: tuple[str, ...] = tuple(index["features"])
-        self.causal: bool = index["causal"]
-        self.skipped: dict[str, str] = index.get("skipped", {})
-        self.offsets = np.asarray(index["offsets"], np.int64)
-        self._position = {s: i for i, s in enumerate(self.subjects)}
-        rows, width = int(self.offsets[-1]), len(self.feature_names)
-        for name, (filename, dtype) in self.FILES.items():
-            expected = rows * (width if name == "features" else 1) * np.dtype(dtype).itemsize
-            actual = (self.path / filename).stat().st_size
-            if actual != expected:
-                raise DataError(f"{self.path / filename}: {actual} bytes, index says {expected}")
-        self._maps: dict[str, np.ndarray] | None = None
-        self._bytes_read = 0
-
-    @classmethod
-    def write(cls, path: str | Path, nights: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-              features: tuple[str, ...], causal: bool, skipped: dict[str, str] | None = None) -> "FeatureStore":
-        """Stream (subject_id, features (n, F), stage (n,), epoch_start_s (n,)) into a new store at path.
-
-        Written in a temporary folder renamed into place, so a reader never sees half a store.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-        try:
-            subjects, offsets = [], [0]
-            with contextlib.ExitStack() as stack:
-                handles = {name: stack.enter_context(open(tmp / filename, "wb"))
-                           for name, (filename, _) in cls.FILES.items()}
-                for subject_id, x, stage, epoch_start_s in nights:
-                    if (len(stage) == 0 or x.shape != (len(stage), len(features))
-                            or len(epoch_start_s) != len(stage)):
-                        raise ValueError(f"subject {subject_id}: features {x.shape}, {len(stage)} stages, "
-                                         f"{len(epoch_start_s)} epoch starts, {len(features)} feature names")
-                    for name, values in (("features", x), ("stage", stage), ("epoch_start_s", epoch_start_s)):
-                        handles[name].write(np.ascontiguousarray(values, cls.FILES[name][1]).tobytes())
-                    subjects.append(subject_id)
-                    offsets.append(offsets[-1] + len(stage))
-            index = {"version": STORE_VERSION, "subjects": subjects, "offsets": offsets,
-                     "features": list(features), "causal": causal, "skipped": skipped or {}}
-            (tmp / "index.json").write_text(json.dumps(index))
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process (a torchrun rank) finished the same store first
-                if not (path / "index.json").exists():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls(path)
-
-    def __len__(self) -> int:
-        return len(self.subjects)
-
-    def _rows(self, subject_id: str) -> tuple[int, int]:
-        i = self._position[subject_id]
-        return int(self.offsets[i]), int(self.offsets[i + 1])
-
-    def _map(self, name: str) -> np.ndarray:
-        if self._maps is None or self._bytes_read >= REMAP_BYTES:
-            self._bytes_read = 0
-            rows, width = int(self.offsets[-1]), len(self.feature_names)
-            self._maps = {key: np.memmap(self.path / filename, dtype, "r",
-                                         shape=(rows, width) if key == "features" else (rows,))
-                          if rows else np.zeros((0, width) if key == "features" else (0,), dtype)
-                          for key, (filename, dtype) in self.FILES.items()}
-        return self._maps[name]
-
-    def n_epochs(self, subject_id: str) -> int:
-        start, end = self._rows(subject_id)
-        return end - start
-
-    def read(self, subject_id: str, name: str, index: np.ndarray | None = None) -> np.ndarray:
-        """A copy of one subject's `features`, `stage` or `epoch_start_s`, all rows or the rows at index."""
-        start, end = self._rows(subject_id)
-        values = self._map(name)[start:end]
-        out = np.array(values if index is None else values[index])
-        self._bytes_read += out.nbytes + FAULT_AROUND_BYTES  # what the read may have added to RSS
-        return out
-
-    def timeline(self, subject_id: str) -> "EpochTimeline":
-        return EpochTimeline(subject_id, self.read(subject_id, "epoch_start_s"), self.read(subject_id, "stage"))
-
-    def class_counts(self, subjects: Iterable[str]) -> np.ndarray:
-        """Scored epochs per stage (4,) over the subjects."""
-        counts = np.zeros(4, np.int64)
-        for s in subjects:
-            stage = self.read(s, "stage")
-            counts += np.bincount(stage[stage >= 0], minlength=4)[:4]
-        return counts
-
-    def fit_scaler(self, subjects: Iterable[str]) -> FeatureScaler:
-        return FeatureScaler.fit(self.read(s, "features") for s in subjects)
-
-
-def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None, *, causal: bool,
-                        features: tuple[str, ...] = DEFAULT_FEATURES, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                        strict: bool = False, progress: bool = False) -> FeatureStore:
-    """The cohort's features in a memory-mapped FeatureStore, built once per input and reused.
-
-    Key: every subject's source files (size, mtime), causal, the feature list and the cache and
-    store versions; a changed file builds a new store. Nights are read one at a time (through the
-    per-subject cache) and never held together. A bad subject is skipped with a DataWarning,
-    repeated on every load of the store, unless strict. With cache_dir None the store lives in a
-    temporary folder removed when the store is garbage-collected; the same happens, with a
-    warning, when the cache folder cannot be written.
-    """
-    data_dir = Path(data_dir)
-    _require_folder(data_dir)
-    subjects = find_subjects(data_dir) if subjects is None else list(subjects)
-    # each night's cache key (its files' sizes and mtimes), then what turns nights into the store
-    key = [_cache_path(Path(), data_dir, s, subject_files(data_dir, s)).name for s in subjects]
-    key += [str(STORE_VERSION), str(causal), ",".join(features)]
-    digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:24]
-    store, night_cache = None, cache_dir
-    if cache_dir is not None:
-        store_path = Path(cache_dir) / f"store-{digest}"
-        if (store_path / "index.json").exists():
-            try:
-                store = FeatureStore(store_path)
-            except (DataError, OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: rebuild
-                shutil.rmtree(store_path, ignore_errors=True)
-    if store is None:
-        skipped: dict[str, str] = {}
-
-        def nights():
-            iterator = subjects
-            if progress:
-                from tqdm import tqdm
-                iterator = tqdm(subjects, desc="building feature store", unit="subject", leave=False)
-            for subject_id in iterator:
-                try:
-                    night = load_night(data_dir, subject_id, night_cache)
-                except DataError as exc:
-                    if strict:
-                        raise
-                    skipped[subject_id] = str(exc)
-                    continue
-                yield subject_id, night_features(night, causal, features), night.stage, night.epoch_start_s
-
-        store = None
-        if cache_dir is not None:
-            try:
-                store = FeatureStore.write(store_path, nights(), features, causal, skipped)
-            except OSError as exc:  # read-only or full cache folder: build a temporary store instead
-                warnings.warn(f"cannot write the feature store in {cache_dir} ({exc}); using a temporary one",
-                              DataWarning, stacklevel=2)
-                skipped.clear()
-        if store is None:
-            folder = Path(tempfile.mkdtemp(prefix="sleep-staging-store-"))
-            try:
-                store = FeatureStore.write(folder / "store", nights(), features, causal, skipped)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            weakref.finalize(store, shutil.rmtree, folder, True)  # the folder goes when the store does
-    if strict and store.skipped:
-        raise DataError(next(iter(store.skipped.values())))
-    for subject_id, message in store.skipped.items():
-        warnings.warn(f"skipping subject {subject_id}: {message}", DataWarning, stacklevel=2)
-    return store
 
 
 # ----------------------------------------------------------------------------- summary CLI

@@ -1,55 +1,150 @@
-"""One evaluation path for both models: checkpoint + nights -> per-epoch predictions -> metrics,
-report, CSV and plots. `inference.py` and `inference_hybrid.py` are thin wrappers around `main`;
-training uses `predict_night` and `compute_metrics` for validation, so every figure is computed
-the same way. `--realtime` computes the same CSV and metrics by streaming every night's files
-through realtime.StreamingStager; `--follow` stages growing files live. `--sleep-metrics` adds
-the standard sleep metrics against PSG (sleep_metrics.py: per subject, agreement table,
-Bland-Altman PNG). `--hr FILE --motion FILE [--steps FILE]` stages a user's own recording
-(user_data.py): stages CSV, hypnogram and night summary in --out-dir.
+"""The evaluation library: checkpoint + nights -> per-epoch predictions -> metrics, report text, CSV, figures.
+
+One model-call path (`predict_windows`) serves every caller: whole nights offline
+(`predict_night`, `predict_nights`), training's validation, the stream and the batched server.
+The command lines built on it live in inference_cli.py (inference.py, inference_hybrid.py).
 """
 from __future__ import annotations
 
-import argparse
+import concurrent.futures
+import contextlib
 import io
-import sys
-import time
-import warnings
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
 import data_loader as dl
-from checkpoint import CheckpointError, atomic_write, load_model_from_checkpoint
+import feature_store
+import features
+from checkpoint import atomic_write, load_model_from_checkpoint
 from smoothing import smooth_night
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake", "p_light", "p_deep", "p_rem"]
+SPLIT_ABOVE = 64         # predict_windows: more windows than this go to the model in power-of-two calls
+T, R = TypeVar("T"), TypeVar("R")
 
 
-@torch.no_grad()
+# ----------------------------------------------------------------------------- the model call
+
+@torch.inference_mode()
+def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
+                    batch_size: int = 1024) -> np.ndarray:
+    """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos.
+
+    The one model call: whole nights (predict_night), streams and batches gather windows and come here. Up to
+    SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
+    batch_size (1000 = 512 + 256 + 128 + 64 + 32 + 8): a pool's batch size changes every call,
+    and every new input shape leaves allocator fragmentation and cached kernels behind (a
+    200-wearer soak grew ~60 MiB per simulated hour with one call of any size; with power-of-two
+    shapes it stays flat). Outputs are per window: only the last bits depend on the split.
+    Reading the last position of a model with forward_last (both architectures) runs that instead:
+    the same logits (~1e-6), without the work that only the other positions' outputs need.
+    On CPU with several torch threads, more than SPLIT_ABOVE windows are split into one part per
+    thread (each chunked as above) and the parts run side by side (in_parallel).
+    """
+    if model.training:
+        model.eval()
+    windows = np.asarray(windows, dtype=np.float32)
+    if len(windows) == 0:
+        return np.zeros((0, 4))
+    device = next(model.parameters()).device
+    last_only = target_pos in (-1, windows.shape[1] - 1) and hasattr(model, "forward_last")
+
+    def predict_part(part: np.ndarray) -> np.ndarray:
+        out, start = [], 0
+        while start < len(part):
+            rest = len(part) - start
+            size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
+            batch = torch.from_numpy(np.ascontiguousarray(part[start:start + size])).to(device)
+            logits = model.forward_last(batch) if last_only else model(batch)[:, target_pos]
+            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            start += size
+        return np.concatenate(out)
+
+    parts = [windows[part] for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
+    return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
+
+
+def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:
+    """Split n items into one part per torch thread on CPU, each at least min_size (one part on GPU)."""
+    n_parts = max(min(torch.get_num_threads(), n // min_size), 1) if device.type == "cpu" else 1
+    bounds = np.linspace(0, n, n_parts + 1).astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+_WORKERS: ThreadPoolExecutor | None = None
+
+
+def in_parallel(fn: Callable[[T], R], parts: list[T]) -> list[R]:
+    """[fn(part) for part in parts] (in inference mode), each part on its own worker thread running
+    torch on one thread; a single part runs here with the caller's settings.
+
+    For a model made of many small ops (a chunk of ~100 windows through the encoder), splitting the
+    windows across threads holds up better than splitting every op across OpenMP threads, where
+    each op waits for the slowest thread (compare `python benchmark.py --threads 1` and 2).
+    """
+    if len(parts) <= 1:
+        return [fn(part) for part in parts]
+    global _WORKERS
+    if _WORKERS is None:
+        _WORKERS = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2), thread_name_prefix="realtime")
+    threads = torch.get_num_threads()
+
+    def run(part: T) -> R:
+        torch.set_num_threads(1)  # this worker's OpenMP and MKL threads (per-thread settings)
+        with torch.inference_mode():
+            return fn(part)
+
+    futures = [_WORKERS.submit(run, part) for part in parts]
+    try:
+        concurrent.futures.wait(futures)  # every part has finished before a failure is raised
+        return [f.result() for f in futures]
+    finally:  # set_num_threads also sets the default that new threads start from: put it back
+        torch.set_num_threads(threads)
+
+
+def _forget_workers() -> None:
+    global _WORKERS
+    _WORKERS = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_workers)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread inside the block: a stream calls the model on one window at a time,
+    where intra-op threads only add overhead (and stall badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- nights
+
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
-                  batch_size: int = 1024, device: torch.device | str = "cpu",
-                  transitions: np.ndarray | None = None) -> np.ndarray:
+                  transitions: np.ndarray | None = None, batch_size: int = 1024) -> np.ndarray:
     """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window, then
     smoothed over the whole night when a transition matrix is given (offline checkpoints)."""
-    model.eval()
-    windows = dl.make_windows(x_scaled, seq_len, target_pos)
-    probs = []
-    for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start:start + batch_size]).to(device)
-        probs.append(torch.softmax(model(batch)[:, target_pos].float(), dim=-1).cpu().numpy())
-    probs = np.concatenate(probs).astype(np.float64)
+    probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
     return probs if transitions is None else smooth_night(probs, transitions)
 
 
-def describe_mode(checkpoint: dict) -> str:
+def describe_mode(checkpoint: dict, smooth: bool = True) -> str:
     """How a checkpoint stages, for report headers and plot titles."""
     if checkpoint["causal"]:
         mode = "causal (real-time"
     else:
-        mode = "offline (both-sided context" + (", night-smoothed" if checkpoint.get("transitions") is not None else "")
+        smoothed = smooth and checkpoint.get("transitions") is not None
+        mode = "offline (both-sided context" + (", night-smoothed" if smoothed else "")
     size = int(checkpoint.get("ensemble_size", 1))
     return mode + (f", {size}-model ensemble)" if size > 1 else ")")
 
@@ -103,13 +198,15 @@ def format_report(metrics: dict, y_true: np.ndarray, y_pred: np.ndarray) -> str:
 
 
 def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
-                   nights: list[dl.Night]) -> pd.DataFrame:
-    """One row per epoch of every night, in PREDICTION_COLUMNS."""
+                   nights: list[dl.Night], smooth: bool = True) -> pd.DataFrame:
+    """One row per epoch of every night, in PREDICTION_COLUMNS; smooth=False skips an offline
+    checkpoint's whole-night smoothing."""
+    transitions = checkpoint.get("transitions") if smooth else None
     frames = []
     for night in nights:
-        x = scaler.transform(dl.night_features(night, causal=checkpoint["causal"], features=tuple(checkpoint["features"])))
-        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"],
-                              transitions=checkpoint.get("transitions"))
+        x = scaler.transform(features.night_features(night, causal=checkpoint["causal"],
+                                                     features=tuple(checkpoint["features"])))
+        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"], transitions)
         frames.append(prediction_frame(night, probs))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 
@@ -122,13 +219,12 @@ def _init_worker(checkpoint_path: str, smooth: bool) -> None:
     global _WORKER_MODEL
     torch.set_num_threads(1)
     model, scaler, checkpoint = load_model_from_checkpoint(checkpoint_path)
-    if not smooth:
-        checkpoint["transitions"] = None
-    _WORKER_MODEL = model, scaler, checkpoint
+    _WORKER_MODEL = model, scaler, checkpoint, smooth
 
 
 def _score_chunk(nights: list[dl.Night]) -> pd.DataFrame:
-    return predict_nights(*_WORKER_MODEL, nights)
+    model, scaler, checkpoint, smooth = _WORKER_MODEL
+    return predict_nights(model, scaler, checkpoint, nights, smooth)
 
 
 def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night], workers: int,
@@ -144,7 +240,7 @@ def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night],
     return pd.concat(frames, ignore_index=True)
 
 
-def prediction_frame(night: dl.Night | dl.EpochTimeline, probs: np.ndarray) -> pd.DataFrame:
+def prediction_frame(night: dl.Night | feature_store.EpochTimeline, probs: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({
         "subject": night.subject_id, "epoch_start_s": night.epoch_start_s.astype(np.int64),
         "true_stage": night.stage.astype(np.int64), "pred": probs.argmax(axis=1),
@@ -159,7 +255,8 @@ def write_predictions(frame: pd.DataFrame, path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- plots
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -207,7 +304,7 @@ def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start
         ax_prob.set_xlabel(f"clock time (UTC{offset[:3]}:{offset[3:]})" if offset else "clock time")
     ax_prob.set_ylim(0, 1)
     ax_prob.legend(loc="upper right", fontsize=7, ncol=4)
-    _save_figure(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_confusion(confusion: list[list[int]], path: str | Path, title: str = "") -> None:
@@ -228,213 +325,4 @@ def plot_confusion(confusion: list[list[int]], path: str | Path, title: str = ""
     ax.set_ylabel("PSG")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    _save_figure(fig, Path(path))
-
-
-# ----------------------------------------------------------------------------- CLI shared by both scripts
-
-def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
-         realtime_checkpoint: Path | None = None) -> int:
-    script = "inference.py" if arch == "lstm" else "inference_hybrid.py"
-    realtime_checkpoint = realtime_checkpoint or CHECKPOINT_DIR / f"{arch}_causal" / "model.pth"
-    parser = argparse.ArgumentParser(prog=script, description=f"Evaluate a {arch} checkpoint: metrics, "
-                                     "per-epoch CSV, hypnograms, confusion matrix.")
-    parser.add_argument("--checkpoint", default=None,
-                        help=f"model .pth (default: shipped, {default_checkpoint}; with --realtime or --follow "
-                             f"the shipped causal one, {realtime_checkpoint})")
-    parser.add_argument("--data-dir", default=None,
-                        help="PhysioNet-layout folder: evaluate every subject in it (default: the bundled "
-                             "data's test subjects, which the shipped model never saw)")
-    parser.add_argument("--subjects", nargs="*", default=None, help="only these subject ids")
-    parser.add_argument("--predictions-out", default=None, help="CSV, one row per epoch")
-    parser.add_argument("--plots-dir", default="out/plots", help="hypnogram and confusion PNGs ('' for none)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="score nights in K processes (same rows, same order as K=1)")
-    parser.add_argument("--realtime", action="store_true",
-                        help="replay every night's files reading by reading through the streaming predictor "
-                             "(causal checkpoint); same CSV and metrics as the offline evaluation")
-    parser.add_argument("--follow", nargs="+", metavar="FILE", default=None,
-                        help="live demo: tail growing heart-rate / motion / counts / steps CSVs (t,bpm  t,x,y,z  "
-                             "t,count  t,steps; KIND=FILE to name the kind) and print a line per closed epoch")
-    parser.add_argument("--follow-timeout", type=float, default=None, metavar="S",
-                        help="with --follow: stop after S seconds without new data (default: run until Ctrl-C)")
-    parser.add_argument("--max-delay", type=float, default=0.0, metavar="S",
-                        help="streaming: wait S seconds past an epoch's end for late readings (default 0)")
-    parser.add_argument("--start-s", default=0.0, type=lambda v: None if v == "auto" else float(v),
-                        help="with --follow: start of epoch 0 in the files' time base, or 'auto' (the first "
-                             "reading, floored to 30 s); default 0 (PhysioNet files count from the PSG start)")
-    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
-                        help="offline checkpoints: smooth each night with the checkpoint's stage transitions "
-                             "(--no-smooth: each epoch on its own, e.g. to count brief awakenings)")
-    parser.add_argument("--sleep-metrics", action="store_true",
-                        help="also compare sleep metrics (TST, efficiency, latencies, WASO, stage minutes) with PSG: "
-                             "per subject, agreement table (bias, SD, limits of agreement, MAE), Bland-Altman PNG")
-    report = parser.add_argument_group("sleep report on your own recordings (user_data.py)")
-    report.add_argument("--hr", metavar="FILE", default=None,
-                        help="heart-rate CSV/TSV with header (time column: timestamp/time/t/seconds/datetime, in "
-                             "seconds or ISO-8601; heart_rate/hr/bpm), or headerless t,bpm: stage this night")
-    report.add_argument("--motion", metavar="FILE", default=None,
-                        help="with --hr: raw acceleration x,y,z (g) or activity counts count/counts/activity")
-    report.add_argument("--steps", metavar="FILE", default=None, help="with --hr: steps/step_count (optional)")
-    report.add_argument("--out-dir", default=None,
-                        help="with --hr: where stages.csv, hypnogram.png, summary.json/.txt go (default out/report)")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.hr is None:
-        given = [flag for flag, value in (("--motion", args.motion), ("--steps", args.steps),
-                                          ("--out-dir", args.out_dir)) if value is not None]
-        if given:
-            parser.error(f"{', '.join(given)} belong(s) to a report on your own recording: give --hr FILE too")
-    else:
-        if args.motion is None:
-            parser.error("--hr needs --motion FILE (raw acceleration x,y,z or activity counts)")
-        given = [flag for flag, on in (("--realtime", args.realtime), ("--follow", args.follow is not None),
-                                       ("--data-dir", args.data_dir is not None), ("--subjects", args.subjects is not None),
-                                       ("--predictions-out", args.predictions_out is not None),
-                                       ("--sleep-metrics", args.sleep_metrics)) if on]
-        if given:
-            parser.error(f"--hr (a report on your own recording, written to --out-dir) does not go with "
-                         f"{', '.join(given)}")
-    streaming = args.realtime or args.follow is not None
-    if args.realtime and args.follow is not None:
-        parser.error("--realtime and --follow are separate modes")
-    if args.checkpoint is None:
-        args.checkpoint = str(realtime_checkpoint if streaming else default_checkpoint)
-    try:
-        model, scaler, checkpoint = load_model_from_checkpoint(args.checkpoint, expected_arch=arch)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if not args.smooth:
-        checkpoint["transitions"] = None
-    if args.hr is not None:
-        return _user_report(arch, args, model, scaler, checkpoint)
-    if streaming:
-        import realtime
-        try:
-            stager = realtime.StreamingStager(model, scaler, checkpoint, start_s=args.start_s,
-                                              max_delay_s=args.max_delay)
-        except ValueError as exc:
-            print(f"error: {args.checkpoint}: {exc}", file=sys.stderr)
-            return 1
-        if args.follow is not None:
-            print(f"{arch} checkpoint {args.checkpoint} [real-time]: following {', '.join(args.follow)} "
-                  f"(Ctrl-C to stop)", flush=True)
-            with realtime.single_thread():
-                realtime.follow(stager, args.follow, timeout_s=args.follow_timeout)
-            return 0
-    data_dir = Path(args.data_dir) if args.data_dir else dl.DEFAULT_DATA_DIR
-    subjects = args.subjects
-    if subjects is None and args.data_dir is None:
-        subjects = checkpoint.get("test_subjects")
-    t0 = time.perf_counter()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", dl.DataWarning)
-            nights = dl.load_nights(data_dir, subjects)
-    except dl.DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    if not nights:
-        print(f"error: no usable subjects in {data_dir}", file=sys.stderr)
-        return 1
-    if args.realtime:
-        with realtime.single_thread():
-            frame = realtime.replay_nights(model, scaler, checkpoint, data_dir, nights, max_delay_s=args.max_delay)
-        mode = "causal, streamed reading by reading"
-    else:
-        if args.workers > 1:
-            frame = predict_nights_parallel(args.checkpoint, nights, args.workers, args.smooth)
-        else:
-            frame = predict_nights(model, scaler, checkpoint, nights)
-        mode = describe_mode(checkpoint)
-    print(f"{arch} checkpoint {args.checkpoint} [{mode}] on {len(nights)} subject(s) from {data_dir}: "
-          f"{', '.join(n.subject_id for n in nights[:10])}{', ...' if len(nights) > 10 else ''} "
-          f"({time.perf_counter() - t0:.1f} s)")
-    y_true, y_pred = frame["true_stage"].to_numpy(), frame["pred"].to_numpy()
-    if (y_true >= 0).any():
-        metrics = compute_metrics(y_true, y_pred)
-        print(format_report(metrics, y_true, y_pred))
-    else:
-        metrics = None
-        print("no scored epochs: predictions only")
-    comparison = None
-    if args.sleep_metrics:
-        if metrics is None:
-            print("no scored epochs: no sleep metrics against PSG")
-        else:
-            import sleep_metrics as sm
-            comparison = sm.compare(frame, scored_only=True)
-            print(format_sleep_metrics(comparison))
-    if args.predictions_out:
-        write_predictions(frame, args.predictions_out)
-        print(f"wrote {len(frame)} rows to {args.predictions_out}")
-    if args.plots_dir:
-        plots = Path(args.plots_dir)
-        for subject, rows in frame.groupby("subject", sort=False):
-            plot_hypnogram(rows, plots / f"{arch}_hypnogram_{subject}.png", f"{arch} [{mode}] subject {subject}")
-        if metrics:
-            plot_confusion(metrics["confusion"], plots / f"{arch}_confusion.png",
-                           f"{arch} [{mode}]: kappa {metrics['kappa']:.2f}")
-        if comparison is not None:
-            import sleep_metrics as sm
-            sm.plot_bland_altman(comparison, plots / f"{arch}_bland_altman.png")
-        print(f"plots in {plots}/")
-    return 0
-
-
-# sleep metrics shown per subject by --sleep-metrics: (metric, column title)
-SLEEP_METRICS_SHOWN = (("total_sleep_time_min", "TST min"), ("sleep_efficiency_pct", "SE %"),
-                       ("sleep_onset_latency_min", "SOL min"), ("waso_min", "WASO min"),
-                       ("rem_latency_min", "REM lat min"), ("awakenings", "awakenings"), ("wake_min", "Wake min"),
-                       ("light_min", "Light min"), ("deep_min", "Deep min"), ("rem_min", "REM min"))
-
-
-def format_sleep_metrics(comparison: pd.DataFrame) -> str:
-    """--sleep-metrics: per subject PSG / predicted values, then the agreement table over subjects."""
-    import sleep_metrics as sm
-    out = io.StringIO()
-    n_subjects = comparison["subject"].nunique()
-    print("sleep metrics per subject, PSG / predicted (over each night's PSG-scored period):", file=out)
-    width = 15
-    print(f"{'subject':>10}" + "".join(f"{title:>{width}}" for _, title in SLEEP_METRICS_SHOWN), file=out)
-    cells = comparison.set_index(["subject", "metric"])
-    for subject in comparison["subject"].unique():
-        row = []
-        for name, _ in SLEEP_METRICS_SHOWN:
-            psg, pred = cells.loc[(subject, name), "psg"], cells.loc[(subject, name), "predicted"]
-            row.append("/".join("-" if pd.isna(v) else f"{v:.0f}" if name == "awakenings" else f"{v:.1f}"
-                                for v in (psg, pred)))
-        print(f"{str(subject):>10}" + "".join(f"{c:>{width}}" for c in row), file=out)
-    table = sm.agreement(comparison)
-    print(f"\nagreement over {n_subjects} subject(s) (difference = predicted - PSG; limits of agreement = "
-          f"bias +- 1.96 SD):", file=out)
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(table.round(2).to_string(), file=out)
-    return out.getvalue()
-
-
-def _user_report(arch: str, args, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict) -> int:
-    """--hr/--motion/--steps: stage a user's own recording; stages CSV, hypnogram, night summary."""
-    import user_data
-    t0 = time.perf_counter()
-    try:
-        recording = user_data.load_recording(args.hr, args.motion, args.steps)
-    except dl.DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    frame = user_data.predict_recording(model, scaler, checkpoint, recording)
-    mode = describe_mode(checkpoint)
-    summary = user_data.night_summary(frame, recording, args.checkpoint, mode)
-    out_dir = Path(args.out_dir or "out/report")
-    tst = summary["metrics"]["total_sleep_time_min"]
-    title = (f"{arch} [{mode}] {recording.night.subject_id}: total sleep {int(tst // 60)} h {tst % 60:.0f} min, "
-             f"efficiency {summary['metrics']['sleep_efficiency_pct'] or 0:.0f}%")
-    paths = user_data.write_report(frame, summary, recording, out_dir, title)
-    print(user_data.format_summary(summary))
-    print(f"\n{len(frame)} epochs staged in {time.perf_counter() - t0:.1f} s; wrote "
-          + ", ".join(str(p) for p in paths.values()))
-    return 0
+    save_figure(fig, path)

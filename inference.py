@@ -14,18 +14,19 @@ Notebook API, as in inference_hybrid.py, with the causal LSTM (checkpoints/lstm_
 """
 import sys
 
-from evaluation import CHECKPOINT_DIR, main
+import realtime
+from checkpoint import ARCHITECTURES
+from inference_cli import main
 from realtime import get_context, predict_label_from_triplet, reset_context  # noqa: F401 (notebook API)
 
-DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "lstm_offline" / "model.pth"
-REALTIME_CHECKPOINT = CHECKPOINT_DIR / "lstm_causal" / "model.pth"
+DEFAULT_CHECKPOINT = ARCHITECTURES["lstm"].shipped(causal=False)
+REALTIME_CHECKPOINT = ARCHITECTURES["lstm"].shipped(causal=True)
 
 __all__ = ["load_model", "predict_label_from_triplet", "reset_context", "get_context", "main"]
 
 
 def load_model(checkpoint=None):
     """(model, scaler) of the causal LSTM (default: the shipped checkpoints/lstm_causal/model.pth)."""
-    import realtime
     return realtime.load_model(checkpoint if checkpoint is not None else REALTIME_CHECKPOINT, arch="lstm")
 
 

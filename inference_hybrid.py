@@ -22,21 +22,19 @@ files (Walch counts, typically 0 to a few hundred); steps: steps in the epoch. S
 """
 import sys
 
-from evaluation import CHECKPOINT_DIR, main
+import realtime
+from checkpoint import ARCHITECTURES
+from inference_cli import main
 from realtime import get_context, predict_label_from_triplet, reset_context  # noqa: F401 (notebook API)
 
-DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "hybrid_offline" / "model.pth"
-REALTIME_CHECKPOINT = CHECKPOINT_DIR / "hybrid_causal" / "model.pth"
+DEFAULT_CHECKPOINT = ARCHITECTURES["hybrid"].shipped(causal=False)
+REALTIME_CHECKPOINT = ARCHITECTURES["hybrid"].shipped(causal=True)
 
 __all__ = ["load_model", "predict_label_from_triplet", "reset_context", "get_context", "main"]
 
 
 def load_model(checkpoint=None):
-    """(model, scaler) of the causal hybrid model (default: the shipped checkpoints/hybrid_causal/model.pth).
-
-    The model carries its checkpoint info as `model.checkpoint`, which predict_label_from_triplet uses.
-    """
-    import realtime
+    """(model, scaler) of the causal hybrid model (default: the shipped checkpoints/hybrid_causal/model.pth)."""
     return realtime.load_model(checkpoint if checkpoint is not None else REALTIME_CHECKPOINT, arch="hybrid")
 
 

@@ -55,35 +55,29 @@ context kept per model and wearer).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
-import sys
-import time
 import weakref
-import concurrent.futures
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, TypeVar
+from typing import Iterable, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 
 import data_loader as dl
+import features
+from checkpoint import load_model_from_checkpoint
+from evaluation import PREDICTION_COLUMNS, predict_windows, prediction_frame
 
-EPOCH_S = dl.EPOCH_S
+EPOCH_S = features.EPOCH_S
 KINDS = ("heart_rate", "motion", "counts", "steps")
-_N_VALUES = {"heart_rate": 1, "motion": 3, "counts": 1, "steps": 1}
+N_VALUES = {"heart_rate": 1, "motion": 3, "counts": 1, "steps": 1}
 STEPS_MARGIN_S = 600.0   # as night_from_arrays: steps are unknown 10 min beyond the readings
 DEFAULT_MAX_GAP_S = 6 * 3600.0
-SPLIT_ABOVE = 64         # predict_windows: more windows than this go to the model in power-of-two calls
 MAX_ABS_TIME_S = 1e12    # ~31,700 years of seconds (Unix time is ~1.7e9; milliseconds would be ~1.7e12)
 # notebook API plausibility limits (per 30 s epoch)
 MAX_ACTIVITY_COUNT = 10_000.0
 MAX_STEPS_PER_EPOCH = 300.0
-T, R = TypeVar("T"), TypeVar("R")
 
 
 class StagedEpoch(NamedTuple):
@@ -91,195 +85,6 @@ class StagedEpoch(NamedTuple):
     epoch_start_s: float
     stage: int
     probabilities: np.ndarray
-
-
-@torch.inference_mode()
-def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
-                    batch_size: int = 1024) -> np.ndarray:
-    """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos.
-
-    The same computation as evaluation.predict_night, for windows gathered from any wearers. Up to
-    SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
-    batch_size (1000 = 512 + 256 + 128 + 64 + 32 + 8): a pool's batch size changes every call,
-    and every new input shape leaves allocator fragmentation and cached kernels behind (a
-    200-wearer soak grew ~60 MiB per simulated hour with one call of any size; with power-of-two
-    shapes it stays flat). Outputs are per window: only the last bits depend on the split.
-    Reading the last position of a model with forward_last (both architectures) runs that instead:
-    the same logits (~1e-6), without the work that only the other positions' outputs need.
-    On CPU with several torch threads, more than SPLIT_ABOVE windows are split into one part per
-    thread (each chunked as above) and the parts run side by side (in_parallel).
-    """
-    if model.training:
-        model.eval()
-    windows = np.asarray(windows, dtype=np.float32)
-    if len(windows) == 0:
-        return np.zeros((0, 4))
-    device = next(model.parameters()).device
-    last_only = target_pos in (-1, windows.shape[1] - 1) and hasattr(model, "forward_last")
-
-    def predict_part(part: np.ndarray) -> np.ndarray:
-        out, start = [], 0
-        while start < len(part):
-            rest = len(part) - start
-            size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
-            batch = torch.from_numpy(np.ascontiguousarray(part[start:start + size])).to(device)
-            logits = model.forward_last(batch) if last_only else model(batch)[:, target_pos]
-            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-            start += size
-        return np.concatenate(out)
-
-    parts = [windows[part] for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
-    return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
-
-
-def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:
-    """Split n items into one part per torch thread on CPU, each at least min_size (one part on GPU)."""
-    n_parts = max(min(torch.get_num_threads(), n // min_size), 1) if device.type == "cpu" else 1
-    bounds = np.linspace(0, n, n_parts + 1).astype(int)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-_WORKERS: ThreadPoolExecutor | None = None
-
-
-def in_parallel(fn: Callable[[T], R], parts: list[T]) -> list[R]:
-    """[fn(part) for part in parts] (in inference mode), each part on its own worker thread running
-    torch on one thread; a single part runs here with the caller's settings.
-
-    For a model made of many small ops (a chunk of ~100 windows through the encoder), splitting the
-    windows across threads holds up better than splitting every op across OpenMP threads, where
-    each op waits for the slowest thread (compare `python benchmark.py --threads 1` and 2).
-    """
-    if len(parts) <= 1:
-        return [fn(part) for part in parts]
-    global _WORKERS
-    if _WORKERS is None:
-        _WORKERS = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2), thread_name_prefix="realtime")
-    threads = torch.get_num_threads()
-
-    def run(part: T) -> R:
-        torch.set_num_threads(1)  # this worker's OpenMP and MKL threads (per-thread settings)
-        with torch.inference_mode():
-            return fn(part)
-
-    futures = [_WORKERS.submit(run, part) for part in parts]
-    try:
-        concurrent.futures.wait(futures)  # every part has finished before a failure is raised
-        return [f.result() for f in futures]
-    finally:  # set_num_threads also sets the default that new threads start from: put it back
-        torch.set_num_threads(threads)
-
-
-def _forget_workers() -> None:
-    global _WORKERS
-    _WORKERS = None  # a forked child has none of the parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_workers)
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one thread inside the block: a stream calls the model on one window at a time,
-    where intra-op threads only add overhead (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------------------- causal features, one epoch at a time
-
-class CausalFeatures:
-    """`night_features(night, causal=True)` one epoch at a time, O(1) time and memory per epoch.
-
-    Expanding heart-rate statistics are running sums; trailing windows (up to 60 epochs) keep
-    the last 61 values of the running cumulative sums, so every number is computed with the
-    same float64 operations as the offline code (equal to ~1e-12, tested row by row).
-    """
-
-    def __init__(self, epoch0_start_s: float):
-        self.epoch0_start_s = float(epoch0_start_s)
-        self.n = 0
-        self.hr_last: float | None = None      # last observed heart rate (forward fill)
-        self.count_last: float | None = None   # last observed activity count
-        self.n_seen, self.s1, self.s2 = 0, 0.0, 0.0
-        self.prev_hr: float | None = None
-        self.hr_c1, self.hr_c2 = deque([0.0], maxlen=61), deque([0.0], maxlen=61)
-        self.la_c1 = deque([0.0], maxlen=21)
-        self.last_move = -1
-
-    @staticmethod
-    def _rolling(c1: deque, c2: deque | None, window: int, n: int) -> tuple[float, float]:
-        """Mean (and std) of the last `window` values, from cumulative sums, as data_loader._rolling."""
-        count = min(window, n)
-        mean = (c1[-1] - c1[-1 - count]) / count
-        if c2 is None:
-            return mean, float("nan")
-        var = (c2[-1] - c2[-1 - count]) / count - mean * mean
-        return mean, math.sqrt(var) if var > 0 else 0.0
-
-    def update(self, epoch_start_s: float, aggregates: dict) -> dict[str, float]:
-        """Append one epoch's aggregates (Night fields, NaN = missing); its feature columns (float64)."""
-        k = self.n
-        hr_raw = float(aggregates["heart_rate_bpm"])
-        hr_observed = not math.isnan(hr_raw)
-        if hr_observed:
-            self.hr_last = hr_raw
-            self.n_seen += 1
-            self.s1 += hr_raw
-            self.s2 += hr_raw * hr_raw
-        hr = self.hr_last if self.hr_last is not None else dl.HR_PRIOR_BPM
-        count_raw = float(aggregates["activity_count"])
-        if not math.isnan(count_raw):
-            self.count_last = count_raw
-        counts = self.count_last if self.count_last is not None else 0.0
-        if self.n_seen > 0:
-            night_mean = self.s1 / self.n_seen
-        else:
-            night_mean = hr
-        var = self.s2 / self.n_seen - night_mean * night_mean if self.n_seen > 1 else 0.0
-        night_std = math.sqrt(var) if var > 0 else 0.0
-        self.n = k + 1
-        self.hr_c1.append(self.hr_c1[-1] + hr)
-        self.hr_c2.append(self.hr_c2[-1] + hr * hr)
-        log_counts = float(np.log1p(counts))
-        self.la_c1.append(self.la_c1[-1] + log_counts)
-        if counts > dl.MOVE_COUNT:
-            self.last_move = k
-        since_move = k - self.last_move if self.last_move >= 0 else k + 1
-        hr_mean_30, _ = self._rolling(self.hr_c1, None, 60, self.n)
-        _, hrv5 = self._rolling(self.hr_c1, self.hr_c2, 5, self.n)
-        _, hrv10 = self._rolling(self.hr_c1, self.hr_c2, 10, self.n)
-        _, hrv20 = self._rolling(self.hr_c1, self.hr_c2, 20, self.n)
-        la5, _ = self._rolling(self.la_c1, None, 5, self.n)
-        la20, _ = self._rolling(self.la_c1, None, 20, self.n)
-        hr_std = float(aggregates["heart_rate_std_bpm"])
-        columns = {
-            "heart_rate_bpm": hr,
-            "heart_rate_std_bpm": 0.0 if math.isnan(hr_std) else hr_std,
-            "hr_night_z": (hr - night_mean) / max(night_std, 1.0),
-            "hr_minus_30min_mean": hr - hr_mean_30,
-            "hr_delta_bpm": hr - (self.prev_hr if self.prev_hr is not None else hr),
-            "hrv_2_5min_bpm": hrv5,
-            "hrv_5min_bpm": hrv10,
-            "hrv_10min_bpm": hrv20,
-            "log_activity": log_counts,
-            "log_activity_2_5min": la5,
-            "log_activity_10min": la20,
-            "log_epochs_since_move": float(np.log1p(since_move)),
-            "hours_since_start": (float(epoch_start_s) - self.epoch0_start_s) / 3600.0,
-            "hr_missing": 0.0 if hr_observed else 1.0,
-            "motion_missing": 1.0 if math.isnan(count_raw) else 0.0,
-            "motion_mag_mean_g": float(np.nan_to_num(aggregates["motion_mag_mean_g"])),
-            "motion_mag_std_g": float(np.nan_to_num(aggregates["motion_mag_std_g"])),
-            "steps": float(np.nan_to_num(aggregates["steps"])),
-            "steps_missing": 1.0 if math.isnan(float(aggregates["steps"])) else 0.0,
-        }
-        self.prev_hr = hr
-        return columns
 
 
 # ----------------------------------------------------------------------------- the streaming predictor
@@ -297,7 +102,8 @@ class _EpochBuffer:
         return len(self.seen)
 
 
-def _new_stats() -> dict[str, int]:
+def new_stats() -> dict[str, int]:
+    """A stream's counters, all zero."""
     return {"accepted": 0, "late": 0, "before_start": 0, "duplicates": 0, "non_finite": 0, "out_of_range": 0,
             "ignored_counts": 0, "epochs_closed": 0, "epochs_hr_missing": 0, "new_nights": 0, "gap_epochs": 0}
 
@@ -320,7 +126,7 @@ class StreamingStager:
             raise ValueError("StreamingStager needs a causal checkpoint (trained with --causal, e.g. "
                              "checkpoints/hybrid_causal/model.pth): an offline model reads epochs after the one "
                              "it predicts, which a live stream does not have yet")
-        unknown = [f for f in checkpoint["features"] if f not in dl.FEATURES]
+        unknown = [f for f in checkpoint["features"] if f not in features.FEATURES]
         if unknown:
             raise ValueError(f"checkpoint uses feature(s) {unknown} that the stream cannot compute")
         if not (max_delay_s >= 0 and math.isfinite(max_delay_s)):
@@ -340,7 +146,6 @@ class StreamingStager:
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> "StreamingStager":
         """Load a causal checkpoint and make a stager for one wearer (kwargs: start_s, max_delay_s, ...)."""
-        from checkpoint import load_model_from_checkpoint
         model, scaler, checkpoint = load_model_from_checkpoint(path)
         return cls(model, scaler, checkpoint, **kwargs)
 
@@ -350,7 +155,7 @@ class StreamingStager:
         """Forget everything (readings, features, counters): the next reading starts a new night at start_s."""
         self.start_s = self.initial_start_s
         self.clock: float | None = None
-        self.stats = _new_stats()
+        self.stats = new_stats()
         self.feature_rows: list[np.ndarray] = []
         self._pending: list[tuple[float, np.ndarray]] = []
         self._reset_night()
@@ -358,9 +163,8 @@ class StreamingStager:
     def _reset_night(self) -> None:
         self.n_closed = 0
         self._buffers: dict[str, dict[int, _EpochBuffer]] = {kind: {} for kind in KINDS}
-        self._features: CausalFeatures | None = None
-        self._rows: deque[np.ndarray] = deque(maxlen=self.seq_len)
-        self._first_row: np.ndarray | None = None
+        self._features = features.IncrementalFeatures(1, self.features)
+        self._ring = features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)
         self._motion_source: str | None = None
         self._steps_span: list[float] | None = None
 
@@ -451,8 +255,8 @@ class StreamingStager:
     def _as_arrays(self, kind: str, t_s, values: tuple) -> tuple[np.ndarray, np.ndarray]:
         if kind not in KINDS:
             raise ValueError(f"unknown signal {kind!r}; known: {KINDS}")
-        if len(values) != _N_VALUES[kind]:
-            raise ValueError(f"{kind} readings take {_N_VALUES[kind]} value(s) per timestamp, got {len(values)}")
+        if len(values) != N_VALUES[kind]:
+            raise ValueError(f"{kind} readings take {N_VALUES[kind]} value(s) per timestamp, got {len(values)}")
         try:
             arrays = np.broadcast_arrays(*(np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (t_s, *values)))
         except ValueError:
@@ -582,13 +386,12 @@ class StreamingStager:
         return t[order], v[order]
 
     def _aggregate(self, k: int) -> dict[str, float]:
-        """Epoch k's aggregates, computed as data_loader.night_from_arrays computes them."""
+        """Epoch k's aggregates, with the formulas data_loader.night_from_arrays uses for a whole night."""
         start = self.epoch_start(k)
-        agg = {name: math.nan for name in ("heart_rate_bpm", "heart_rate_std_bpm", "activity_count",
-                                           "motion_mag_mean_g", "motion_mag_std_g", "steps")}
+        agg = {name: math.nan for name in features.AGGREGATES}
         hr = self._take("heart_rate", k)
         if hr is not None:
-            mean, std, _ = dl._per_epoch_mean_std(np.zeros(len(hr[0]), np.int64), hr[1][:, 0], 1)
+            mean, std, _ = features.epoch_mean_std(np.zeros(len(hr[0]), np.int64), hr[1][:, 0], 1)
             agg["heart_rate_bpm"], agg["heart_rate_std_bpm"] = float(mean[0]), float(std[0])
         motion = self._take("motion", k)
         counts = self._take("counts", k)
@@ -597,32 +400,22 @@ class StreamingStager:
             for name, values in aggs.items():
                 agg[name] = float(values[0])
         elif counts is not None:
-            agg["activity_count"] = float(dl._per_epoch_mean_std(np.zeros(len(counts[0]), np.int64),
-                                                                 counts[1][:, 0], 1)[0][0])
+            agg["activity_count"] = float(features.epoch_mean_std(np.zeros(len(counts[0]), np.int64),
+                                                                  counts[1][:, 0], 1)[0][0])
         steps = self._take("steps", k)
         span = self._steps_span
         if span is not None and span[0] - STEPS_MARGIN_S <= start <= span[1] + STEPS_MARGIN_S:
             values = steps[1][:, 0] if steps is not None else np.zeros(0)
-            agg["steps"] = float(np.bincount(np.zeros(len(values), np.int64), weights=values, minlength=1)[0])
+            agg["steps"] = float(features.epoch_sum(np.zeros(len(values), np.int64), values, 1)[0])
         return agg
 
     def _close_epoch(self, k: int, aggregates: dict[str, float]) -> None:
         start = self.epoch_start(k)
-        if self._features is None:
-            self._features = CausalFeatures(self.start_s)
-        columns = self._features.update(start, aggregates)
-        row = np.array([columns[name] for name in self.features], dtype=np.float64).astype(np.float32)
+        row = self._features.update((start - self.start_s) / 3600.0, **aggregates)
         if self.record_features:
-            self.feature_rows.append(row)
-        if self._first_row is None:
-            self._first_row = row
-        self._rows.append(row)
-        # as window_indices on the night so far: positions before epoch 0 repeat epoch 0, positions
-        # after epoch k repeat epoch k (a causal model's output at target_pos never reads them)
-        base = k - len(self._rows) + 1
-        idx = np.clip(k - self.target_pos + np.arange(self.seq_len), 0, k)
-        window = np.stack([self._first_row if j == 0 else self._rows[j - base] for j in idx])
-        self._pending.append((start, window))
+            self.feature_rows.append(row[0])
+        window, _ = self._ring.push(np.array([k]), row)
+        self._pending.append((start, window[0]))
         self.n_closed = k + 1
         self.stats["epochs_closed"] += 1
         self.stats["epochs_hr_missing"] += int(math.isnan(aggregates["heart_rate_bpm"]))
@@ -696,206 +489,6 @@ class StagerPool:
         return results
 
 
-class StagerBatch:
-    """Many wearers in lockstep, vectorised: one epoch closes for every wearer at once, one model call.
-
-        batch = StagerBatch(model, scaler, checkpoint, n_wearers=1000)
-        aggregates = batch.aggregate(hr_wearer, hr_bpm, count_wearer, counts)   # this epoch's readings
-        epoch_start_s, stages, probabilities = batch.step(**aggregates)         # (n,), (n,), (n, 4)
-
-    For a server that ticks every 30 s: the state of all wearers (the CausalFeatures running sums
-    and ring buffers, the last seq_len scaled feature rows) lives in numpy arrays, so closing an
-    epoch costs a few array operations for everyone instead of Python work per wearer. Each
-    wearer gets what a StreamingStager (start_s = start_s[w]) fed the same readings gives: the
-    same float64 operations per number (feature rows equal; tested), the same windows, and the
-    same model (probabilities equal to a lone stager's to ~1e-6: float rounding only; tested).
-    What it does not do: timestamps, late or duplicate readings, clock jumps, raw motion
-    filtering and the steps span rule. Readings are already assigned to the epoch; a wearer
-    without readings in an epoch passes NaN (missing), as the stream's empty epoch. Raw motion
-    and steps: reduce them per wearer (data_loader.motion_epoch_aggregates, the stream's steps
-    rule) and pass the aggregates. The model runs on chunks of batch_size windows (128: the
-    activations of a chunk stay in cache), the wearers split into one part per torch thread
-    (in_parallel).
-    With the hybrid model, each wearer's conv outputs of its last seq_len epochs are kept
-    (`conv`, n_wearers x seq_len x channels float32): a conv output at window position
-    j >= model.receptive_field depends only on the epochs at j - receptive_field .. j, so it is
-    the one computed when that epoch closed (the last position of its own window, built the same
-    way: edge padding included). Each step runs the convolutions at the first receptive_field
-    positions (replicate padding) and at the new epoch only, then the encoder on whole windows.
-    """
-
-    def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
-                 start_s=0.0, batch_size: int = 128):
-        StreamingStager(model, scaler, checkpoint)  # the same checks: causal, known features
-        self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
-        self.features = tuple(checkpoint["features"])
-        self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
-        self.n_wearers, self.batch_size = int(n_wearers), int(batch_size)
-        self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
-        self._wearers = np.arange(self.n_wearers)
-        self._positions = np.arange(self.seq_len) - self.target_pos
-        config = getattr(model, "config", None)
-        self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
-        if (hasattr(model, "encode_last") and getattr(config, "causal", False)
-                and self.target_pos == self.seq_len - 1 and self.seq_len > model.receptive_field):
-            device = next(model.parameters()).device
-            self.conv = torch.zeros(self.n_wearers, self.seq_len, config.channels, device=device)
-        self.reset()
-
-    def reset(self, wearers=None) -> None:
-        """A new night for the given wearers (indices or boolean mask; None: all)."""
-        w = self._wearers if wearers is None else np.asarray(wearers)
-        if not hasattr(self, "n"):
-            n, f = self.n_wearers, len(self.features)
-            self.n = np.zeros(n, np.int64)
-            self.hr_last, self.count_last, self.prev_hr = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-            self.n_seen, self.s1, self.s2 = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
-            self.hr_c1, self.hr_c2, self.la_c1 = np.zeros((n, 61)), np.zeros((n, 61)), np.zeros((n, 21))
-            self.last_move = np.full(n, -1, np.int64)
-            self.rows = np.zeros((n, self.seq_len, f), np.float32)  # scaled rows, epoch e at e % seq_len
-        self.n[w] = 0
-        self.hr_last[w], self.count_last[w], self.prev_hr[w] = np.nan, np.nan, np.nan
-        self.n_seen[w], self.s1[w], self.s2[w] = 0, 0.0, 0.0
-        self.hr_c1[w], self.hr_c2[w], self.la_c1[w] = 0.0, 0.0, 0.0
-        self.last_move[w] = -1
-        # self.conv needs no reset: a window reads only epochs of its night, each written when it closed
-
-    def aggregate(self, hr_wearer=None, hr_bpm=None, count_wearer=None, counts=None) -> dict[str, np.ndarray]:
-        """Per-wearer heart-rate mean/std and activity count of one epoch from flat reading arrays.
-
-        hr_wearer / count_wearer: wearer index of each reading; readings of one wearer in time order
-        (as the stream sorts an epoch's samples). Non-finite and implausible values are dropped as
-        the stream drops them. Wearers without readings get NaN (missing).
-        """
-        n = self.n_wearers
-        out = {"heart_rate_bpm": np.full(n, np.nan), "heart_rate_std_bpm": np.full(n, np.nan),
-               "activity_count": np.full(n, np.nan)}
-        if hr_wearer is not None and len(hr_wearer):
-            idx, v = np.asarray(hr_wearer, np.int64), np.asarray(hr_bpm, np.float64)
-            ok = np.isfinite(v) & dl.plausible("heart_rate", v[:, None])
-            out["heart_rate_bpm"], out["heart_rate_std_bpm"], _ = dl._per_epoch_mean_std(idx[ok], v[ok], n)
-        if count_wearer is not None and len(count_wearer):
-            idx, v = np.asarray(count_wearer, np.int64), np.asarray(counts, np.float64)
-            ok = np.isfinite(v) & dl.plausible("counts", v[:, None])
-            out["activity_count"] = dl._per_epoch_mean_std(idx[ok], v[ok], n)[0]
-        return out
-
-    def feature_rows(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
-                     motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray]:
-        """Close one epoch for every wearer: (epoch_start_s (n,), raw feature rows (n, n_features) float32).
-
-        CausalFeatures.update for all wearers at once, the same float64 operations per number.
-        NaN marks a missing aggregate; heart_rate_std_bpm defaults to 0 where the heart rate is given.
-        """
-        nan = np.full(self.n_wearers, np.nan)
-        hr_raw = np.asarray(heart_rate_bpm, np.float64)
-        hr_std = (np.where(np.isnan(hr_raw), np.nan, 0.0) if heart_rate_std_bpm is None
-                  else np.asarray(heart_rate_std_bpm, np.float64))
-        count_raw = nan if activity_count is None else np.asarray(activity_count, np.float64)
-        steps = nan if steps is None else np.asarray(steps, np.float64)
-        mag_mean = nan if motion_mag_mean_g is None else np.asarray(motion_mag_mean_g, np.float64)
-        mag_std = nan if motion_mag_std_g is None else np.asarray(motion_mag_std_g, np.float64)
-        k = self.n
-        hr_observed = ~np.isnan(hr_raw)
-        self.hr_last = np.where(hr_observed, hr_raw, self.hr_last)
-        self.n_seen = self.n_seen + hr_observed
-        self.s1 = np.where(hr_observed, self.s1 + hr_raw, self.s1)
-        self.s2 = np.where(hr_observed, self.s2 + hr_raw * hr_raw, self.s2)
-        hr = np.where(np.isnan(self.hr_last), dl.HR_PRIOR_BPM, self.hr_last)
-        self.count_last = np.where(np.isnan(count_raw), self.count_last, count_raw)
-        counts = np.where(np.isnan(self.count_last), 0.0, self.count_last)
-        seen = np.maximum(self.n_seen, 1)
-        night_mean = np.where(self.n_seen > 0, self.s1 / seen, hr)
-        var = np.where(self.n_seen > 1, self.s2 / seen - night_mean * night_mean, 0.0)
-        night_std = np.sqrt(np.where(var > 0, var, 0.0))
-        n1 = k + 1
-        w = self._wearers
-        self.hr_c1[w, n1 % 61] = self.hr_c1[w, k % 61] + hr
-        self.hr_c2[w, n1 % 61] = self.hr_c2[w, k % 61] + hr * hr
-        log_counts = np.log1p(counts)
-        self.la_c1[w, n1 % 21] = self.la_c1[w, k % 21] + log_counts
-        self.last_move = np.where(counts > dl.MOVE_COUNT, k, self.last_move)
-        since_move = np.where(self.last_move >= 0, k - self.last_move, k + 1)
-
-        def rolling(c1, c2, window, size):
-            count = np.minimum(window, n1)
-            end, begin = n1 % size, (n1 - count) % size
-            mean = (c1[w, end] - c1[w, begin]) / count
-            if c2 is None:
-                return mean
-            var = (c2[w, end] - c2[w, begin]) / count - mean * mean
-            return np.sqrt(np.where(var > 0, var, 0.0))
-
-        epoch_start = self.start_s + (dl.EPOCH_S * k).astype(np.float64)
-        columns = {
-            "heart_rate_bpm": hr,
-            "heart_rate_std_bpm": np.where(np.isnan(hr_std), 0.0, hr_std),
-            "hr_night_z": (hr - night_mean) / np.maximum(night_std, 1.0),
-            "hr_minus_30min_mean": hr - rolling(self.hr_c1, None, 60, 61),
-            "hr_delta_bpm": hr - np.where(np.isnan(self.prev_hr), hr, self.prev_hr),
-            "hrv_2_5min_bpm": rolling(self.hr_c1, self.hr_c2, 5, 61),
-            "hrv_5min_bpm": rolling(self.hr_c1, self.hr_c2, 10, 61),
-            "hrv_10min_bpm": rolling(self.hr_c1, self.hr_c2, 20, 61),
-            "log_activity": log_counts,
-            "log_activity_2_5min": rolling(self.la_c1, None, 5, 21),
-            "log_activity_10min": rolling(self.la_c1, None, 20, 21),
-            "log_epochs_since_move": np.log1p(since_move.astype(np.float64)),
-            "hours_since_start": (epoch_start - self.start_s) / 3600.0,
-            "hr_missing": (~hr_observed).astype(np.float64),
-            "motion_missing": np.isnan(count_raw).astype(np.float64),
-            "motion_mag_mean_g": np.nan_to_num(mag_mean),
-            "motion_mag_std_g": np.nan_to_num(mag_std),
-            "steps": np.nan_to_num(steps),
-            "steps_missing": np.isnan(steps).astype(np.float64),
-        }
-        self.prev_hr = hr
-        self.n = n1
-        return epoch_start, np.stack([columns[name] for name in self.features], axis=1).astype(np.float32)
-
-    def step(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
-             motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Close one epoch for every wearer and stage it: (epoch_start_s (n,), stage (n,), probabilities (n, 4))."""
-        k = self.n.copy()
-        epoch_start, rows = self.feature_rows(heart_rate_bpm, heart_rate_std_bpm, activity_count, steps,
-                                              motion_mag_mean_g, motion_mag_std_g)
-        self.rows[self._wearers, k % self.seq_len] = self.scaler.transform(rows)  # elementwise: as on windows
-        # as window_indices on each night so far: positions before epoch 0 repeat it, after epoch k repeat k
-        epochs = np.clip(k[:, None] + self._positions[None, :], 0, k[:, None])
-        windows = self.rows[self._wearers[:, None], epochs % self.seq_len]
-        if self.conv is None:
-            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
-        else:
-            probs = self._predict_cached(windows, epochs % self.seq_len)
-        return epoch_start, probs.argmax(axis=1), probs
-
-    @torch.inference_mode()
-    def _predict_cached(self, windows: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """predict_windows for the hybrid model, reusing the conv outputs of earlier epochs.
-
-        slots: (n, seq_len) ring position (epoch % seq_len) of each window position. On CPU the
-        wearers are split into one part per torch thread, each run on its own thread (see in_parallel).
-        """
-        if self.model.training:
-            self.model.eval()
-        device = self.conv.device
-        x = torch.from_numpy(windows).to(device)
-        w, slots = torch.from_numpy(self._wearers).to(device), torch.from_numpy(slots).to(device)
-        parts = [(x[part], w[part], slots[part]) for part in thread_parts(len(x), self.batch_size, device)]
-        logits = torch.cat(in_parallel(self._logits_cached, parts))
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
-
-    def _logits_cached(self, part: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Last-position logits of some wearers' windows (x, wearer index, slots), in chunks of batch_size.
-
-        The new epoch's conv output goes into the cache first: early in a night, edge padding repeats it.
-        """
-        x, w, slots = part
-        model, r = self.model, self.model.receptive_field
-        self.conv[w, slots[:, -1]] = model.embed(x[:, -(r + 1):], pad=False)[:, 0]
-        h = torch.cat([model.embed(x[:, :r]), self.conv[w[:, None], slots[:, r:]]], dim=1)
-        return torch.cat([model.encode_last(h[i:i + self.batch_size]) for i in range(0, len(h), self.batch_size)])
-
-
 # ----------------------------------------------------------------------------- replaying recorded nights
 
 def recorded_readings(data_dir: str | Path, subject_id: str) -> dict[str, np.ndarray]:
@@ -965,8 +558,6 @@ def _cycle(values: Iterable[int]):
 def replay_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, data_dir: str | Path,
                   nights: list[dl.Night], **stager_kwargs):
     """The offline evaluation's frame (evaluation.PREDICTION_COLUMNS), computed by streaming each night's files."""
-    import pandas as pd
-    from evaluation import PREDICTION_COLUMNS, prediction_frame
     frames = []
     for night in nights:
         stager = StreamingStager(model, scaler, checkpoint, start_s=float(night.epoch_start_s[0]), **stager_kwargs)
@@ -980,162 +571,48 @@ def replay_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: 
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 
 
-# ----------------------------------------------------------------------------- following growing files (live demo)
-
-_KIND_ALIASES = {"heart_rate": "heart_rate", "hr": "heart_rate", "heartrate": "heart_rate",
-                 "motion": "motion", "acceleration": "motion", "acc": "motion",
-                 "counts": "counts", "count": "counts", "steps": "steps", "step": "steps"}
-
-
-class FollowedFile:
-    """A growing CSV (`t,bpm`, `t,x,y,z`, `t,count`, `t,steps`; comma or space separated), read as it grows.
-
-    spec: PATH, or KIND=PATH with KIND one of heart_rate (hr), motion (acceleration), counts, steps.
-    Without a kind it comes from the name (heartrate/acceleration/counts/steps) or else the
-    columns (4: motion, 2: heart rate).
-    """
-
-    def __init__(self, spec: str):
-        kind, sep, path = spec.partition("=")
-        if sep and kind.lower() in _KIND_ALIASES:
-            self.kind, self.path = _KIND_ALIASES[kind.lower()], Path(path)
-        else:
-            self.kind, self.path = None, Path(spec)
-            name = self.path.name.lower()
-            tokens = set(re.split(r"[^a-z0-9]+", name))
-            for word, kind_ in (("count", "counts"), ("step", "steps"), ("accel", "motion"), ("motion", "motion"),
-                                ("heart", "heart_rate")):
-                if word in name:
-                    self.kind = kind_
-                    break
-            else:
-                if "hr" in tokens:
-                    self.kind = "heart_rate"
-        self.offset, self.partial, self.line_no, self.bad_lines = 0, b"", 0, 0
-
-    def read_new(self, warn=None) -> list[tuple[str, np.ndarray]]:
-        """Rows appended since the last call: (kind, [t, values...]); an incomplete last line waits."""
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            return []
-        if size < self.offset:  # truncated or replaced: start over
-            self.offset, self.partial = 0, b""
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(size - self.offset)
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        rows = []
-        for raw in lines:
-            self.line_no += 1
-            fields = raw.decode("utf-8", "replace").replace(",", " ").split()
-            if not fields:
-                continue
-            try:
-                values = np.array([float(x) for x in fields])
-            except ValueError:
-                if self.line_no > 1:  # a header on the first line is fine
-                    self._bad(warn, raw, "not a number")
-                continue
-            if self.kind is None:
-                self.kind = "motion" if len(values) == 4 else "heart_rate"
-            if len(values) != _N_VALUES[self.kind] + 1:
-                self._bad(warn, raw, f"expected {_N_VALUES[self.kind] + 1} fields for {self.kind}")
-                continue
-            rows.append((self.kind, values))
-        return rows
-
-    def _bad(self, warn, raw: bytes, reason: str) -> None:
-        self.bad_lines += 1
-        if warn is not None:
-            warn(f"{self.path}, line {self.line_no}: {reason}: {raw[:80]!r} (skipped)")
-
-
-def format_epoch(epoch: StagedEpoch, start_s: float) -> str:
-    """One printed line: epoch start (s), time since the night's start, stage, probabilities."""
-    since = max(epoch.epoch_start_s - start_s, 0.0)
-    hms = f"{int(since // 3600):02d}:{int(since % 3600 // 60):02d}:{int(since % 60):02d}"
-    p = epoch.probabilities
-    return (f"{epoch.epoch_start_s:12.1f} s  {hms}  {dl.STAGE_NAMES[epoch.stage]:<5}  "
-            f"wake {p[0]:.3f}  light {p[1]:.3f}  deep {p[2]:.3f}  rem {p[3]:.3f}")
-
-
-def follow(stager: StreamingStager, specs: list[str], *, timeout_s: float | None = None, poll_s: float = 0.2,
-           out=None, err=None) -> int:
-    """Tail growing files, push new rows (merged by time) and print one line per closed epoch.
-
-    Stops after timeout_s seconds without new data (None: never) or on Ctrl-C. Returns the
-    number of epochs printed.
-    """
-    out = out or sys.stdout
-    err = err or sys.stderr
-    warn = lambda message: print(f"warning: {message}", file=err, flush=True)  # noqa: E731
-    files = [FollowedFile(spec) for spec in specs]
-    printed, last_data = 0, time.monotonic()
-    try:
-        while True:
-            rows = [row for f in files for row in f.read_new(warn)]
-            if rows:
-                last_data = time.monotonic()
-                rows.sort(key=lambda r: r[1][0])  # stable: files in the given order at equal times
-                i = 0
-                while i < len(rows):  # one push per run of one signal, in time order
-                    j = i
-                    while j < len(rows) and rows[j][0] == rows[i][0]:
-                        j += 1
-                    block = np.stack([r[1] for r in rows[i:j]])
-                    for epoch in stager.push(rows[i][0], block[:, 0], *block[:, 1:].T):
-                        print(format_epoch(epoch, stager.start_s), file=out, flush=True)
-                        printed += 1
-                    i = j
-            elif timeout_s is not None and time.monotonic() - last_data >= timeout_s:
-                break
-            else:
-                time.sleep(poll_s)
-    except KeyboardInterrupt:
-        pass
-    summary = ", ".join(f"{k} {v}" for k, v in stager.stats.items() if v)
-    print(f"stopped: {printed} epoch(s) staged; {summary or 'no readings'}", file=err, flush=True)
-    return printed
-
-
 # ----------------------------------------------------------------------------- notebook API
 
-# per model (weakly: a deleted model takes its contexts with it), per wearer: the StreamingStager
-_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 DEFAULT_WEARER = "default"
 
 
-def load_model(checkpoint: str | Path, arch: str | None = None) -> tuple[torch.nn.Module, dl.FeatureScaler]:
-    """(model, scaler) of a causal checkpoint for predict_label_from_triplet.
+class Loaded(NamedTuple):
+    """What load_model registers for a model: its checkpoint (without the weights) and its file."""
+    checkpoint: dict
+    path: str
 
-    The model carries what the stream needs as `model.checkpoint` (the checkpoint dict without
-    its weights: features, seq_len, target_pos, causal, ...) and `model.checkpoint_path`.
-    """
-    from checkpoint import load_model_from_checkpoint
+
+# Registries, weakly keyed by model (a deleted model takes its entries with it): what load_model
+# loaded it from, and per wearer the StreamingStager that holds the context.
+_LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, Loaded]" = weakref.WeakKeyDictionary()
+_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def load_model(checkpoint: str | Path, arch: str | None = None) -> tuple[torch.nn.Module, dl.FeatureScaler]:
+    """(model, scaler) of a causal checkpoint for predict_label_from_triplet; `loaded(model)` tells where from."""
     model, scaler, ckpt = load_model_from_checkpoint(checkpoint, expected_arch=arch)
     if not ckpt["causal"]:
         raise ValueError(f"checkpoint {checkpoint} is an offline model; real-time staging needs a causal one "
                          f"(checkpoints/{ckpt['arch']}_causal/model.pth, trained with --causal)")
-    model.checkpoint = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    model.checkpoint_path = str(checkpoint)
+    _LOADED[model] = Loaded({k: v for k, v in ckpt.items() if k != "state_dict"}, str(checkpoint))
     return model, scaler
+
+
+def loaded(model: torch.nn.Module) -> Loaded | None:
+    """The checkpoint (without weights) and path load_model read this model from; None for other models."""
+    return _LOADED.get(model)
 
 
 def get_context(model: torch.nn.Module, scaler: dl.FeatureScaler | None = None,
                 wearer=DEFAULT_WEARER) -> StreamingStager:
-    """The StreamingStager that holds `wearer`'s context for this model (made on first use)."""
+    """The StreamingStager that holds `wearer`'s context for this model (made with `scaler` on first use)."""
     contexts = _CONTEXTS.setdefault(model, {})
     if wearer not in contexts:
-        checkpoint = getattr(model, "checkpoint", None)
-        if checkpoint is None or scaler is None:
+        info = loaded(model)
+        if info is None or scaler is None:
             raise ValueError("this model has no context yet and no checkpoint info: load it with load_model(), "
                              "or pass context=StreamingStager(model, scaler, checkpoint)")
-        contexts[wearer] = StreamingStager(model, scaler, checkpoint)
+        contexts[wearer] = StreamingStager(model, scaler, info.checkpoint)
     return contexts[wearer]
 
 
@@ -1181,6 +658,9 @@ def predict_label_from_triplet(model: torch.nn.Module, scaler: dl.FeatureScaler,
                             "activity count per 15 s bin as in the counts files")
     steps = _check_reading("steps", steps, 0.0, MAX_STEPS_PER_EPOCH, "steps in the 30 s epoch")
     stager = context if context is not None else get_context(model, scaler, wearer)
-    stager.scaler = scaler
+    if stager.scaler is not scaler and not (np.array_equal(stager.scaler.mean, scaler.mean)
+                                            and np.array_equal(stager.scaler.scale, scaler.scale)):
+        raise ValueError(f"wearer {wearer!r}'s context was made with another scaler; pass the scaler load_model "
+                         "returned with this model, or reset_context(model, wearer) first")
     (epoch,) = stager.push_epoch_aggregates(hr, motion, steps)
     return epoch.stage, epoch.probabilities

@@ -7,7 +7,7 @@ Writes a synthetic cohort (synthetic.write_cohort: labels, heart rate, counts, s
 motion, which would be 40 GB) of --subjects nights and links its first --small nights into a
 second folder, then measures, each in a fresh process so nothing else inflates the figures:
 
-- load: data_loader.build_feature_store cold (empty cache: parse every file, write the per-night
+- load: feature_store.build_feature_store cold (empty cache: parse every file, write the per-night
   caches and the memory-mapped store) and cached (open the store), seconds and peak RSS;
 - read: one training pass of windows through training.WindowDataset + DataLoader over every
   subject (what training reads), windows/s and peak RSS;
@@ -47,17 +47,18 @@ WRAPPER = ("import json, resource, subprocess, sys, time; t = time.perf_counter(
 
 def child(mode: str, data_dir: str, cache_dir: str, stride: int) -> dict:
     """Runs in a fresh process: load the store (mode load) or read one training pass (mode read)."""
-    import data_loader as dl
+    import feature_store
+    import features
     after_import = peak_rss_mib()
     t0 = time.perf_counter()
-    store = dl.build_feature_store(data_dir, causal=False, cache_dir=cache_dir)
+    store = feature_store.build_feature_store(data_dir, causal=False, cache_dir=cache_dir)
     out = {"subjects": len(store), "epochs": int(store.offsets[-1]), "load_seconds": round(time.perf_counter() - t0, 2)}
     if mode == "read":
         from torch.utils.data import DataLoader
         from torch.utils.data.distributed import DistributedSampler
         import training
         data = training.prepare(store, store.subjects)
-        dataset = training.WindowDataset(data, store.subjects, dl.SEQ_LEN, stride, seed=0)
+        dataset = training.WindowDataset(data, store.subjects, features.SEQ_LEN, stride, seed=0)
         loader = DataLoader(dataset, batch_size=96, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=0))
         t0 = time.perf_counter()
         n = sum(len(x) for x, _ in loader)

@@ -20,11 +20,14 @@ unscored epochs inside it as not asleep too, so both hypnograms cover the same t
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from evaluation import save_figure
 
 EPOCH_MIN = 0.5
 METRICS = ("time_in_bed_min", "total_sleep_time_min", "sleep_efficiency_pct", "sleep_onset_latency_min",
@@ -100,7 +103,6 @@ def plot_bland_altman(comparison: pd.DataFrame, path: str | Path,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from evaluation import _save_figure
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, name in zip(axes.ravel(), metrics):
         rows = comparison[comparison["metric"] == name].dropna(subset=["difference"])
@@ -114,7 +116,37 @@ def plot_bland_altman(comparison: pd.DataFrame, path: str | Path,
         ax.set_xlabel("mean of PSG and predicted")
         ax.set_ylabel("predicted - PSG")
     fig.tight_layout()
-    _save_figure(fig, Path(path))
+    save_figure(fig, path)
+
+
+# sleep metrics shown per subject by --sleep-metrics: (metric, column title)
+SLEEP_METRICS_SHOWN = (("total_sleep_time_min", "TST min"), ("sleep_efficiency_pct", "SE %"),
+                       ("sleep_onset_latency_min", "SOL min"), ("waso_min", "WASO min"),
+                       ("rem_latency_min", "REM lat min"), ("awakenings", "awakenings"), ("wake_min", "Wake min"),
+                       ("light_min", "Light min"), ("deep_min", "Deep min"), ("rem_min", "REM min"))
+
+
+def format_sleep_metrics(comparison: pd.DataFrame) -> str:
+    """--sleep-metrics: per subject PSG / predicted values, then the agreement table over subjects."""
+    out = io.StringIO()
+    n_subjects = comparison["subject"].nunique()
+    print("sleep metrics per subject, PSG / predicted (over each night's PSG-scored period):", file=out)
+    width = 15
+    print(f"{'subject':>10}" + "".join(f"{title:>{width}}" for _, title in SLEEP_METRICS_SHOWN), file=out)
+    cells = comparison.set_index(["subject", "metric"])
+    for subject in comparison["subject"].unique():
+        row = []
+        for name, _ in SLEEP_METRICS_SHOWN:
+            psg, pred = cells.loc[(subject, name), "psg"], cells.loc[(subject, name), "predicted"]
+            row.append("/".join("-" if pd.isna(v) else f"{v:.0f}" if name == "awakenings" else f"{v:.1f}"
+                                for v in (psg, pred)))
+        print(f"{str(subject):>10}" + "".join(f"{c:>{width}}" for c in row), file=out)
+    table = agreement(comparison)
+    print(f"\nagreement over {n_subjects} subject(s) (difference = predicted - PSG; limits of agreement = "
+          f"bias +- 1.96 SD):", file=out)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.round(2).to_string(), file=out)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ every epoch that closed.
 
 --path pool   realtime.StagerPool: the full stream rules per wearer (timestamps, late and
               duplicate readings, gaps), one model call per simulated epoch for all wearers.
---path batch  realtime.StagerBatch: wearers in lockstep, state in numpy arrays; readings are
+--path batch  stager_batch.StagerBatch: wearers in lockstep, state in numpy arrays; readings are
               assigned to the epoch by the caller (no timestamp rules).
 
 Prints one JSON object: wearer-epochs staged per second, the time ingesting readings (push/aggregate) and in
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 import data_loader as dl
+import features
 import realtime
+import stager_batch
 
 EPOCH_S = dl.EPOCH_S
 HR_PER_EPOCH = 6        # one heart-rate reading every ~5 s
@@ -61,12 +63,12 @@ def load_model(checkpoint: str | None):
         raise SystemExit(f"error: checkpoint {checkpoint} not found")
     from train_hybrid import MODEL
     torch.manual_seed(0)
-    features = dl.DEFAULT_FEATURES
+    names = features.DEFAULT_FEATURES
     config = {k: v for k, v in vars(MODEL).items() if k not in ("n_features", "causal", "dropout")}
-    model = build_model("hybrid", {**config, "n_features": len(features), "causal": True}).eval()
-    scaler = dl.FeatureScaler(np.zeros(len(features), np.float32), np.ones(len(features), np.float32))
-    ckpt = make_checkpoint(model, "hybrid", features=list(features), seq_len=dl.SEQ_LEN,
-                           target_pos=dl.SEQ_LEN - 1, scaler=scaler)
+    model = build_model("hybrid", {**config, "n_features": len(names), "causal": True}).eval()
+    scaler = dl.FeatureScaler(np.zeros(len(names), np.float32), np.ones(len(names), np.float32))
+    ckpt = make_checkpoint(model, "hybrid", features=list(names), seq_len=features.SEQ_LEN,
+                           target_pos=features.SEQ_LEN - 1, scaler=scaler)
     return model, scaler, ckpt, f"untrained causal hybrid {config} (no {path})"
 
 
@@ -108,7 +110,7 @@ def soak(args) -> dict:
     else:
         if not hasattr(realtime, "StagerBatch"):
             raise SystemExit("error: this realtime.py has no StagerBatch; use --path pool")
-        batch = realtime.StagerBatch(model, scaler, ckpt, n_wearers=args.wearers, start_s=0.0)
+        batch = stager_batch.StagerBatch(model, scaler, ckpt, n_wearers=args.wearers, start_s=0.0)
         hr_owner = np.repeat(np.arange(args.wearers), HR_PER_EPOCH)
         count_owner = np.repeat(np.arange(args.wearers), COUNTS_PER_EPOCH)
     rss = {0: round(rss_mib(), 1)}  # simulated hour -> MiB
@@ -159,7 +161,7 @@ def soak(args) -> dict:
         "rss_mib_by_simulated_hour": rss,
     }
     if args.path == "pool":
-        totals = {key: sum(s.stats[key] for s in pool.stagers.values()) for key in realtime._new_stats()}
+        totals = {key: sum(s.stats[key] for s in pool.stagers.values()) for key in realtime.new_stats()}
         result["stream_stats"] = {key: value for key, value in totals.items() if value}
         result["nan_readings_pushed"] = nan_pushed
         result["buffered_readings_at_end"] = sum(sum(s.buffered_samples().values()) for s in pool.stagers.values())

@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import data_loader as dl
-from checkpoint import Ensemble, atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
+import features
+import feature_store
+from checkpoint import ARCHITECTURES, Ensemble, atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from smoothing import smooth_night, transition_matrix
-from evaluation import compute_metrics, format_report, predict_night, prediction_frame, write_predictions
+from evaluation import compute_metrics, format_report, predict_night, prediction_frame, save_figure, write_predictions
 
 SELECT_METRICS = ("kappa", "macro_f1", "accuracy", "rem_accuracy")
 
@@ -71,7 +73,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     bf16: bool = False
-    features: tuple[str, ...] = dl.DEFAULT_FEATURES
+    features: tuple[str, ...] = features.DEFAULT_FEATURES
     model: str = ""                 # overrides of the script's MODEL config, e.g. "channels=32,n_heads=2"
 
     @property
@@ -143,10 +145,12 @@ def gather(value, ctx: Dist) -> list:
 
 @dataclass
 class Prepared:
-    """The cohort's memory-mapped features, and what is fitted on the training subjects: the scaler and,
-    for smoothed (offline) models, the stage transition matrix (None: no smoothing)."""
-    store: dl.FeatureStore
+    """The cohort's memory-mapped features, and what is fitted once on the training subjects: the scaler,
+    the loss's class weights and, for smoothed (offline) models, the stage transition matrix (None: no
+    smoothing)."""
+    store: feature_store.FeatureStore
     scaler: dl.FeatureScaler
+    weight: torch.Tensor = field(default_factory=lambda: torch.ones(4))
     transitions: np.ndarray | None = None
 
     def x(self, subject_id: str, index: np.ndarray | None = None) -> np.ndarray:
@@ -157,11 +161,14 @@ class Prepared:
         return self.store.read(subject_id, "stage", index).astype(np.int64)
 
 
-def prepare(store: dl.FeatureStore, train_ids: list[str], smooth: bool = False) -> Prepared:
+def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainConfig | None = None) -> Prepared:
+    """Fit the scaler, class weights and (smoothed runs) transition matrix on train_ids."""
+    cfg = cfg or TrainConfig()
     transitions = None
-    if smooth:
+    if cfg.smoothed:
         transitions = transition_matrix(store.read(s, "stage").astype(np.int64) for s in train_ids)
-    return Prepared(store, store.fit_scaler(train_ids), transitions)
+    weight = class_weights(store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
+    return Prepared(store, store.fit_scaler(train_ids), weight, transitions)
 
 
 class WindowDataset(Dataset):
@@ -249,7 +256,7 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
 # ----------------------------------------------------------------------------- evaluation during training
 
 def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str], cfg: TrainConfig,
-                      ctx: Dist, weight: torch.Tensor, device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+                      ctx: Dist, device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, dict]:
     """Metrics over the whole subject list: each rank predicts its share, rank 0 gets all of it.
 
     Metrics and the returned probabilities are smoothed when data.transitions is set; the loss is the
@@ -258,7 +265,7 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     model.eval()
     for s in subjects[ctx.rank::ctx.world_size]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            mine[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, device=device)
+            mine[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos)
     raw = {}
     for part in gather(mine, ctx):
         raw.update(part)
@@ -274,7 +281,7 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     scored = y_true >= 0
     with torch.no_grad():
         logp = torch.log(torch.from_numpy(raw_all[scored]).clamp_min(1e-8)).float()
-        metrics["loss"] = float(focal_loss(logp, torch.from_numpy(y_true[scored]), weight.cpu(), cfg.focal_gamma))
+        metrics["loss"] = float(focal_loss(logp, torch.from_numpy(y_true[scored]), data.weight, cfg.focal_gamma))
     metrics["rem_accuracy"] = metrics["recall_rem"]
     return metrics, y_true, y_pred, merged
 
@@ -291,7 +298,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     dataset = WindowDataset(data, train_ids, cfg.seq_len, cfg.stride, cfg.seed)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
-    weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
+    weight = data.weight.to(device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_epochs, T_mult=2,
@@ -331,7 +338,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
-        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
+        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, device)
         improved, row = False, None
         if ctx.is_main:
             score = metrics[cfg.select_metric]
@@ -394,8 +401,7 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
         members.append(member)
         best_epochs.append(state["best_epoch"])
     model = Ensemble(members).eval()
-    weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power).to(device)
-    metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, weight, device)
+    metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, device)
     if ctx.is_main and out_dir is not None:
         save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                         target_pos=cfg.target_pos, scaler=data.scaler,
@@ -429,7 +435,6 @@ def plot_curves(rows: list[dict], path: Path, select_metric: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from evaluation import _save_figure
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
@@ -442,7 +447,7 @@ def plot_curves(rows: list[dict], path: Path, select_metric: str) -> None:
     ax_metric.set_xlabel("epoch")
     ax_metric.set_title(f"validation (selected on {select_metric})")
     ax_metric.legend(fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -472,10 +477,10 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
         else:
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--features", default=",".join(defaults.features),
-                        help=f"comma-separated; known: {','.join(dl.FEATURES)}")
+                        help=f"comma-separated; known: {','.join(features.FEATURES)}")
     args = vars(parser.parse_args(argv))
     args["features"] = tuple(s for s in args["features"].split(",") if s)
-    unknown = [s for s in args["features"] if s not in dl.FEATURES]
+    unknown = [s for s in args["features"] if s not in features.FEATURES]
     if unknown:
         parser.error(f"unknown feature(s) {unknown}")
     if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
@@ -503,7 +508,7 @@ def override_model_config(model_config: dict, overrides: str) -> dict:
 
 def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | None = None) -> int:
     """Full CLI behaviour for one architecture: train + test evaluation, or --cv K."""
-    script = "train.py" if arch == "lstm" else "train_hybrid.py"
+    script = ARCHITECTURES[arch].train_script
     cfg = parse_args(defaults, argv, script)
     try:
         model_config = override_model_config(model_config, cfg.model)
@@ -544,11 +549,10 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
         f"{len(cfg.features)} features")
     if cfg.cv:
         return _cross_validate(arch, model_config, cfg, store, train_ids + val_ids, out_dir, ctx, device, say)
-    data = prepare(store, train_ids, smooth=cfg.smoothed)
+    data = prepare(store, train_ids, cfg)
     model, state = train_model(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
                                extra={"test_subjects": test_ids})
-    weight = class_weights(data.store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
-    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, weight, device)
+    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, device)
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
         say(f"\nbest epoch {state['best_epoch']} ({cfg.select_metric} {state['best']:.4f} on validation); "
@@ -560,14 +564,14 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     return 0
 
 
-def _load_store(cfg: TrainConfig, ctx: Dist, say) -> dl.FeatureStore:
+def _load_store(cfg: TrainConfig, ctx: Dist, say) -> feature_store.FeatureStore:
     """The cohort's feature store; rank 0 builds it while the other ranks wait, then they open it."""
     store, error = None, None
     if ctx.is_main:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", dl.DataWarning)
-                store = dl.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features, progress=True)
+                store = feature_store.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features, progress=True)
             for w in caught:
                 say(f"warning: {w.message}", file=sys.stderr)
         except Exception as exc:  # any failure reaches every rank, so none waits forever
@@ -580,7 +584,7 @@ def _load_store(cfg: TrainConfig, ctx: Dist, say) -> dl.FeatureStore:
     if store is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dl.DataWarning)  # rank 0 has said it
-            store = dl.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features)
+            store = feature_store.build_feature_store(cfg.data_dir, causal=cfg.causal, features=cfg.features)
     return store
 
 
@@ -593,10 +597,9 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
         fit_ids, held_ids = folds[k]
         inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + k, val_frac=0.12, test_frac=0.0)
         t0 = time.perf_counter()
-        data = prepare(store, inner_train, smooth=cfg.smoothed)
+        data = prepare(store, inner_train, cfg)
         model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
-        weight = class_weights(data.store.class_counts(inner_train), cfg.rem_boost, cfg.class_weight_power)
-        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, weight, device)
+        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, device)
         if ctx.is_main:
             metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]
             metrics["minutes"] = round((time.perf_counter() - t0) / 60, 2)

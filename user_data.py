@@ -43,6 +43,9 @@ import numpy as np
 import pandas as pd
 
 import data_loader as dl
+import evaluation
+import sleep_metrics as sm
+from checkpoint import atomic_write
 
 TIME_COLUMNS = ("timestamp", "time", "t", "seconds", "datetime")
 HR_COLUMNS = ("heart_rate", "hr", "bpm")
@@ -98,7 +101,7 @@ def _normalise(name: str) -> str:
 def _first_data_line(path: Path) -> tuple[int, str]:
     """(line number, text) of the first non-blank line."""
     try:
-        with dl._open_text(path) as f:
+        with dl.open_text(path) as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     return line_no, line.rstrip("\r\n")
@@ -131,7 +134,7 @@ def _is_number(text: str) -> bool:
 def _data_line_numbers(path: Path, header_line: int, rows: np.ndarray) -> dict[int, tuple[int, str]]:
     """Line number and text of the given data rows (0-based, blank lines not counted); slow path only."""
     wanted, found, row = set(int(r) for r in rows), {}, -1
-    with dl._open_text(path) as f:
+    with dl.open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             if line_no <= header_line or not line.strip():
                 continue
@@ -145,7 +148,7 @@ def _data_line_numbers(path: Path, header_line: int, rows: np.ndarray) -> dict[i
 
 def _field_count_error(path: Path, header_line: int, sep: str, n_fields: int) -> None:
     """Raise DataError at the first data line with a wrong number of fields; slow path only."""
-    with dl._open_text(path) as f:
+    with dl.open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             if line_no <= header_line or not line.strip():
                 continue
@@ -211,7 +214,7 @@ def read_user_signal(path: str | Path, role: str) -> UserSignal:
         table = pd.read_csv(path, sep=r"\s+" if sep == " " else sep, header=None, skiprows=header_line,
                             names=names, dtype=str, na_filter=False,
                             skip_blank_lines=True, skipinitialspace=True, index_col=False, engine="c",
-                            on_bad_lines="error", compression="gzip" if dl._is_gzip(path) else None)
+                            on_bad_lines="error", compression="gzip" if dl.is_gzip(path) else None)
     except (pd.errors.ParserError, ValueError) as exc:
         _field_count_error(path, header_line, sep, len(names))
         raise dl.DataError(f"{path}: cannot be parsed ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
@@ -385,10 +388,10 @@ def load_recording(hr: str | Path, motion: str | Path, steps: str | Path | None 
 
 # ----------------------------------------------------------------------------- predicting and summarising
 
-def predict_recording(model, scaler: dl.FeatureScaler, checkpoint: dict, recording: UserRecording) -> pd.DataFrame:
+def predict_recording(model, scaler: dl.FeatureScaler, checkpoint: dict, recording: UserRecording,
+                      smooth: bool = True) -> pd.DataFrame:
     """evaluation.PREDICTION_COLUMNS for every epoch (true_stage -1), plus clock_time for date-time inputs."""
-    import evaluation
-    frame = evaluation.predict_nights(model, scaler, checkpoint, [recording.night])
+    frame = evaluation.predict_nights(model, scaler, checkpoint, [recording.night], smooth)
     clock = recording.clock_times()
     if clock is not None:
         frame.insert(2, "clock_time", clock)
@@ -398,7 +401,6 @@ def predict_recording(model, scaler: dl.FeatureScaler, checkpoint: dict, recordi
 def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path: str = "",
                   mode: str = "") -> dict:
     """The night's figures (sleep_metrics.sleep_metrics of the predicted stages) and where they come from."""
-    import sleep_metrics as sm
     stages = frame["pred"].to_numpy()
     metrics = sm.sleep_metrics(stages)
     night = recording.night
@@ -486,8 +488,6 @@ def format_summary(summary: dict) -> str:
 def write_report(frame: pd.DataFrame, summary: dict, recording: UserRecording, out_dir: str | Path,
                  title: str = "") -> dict[str, Path]:
     """stages.csv, hypnogram.png, summary.json, summary.txt in out_dir; returns their paths."""
-    import evaluation
-    from checkpoint import atomic_write
     out = Path(out_dir)
     paths = {"stages": out / "stages.csv", "hypnogram": out / "hypnogram.png",
              "summary_json": out / "summary.json", "summary_txt": out / "summary.txt"}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import data_loader as dl
+import features
 from conftest import BUNDLED
 
 
@@ -194,12 +195,12 @@ def test_bad_subject_skipped_unless_strict(tmp_path, cache_dir):
 def test_night_shorter_than_seq_len_still_gets_a_window_per_epoch(tmp_path):
     make_subject(tmp_path, n_epochs=5)
     night = dl.parse_night(tmp_path, "1")
-    x = dl.night_features(night)
-    for target in (0, dl.SEQ_LEN // 2, dl.SEQ_LEN - 1):
-        windows = dl.make_windows(x, dl.SEQ_LEN, target)
-        assert windows.shape == (5, dl.SEQ_LEN, x.shape[1])
+    x = features.night_features(night)
+    for target in (0, features.SEQ_LEN // 2, features.SEQ_LEN - 1):
+        windows = features.make_windows(x, features.SEQ_LEN, target)
+        assert windows.shape == (5, features.SEQ_LEN, x.shape[1])
         np.testing.assert_array_equal(windows[:, target], x)  # each epoch sits at the target position
-    idx, valid = dl.window_indices(5, dl.SEQ_LEN, dl.SEQ_LEN - 1)
+    idx, valid = features.window_indices(5, features.SEQ_LEN, features.SEQ_LEN - 1)
     assert valid.sum() == 1 + 2 + 3 + 4 + 5  # padded positions are flagged
 
 
@@ -214,12 +215,12 @@ def test_missing_data_directory_is_clear(tmp_path):
 
 def test_causal_features_never_look_ahead():
     night = dl.load_night(BUNDLED, "46343", cache_dir=None)
-    full = dl.night_features(night, causal=True)
+    full = features.night_features(night, causal=True)
     k = 300
     prefix = dl.Night(night.subject_id, *(getattr(night, a)[:k] for a in dl.Night.ARRAYS))
-    np.testing.assert_allclose(dl.night_features(prefix, causal=True), full[:k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features.night_features(prefix, causal=True), full[:k], rtol=1e-5, atol=1e-5)
     # offline features use the whole night, so they may differ on a prefix
-    assert not np.allclose(dl.night_features(prefix, causal=False), dl.night_features(night, causal=False)[:k])
+    assert not np.allclose(features.night_features(prefix, causal=False), features.night_features(night, causal=False)[:k])
 
 
 def test_missing_heart_rate_filled_forward_and_flagged(tmp_path):
@@ -227,12 +228,12 @@ def test_missing_heart_rate_filled_forward_and_flagged(tmp_path):
     hr += "".join(f"{t},50\n" for t in range(240, 300, 5))
     make_subject(tmp_path, n_epochs=10, hr=hr)
     night = dl.parse_night(tmp_path, "1")
-    names = list(dl.FEATURES)
-    causal = dl.night_features(night, causal=True)
-    offline = dl.night_features(night, causal=False)
+    names = list(features.FEATURES)
+    causal = features.night_features(night, causal=True)
+    offline = features.night_features(night, causal=False)
     hr_col, miss_col = names.index("heart_rate_bpm"), names.index("hr_missing")
     np.testing.assert_array_equal(causal[:, miss_col], [1, 1, 0, 0, 0, 1, 1, 1, 0, 0])
-    np.testing.assert_allclose(causal[:, hr_col], [dl.HR_PRIOR_BPM] * 2 + [70] * 6 + [50] * 2)
+    np.testing.assert_allclose(causal[:, hr_col], [features.HR_PRIOR_BPM] * 2 + [70] * 6 + [50] * 2)
     np.testing.assert_allclose(offline[:, hr_col], [70] * 8 + [50] * 2)  # offline fills the lead backwards
     assert np.isfinite(causal).all() and np.isfinite(offline).all()
 
@@ -240,7 +241,7 @@ def test_missing_heart_rate_filled_forward_and_flagged(tmp_path):
 def test_unknown_feature_name_is_rejected():
     night = dl.load_night(BUNDLED, "46343", cache_dir=None)
     with pytest.raises(ValueError, match="unknown feature"):
-        dl.night_features(night, features=("heart_rate_bpm", "pulse"))
+        features.night_features(night, features=("heart_rate_bpm", "pulse"))
 
 
 # ----------------------------------------------------------------------------- cache
@@ -293,10 +294,10 @@ def test_kfold_by_subject_never_shares_a_subject(k):
 def test_scaler_is_fitted_on_training_subjects_only():
     nights = {n.subject_id: n for n in dl.load_nights(BUNDLED, cache_dir=None)}
     train, val, test = dl.split_subjects(list(nights))
-    train_x = [dl.night_features(nights[s]) for s in train]
+    train_x = [features.night_features(nights[s]) for s in train]
     scaler = dl.FeatureScaler.fit(train_x)
     np.testing.assert_allclose(scaler.mean, np.concatenate(train_x).mean(axis=0), rtol=1e-4, atol=1e-4)
-    all_mean = np.concatenate([dl.night_features(n) for n in nights.values()]).mean(axis=0)
+    all_mean = np.concatenate([features.night_features(n) for n in nights.values()]).mean(axis=0)
     assert not np.allclose(scaler.mean, all_mean, rtol=1e-4, atol=1e-4)
     z = scaler.transform(np.concatenate(train_x))
     np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-3)
@@ -335,6 +336,6 @@ def test_reads_synthetic_release_with_raw_motion_and_steps(tmp_path, cache_dir, 
     assert not np.isnan(night.steps).all()
     wake, asleep = night.stage == 0, night.stage > 0
     assert np.nanmean(night.activity_count[wake]) > np.nanmean(night.activity_count[asleep])
-    x = dl.night_features(night, features=dl.FEATURES)
-    assert x.shape == (120, len(dl.FEATURES)) and np.isfinite(x).all()
+    x = features.night_features(night, features=features.FEATURES)
+    assert x.shape == (120, len(features.FEATURES)) and np.isfinite(x).all()
     assert dl.load_night(tmp_path, "42", cache_dir).report.get("from_cache")

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data.distributed import DistributedSampler
 
 import data_loader as dl
+import feature_store
 import training
 from checkpoint import build_model, load_model_from_checkpoint
 from conftest import ROOT
@@ -19,7 +20,7 @@ TINY = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2, "n_featur
 
 
 def test_two_shards_cover_every_window_and_overlap_only_in_padding(small_data_dir):
-    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=None)
+    store = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=None)
     data = training.prepare(store, store.subjects)
     dataset = training.WindowDataset(data, store.subjects, seq_len=25, stride=7, seed=0)
     shards = []

@@ -9,58 +9,60 @@ import pytest
 from sklearn.preprocessing import StandardScaler
 
 import data_loader as dl
+import features
+import feature_store
 from conftest import BUNDLED, copy_subjects
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_store_holds_the_same_features_stages_and_times_as_each_night(small_data_dir, cache_dir, causal):
-    store = dl.build_feature_store(small_data_dir, causal=causal, cache_dir=cache_dir)
+    store = feature_store.build_feature_store(small_data_dir, causal=causal, cache_dir=cache_dir)
     assert store.subjects == dl.find_subjects(small_data_dir) and store.causal == causal
     for subject_id in store.subjects:
         night = dl.load_night(small_data_dir, subject_id, cache_dir=None)
-        np.testing.assert_array_equal(store.read(subject_id, "features"), dl.night_features(night, causal, dl.DEFAULT_FEATURES))
+        np.testing.assert_array_equal(store.read(subject_id, "features"), features.night_features(night, causal, features.DEFAULT_FEATURES))
         np.testing.assert_array_equal(store.read(subject_id, "stage"), night.stage)
         np.testing.assert_array_equal(store.read(subject_id, "epoch_start_s"), night.epoch_start_s)
         idx = np.array([3, 0, 3, len(night) - 1])
-        np.testing.assert_array_equal(store.read(subject_id, "features", idx), dl.night_features(night, causal, dl.DEFAULT_FEATURES)[idx])
+        np.testing.assert_array_equal(store.read(subject_id, "features", idx), features.night_features(night, causal, features.DEFAULT_FEATURES)[idx])
     assert store.offsets[-1] == sum(store.n_epochs(s) for s in store.subjects)
 
 
 def test_second_build_opens_the_store_without_reading_a_night(small_data_dir, cache_dir, monkeypatch):
-    first = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    first = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     monkeypatch.setattr(dl, "load_night", lambda *a, **k: pytest.fail("the store should come from the cache"))
-    second = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    second = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     assert second.path == first.path
     monkeypatch.undo()  # another mode or feature list is another store
-    assert dl.build_feature_store(small_data_dir, causal=True, cache_dir=cache_dir).path != first.path
-    assert dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir,
-                                  features=dl.DEFAULT_FEATURES[:5]).path != first.path
+    assert feature_store.build_feature_store(small_data_dir, causal=True, cache_dir=cache_dir).path != first.path
+    assert feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir,
+                                  features=features.DEFAULT_FEATURES[:5]).path != first.path
 
 
 def test_a_changed_file_builds_a_new_store(tmp_path, cache_dir):
     data = copy_subjects(BUNDLED, tmp_path / "data", ("46343", "3509524", "4018081"))
-    before = dl.build_feature_store(data, causal=False, cache_dir=cache_dir)
+    before = feature_store.build_feature_store(data, causal=False, cache_dir=cache_dir)
     hr_file = next((data / "heart_rate").glob("46343_*"))
     with gzip.open(hr_file, "rt") as f:
         rows = f.read().splitlines()
     rows = [f"{t},{float(bpm) + 10}" for t, bpm in (row.split(",") for row in rows if row)]
     with gzip.open(hr_file, "wt") as f:
         f.write("\n".join(rows) + "\n")
-    after = dl.build_feature_store(data, causal=False, cache_dir=cache_dir)
+    after = feature_store.build_feature_store(data, causal=False, cache_dir=cache_dir)
     assert after.path != before.path
     assert not np.array_equal(after.read("46343", "features"), before.read("46343", "features"))
 
 
 def test_a_damaged_store_is_rebuilt(small_data_dir, cache_dir):
-    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    store = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     expected = store.read(store.subjects[-1], "features")
     path = store.path
     del store
     with open(path / "features.f32", "r+b") as f:
         f.truncate(100)
     with pytest.raises(dl.DataError, match="features.f32"):
-        dl.FeatureStore(path)
-    rebuilt = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+        feature_store.FeatureStore(path)
+    rebuilt = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     np.testing.assert_array_equal(rebuilt.read(rebuilt.subjects[-1], "features"), expected)
 
 
@@ -72,15 +74,15 @@ def test_a_bad_subject_is_skipped_with_a_warning_on_every_load_and_strict_raises
     for _ in range(2):  # built, then opened from the cache: the same warning both times
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", dl.DataWarning)
-            store = dl.build_feature_store(data, causal=False, cache_dir=cache_dir)
+            store = feature_store.build_feature_store(data, causal=False, cache_dir=cache_dir)
         assert store.subjects == ["4018081", "46343"]
         assert any("3509524" in str(w.message) and "line 2" in str(w.message) for w in caught)
     with pytest.raises(dl.DataError, match="line 2"):
-        dl.build_feature_store(data, causal=False, cache_dir=cache_dir, strict=True)
+        feature_store.build_feature_store(data, causal=False, cache_dir=cache_dir, strict=True)
 
 
 def test_without_a_cache_the_store_is_temporary(small_data_dir):
-    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=None)
+    store = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=None)
     folder = store.path.parent
     assert folder.is_dir()
     del store
@@ -90,19 +92,19 @@ def test_without_a_cache_the_store_is_temporary(small_data_dir):
 
 def test_two_writers_of_the_same_store_both_succeed(tmp_path):
     nights = [("a", np.ones((4, 2), np.float32), np.zeros(4, np.int8), 30.0 * np.arange(4))]
-    first = dl.FeatureStore.write(tmp_path / "store", nights, ("f1", "f2"), causal=False)
-    second = dl.FeatureStore.write(tmp_path / "store", nights, ("f1", "f2"), causal=False)  # lost the race
+    first = feature_store.FeatureStore.write(tmp_path / "store", nights, ("f1", "f2"), causal=False)
+    second = feature_store.FeatureStore.write(tmp_path / "store", nights, ("f1", "f2"), causal=False)  # lost the race
     assert first.path == second.path and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     with pytest.raises(ValueError, match="subject b"):
-        dl.FeatureStore.write(tmp_path / "bad", [("b", np.ones((4, 3), np.float32), np.zeros(4), np.zeros(4))],
+        feature_store.FeatureStore.write(tmp_path / "bad", [("b", np.ones((4, 3), np.float32), np.zeros(4), np.zeros(4))],
                               ("f1", "f2"), causal=False)
     assert not (tmp_path / "bad").exists() and len(list(tmp_path.iterdir())) == 1  # no temporary left
 
 
 def test_reads_across_fresh_memory_maps_return_the_same_rows(small_data_dir, cache_dir, monkeypatch):
-    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    store = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     expected = {s: store.read(s, "features") for s in store.subjects}
-    monkeypatch.setattr(dl, "REMAP_BYTES", 10_000)
+    monkeypatch.setattr(feature_store, "REMAP_BYTES", 10_000)
     rng = np.random.default_rng(0)
     for _ in range(50):
         s = store.subjects[rng.integers(len(store))]
@@ -111,7 +113,7 @@ def test_reads_across_fresh_memory_maps_return_the_same_rows(small_data_dir, cac
 
 
 def test_streaming_scaler_equals_sklearn_on_the_concatenation(small_data_dir, cache_dir):
-    store = dl.build_feature_store(small_data_dir, causal=True, cache_dir=cache_dir)
+    store = feature_store.build_feature_store(small_data_dir, causal=True, cache_dir=cache_dir)
     matrices = [store.read(s, "features") for s in store.subjects]
     matrices[0][:, 14] = 0.0  # a constant column in one night only
     reference = StandardScaler().fit(np.concatenate(matrices))
@@ -125,7 +127,7 @@ def test_streaming_scaler_equals_sklearn_on_the_concatenation(small_data_dir, ca
 
 
 def test_class_counts_match_the_labels(small_data_dir, cache_dir):
-    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    store = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
     stages = np.concatenate([dl.load_night(small_data_dir, s, cache_dir=None).stage for s in store.subjects[:4]])
     np.testing.assert_array_equal(store.class_counts(store.subjects[:4]), np.bincount(stages[stages >= 0], minlength=4))
 
@@ -134,8 +136,8 @@ def test_scale_check_read_pass_reads_every_training_window(small_data_dir, cache
     import scale_check
     import training
     out = scale_check.child("read", str(small_data_dir), str(cache_dir), stride=5)
-    store = dl.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
-    dataset = training.WindowDataset(training.prepare(store, store.subjects), store.subjects, dl.SEQ_LEN, 5, seed=0)
+    store = feature_store.build_feature_store(small_data_dir, causal=False, cache_dir=cache_dir)
+    dataset = training.WindowDataset(training.prepare(store, store.subjects), store.subjects, features.SEQ_LEN, 5, seed=0)
     assert out["subjects"] == len(store) and out["epochs"] == store.offsets[-1]
     assert out["windows"] == len(dataset) and out["peak_rss_mib"] > 0
 
@@ -150,7 +152,7 @@ def test_a_damaged_gzip_skips_its_subject_and_an_unwritable_cache_falls_back_to_
     not_a_folder.write_text("")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", dl.DataWarning)
-        store = dl.build_feature_store(data, causal=False, cache_dir=not_a_folder)
+        store = feature_store.build_feature_store(data, causal=False, cache_dir=not_a_folder)
     messages = [str(w.message) for w in caught]
     assert store.subjects == ["3509524", "46343"]
     assert any("4018081" in m and hr_file.name in m for m in messages)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data_loader as dl
+import features
 import training
 from checkpoint import load_model_from_checkpoint, read_checkpoint
 from conftest import BUNDLED, ROOT
@@ -68,7 +69,7 @@ def test_mutated_real_files_load_or_fail_with_a_clear_error(tmp_path_factory, la
         assert "1_labeled_sleep.txt" in message or "1_heartrate.txt" in message or "subject 1" in message
     else:
         assert len(night) > 0 and set(np.unique(night.stage)) <= {-1, 0, 1, 2, 3}
-        assert np.isfinite(dl.night_features(night)).all() and np.isfinite(dl.night_features(night, causal=False)).all()
+        assert np.isfinite(features.night_features(night)).all() and np.isfinite(features.night_features(night, causal=False)).all()
 
 
 @FUZZ
@@ -82,7 +83,7 @@ def test_any_heart_rate_values_give_finite_features_or_a_clear_error(tmp_path_fa
     except dl.DataError as exc:
         assert "heart" in str(exc)
     else:
-        assert np.isfinite(dl.night_features(night)).all()
+        assert np.isfinite(features.night_features(night)).all()
 
 
 def _motion_text(n_rows: int, seed: int = 0) -> list[str]:

@@ -17,14 +17,18 @@ import pytest
 import torch
 
 import data_loader as dl
+import features
 import evaluation
+import inference_cli
 import inference
 import inference_hybrid
 import realtime
 import synthetic
 import training
-from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
-from realtime import StagerBatch, StagerPool, StreamingStager
+from checkpoint import (CHECKPOINT_DIR, CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint,
+                        save_checkpoint)
+from realtime import StagerPool, StreamingStager
+from stager_batch import StagerBatch
 from conftest import copy_subjects, count_forward_last
 
 TINY_HYBRID = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2}
@@ -37,7 +41,7 @@ BUNDLED = ROOT / "data" / "sleep-accel"
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    with realtime.single_thread():  # one window per model call; also kind to a busy machine
+    with evaluation.single_thread():  # one window per model call; also kind to a busy machine
         yield
 
 
@@ -60,7 +64,7 @@ def two_subject_dir(small_data_dir, tmp_path_factory):
     return copy_subjects(small_data_dir, tmp_path_factory.mktemp("two-subjects"), REPLAY_SUBJECTS)
 
 
-def untrained_checkpoint(path, arch="hybrid", causal=True, features=dl.DEFAULT_FEATURES, matrices=None):
+def untrained_checkpoint(path, arch="hybrid", causal=True, features=features.DEFAULT_FEATURES, matrices=None):
     torch.manual_seed(0)
     config = {**(TINY_HYBRID if arch == "hybrid" else TINY_LSTM), "n_features": len(features), "causal": causal}
     model = build_model(arch, config).eval()
@@ -82,7 +86,7 @@ def offline_rows(ckpt, n_epochs, start_s=0.0, **signals):
     epochs = start_s + 30.0 * np.arange(n_epochs)
     night = dl.night_from_arrays("x", epochs, np.zeros(n_epochs, np.int8), signals["heart_rate"],
                                  signals.get("motion"), signals.get("counts"), signals.get("steps"))
-    return dl.night_features(night, causal=True, features=tuple(ckpt["features"]))
+    return features.night_features(night, causal=True, features=tuple(ckpt["features"]))
 
 
 def probs_of(epochs):
@@ -123,16 +127,14 @@ def test_stager_needs_a_causal_checkpoint(tmp_path, loaded, causal_ckpt):
 def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night():
     for subject in dl.find_subjects(BUNDLED):  # 7749105: heart rate and counts stop early (long gaps)
         night = dl.load_night(BUNDLED, subject, cache_dir=None)
-        state = realtime.CausalFeatures(night.epoch_start_s[0])
+        state = features.IncrementalFeatures(1, features.FEATURES)
         rows = []
         for k in range(len(night)):
-            columns = state.update(night.epoch_start_s[k], {name: getattr(night, name)[k] for name in (
-                "heart_rate_bpm", "heart_rate_std_bpm", "activity_count", "motion_mag_mean_g",
-                "motion_mag_std_g", "steps")})
-            rows.append([columns[name] for name in dl.FEATURES])
-        expected = dl.night_features(night, causal=True, features=dl.FEATURES)
+            hours = (night.epoch_start_s[k] - night.epoch_start_s[0]) / 3600.0
+            rows.append(state.update(hours, **{name: getattr(night, name)[k] for name in features.AGGREGATES})[0])
+        expected = features.night_features(night, causal=True, features=features.FEATURES)
         np.testing.assert_allclose(np.array(rows, np.float32), expected, atol=1e-5, rtol=0, err_msg=subject)
-    assert len(state.hr_c1) == 61 and len(state.la_c1) == 21  # ring buffers, not the night's history
+    assert state.hr_c1.shape == (1, 61) and state.la_c1.shape == (1, 21)  # ring buffers, not the night's history
 
 
 @pytest.mark.parametrize("subject", REPLAY_SUBJECTS)
@@ -146,7 +148,7 @@ def test_replaying_a_real_night_gives_the_offline_causal_predictions(subject, sm
     epochs = realtime.replay(stager, readings, float(night.epoch_start_s[-1] + 30), batch_sizes=sizes)
     np.testing.assert_array_equal([e.epoch_start_s for e in epochs], night.epoch_start_s)
     np.testing.assert_allclose(np.stack(stager.feature_rows),
-                               dl.night_features(night, causal=True, features=tuple(ckpt["features"])),
+                               features.night_features(night, causal=True, features=tuple(ckpt["features"])),
                                atol=1e-5, rtol=0)
     assert_same_predictions(probs_of(epochs), offline[PROB_COLUMNS].to_numpy())
     assert [e.stage for e in epochs] == list(probs_of(epochs).argmax(1))
@@ -158,9 +160,9 @@ def test_replaying_a_synthetic_night_with_raw_motion_and_steps(tmp_path):
     synthetic.write_night(tmp_path, "77", synthetic.SyntheticNightConfig(hours=1.0, seed=5))
     night = dl.load_night(tmp_path, "77", cache_dir=None)
     assert night.report["motion_source"] == "raw" and not np.isnan(night.steps).any()
-    x = dl.night_features(night, causal=True, features=dl.FEATURES)  # motion magnitude and steps too
+    x = features.night_features(night, causal=True, features=features.FEATURES)  # motion magnitude and steps too
     model, scaler, ckpt = load_model_from_checkpoint(
-        untrained_checkpoint(tmp_path / "all.pth", features=dl.FEATURES, matrices=[x]))
+        untrained_checkpoint(tmp_path / "all.pth", features=features.FEATURES, matrices=[x]))
     offline = evaluation.predict_nights(model, scaler, ckpt, [night])
     stager = StreamingStager(model, scaler, ckpt, start_s=0.0, record_features=True)
     readings = realtime.recorded_readings(tmp_path, "77")
@@ -314,7 +316,7 @@ def test_memory_holds_only_open_epochs_over_ten_hours(loaded):
     held = stager.buffered_samples()
     assert held["heart_rate"] <= 30 and held["counts"] <= 2 and held["motion"] == held["steps"] == 0
     assert n_closed == stager.stats["epochs_closed"] == 1199 and stager.stats["late"] == 0
-    assert len(stager._rows) == 25 and len(stager._features.hr_c1) == 61 and not stager.feature_rows
+    assert stager._ring.rows.shape[1] == 25 and stager._features.hr_c1.shape[1] == 61 and not stager.feature_rows
     stager.reset()
     assert stager.clock is None and stager.n_closed == 0 and sum(stager.buffered_samples().values()) == 0
 
@@ -354,7 +356,7 @@ def test_cli_realtime_csv_equals_offline_causal_csv(two_subject_dir, causal_ckpt
     out = {}
     for mode, extra in (("offline", []), ("realtime", ["--realtime"])):
         out[mode] = tmp_path / f"{mode}.csv"
-        code = evaluation.main("hybrid", causal_ckpt, ["--checkpoint", str(causal_ckpt), "--data-dir",
+        code = inference_cli.main("hybrid", causal_ckpt, ["--checkpoint", str(causal_ckpt), "--data-dir",
                                                        str(two_subject_dir), "--predictions-out", str(out[mode]),
                                                        "--plots-dir", "", *extra])
         assert code == 0
@@ -372,19 +374,19 @@ def test_cli_realtime_csv_equals_offline_causal_csv(two_subject_dir, causal_ckpt
 
 def test_cli_streaming_defaults_to_the_shipped_causal_checkpoint(monkeypatch, tmp_path, causal_ckpt,
                                                                  two_subject_dir, capsys):
-    assert inference_hybrid.REALTIME_CHECKPOINT == evaluation.CHECKPOINT_DIR / "hybrid_causal" / "model.pth"
-    assert inference.REALTIME_CHECKPOINT == evaluation.CHECKPOINT_DIR / "lstm_causal" / "model.pth"
+    assert inference_hybrid.REALTIME_CHECKPOINT == CHECKPOINT_DIR / "hybrid_causal" / "model.pth"
+    assert inference.REALTIME_CHECKPOINT == CHECKPOINT_DIR / "lstm_causal" / "model.pth"
     shipped = tmp_path / "checkpoints"
     (shipped / "hybrid_causal").mkdir(parents=True)
     shutil.copy(causal_ckpt, shipped / "hybrid_causal" / "model.pth")
-    monkeypatch.setattr(evaluation, "CHECKPOINT_DIR", shipped)
+    monkeypatch.setattr("checkpoint.CHECKPOINT_DIR", shipped)
     argv = ["--realtime", "--data-dir", str(two_subject_dir), "--subjects", "3509524", "--plots-dir", ""]
-    assert evaluation.main("hybrid", shipped / "hybrid_offline" / "model.pth", argv) == 0
+    assert inference_cli.main("hybrid", shipped / "hybrid_offline" / "model.pth", argv) == 0
     assert str(shipped / "hybrid_causal" / "model.pth") in capsys.readouterr().out
     offline = untrained_checkpoint(tmp_path / "offline.pth", causal=False)
-    assert evaluation.main("hybrid", offline, ["--realtime", "--checkpoint", str(offline), "--plots-dir", ""]) == 1
+    assert inference_cli.main("hybrid", offline, ["--realtime", "--checkpoint", str(offline), "--plots-dir", ""]) == 1
     assert "needs a causal checkpoint" in capsys.readouterr().err
-    assert evaluation.main("lstm", offline, ["--realtime", "--plots-dir", ""]) == 1  # no lstm_causal there
+    assert inference_cli.main("lstm", offline, ["--realtime", "--plots-dir", ""]) == 1  # no lstm_causal there
     assert "lstm_causal" in capsys.readouterr().err
 
 
@@ -412,7 +414,7 @@ def test_cli_follow_stages_files_as_they_grow(tmp_path, causal_ckpt, small_data_
     writer = threading.Thread(target=phone_app)
     writer.start()
     try:
-        code = evaluation.main("hybrid", causal_ckpt, ["--follow", str(hr_path), f"counts={counts_path}",
+        code = inference_cli.main("hybrid", causal_ckpt, ["--follow", str(hr_path), f"counts={counts_path}",
                                                        "--checkpoint", str(causal_ckpt), "--max-delay", "90",
                                                        "--follow-timeout", "2.0"])
     finally:
@@ -442,7 +444,8 @@ def night_triplets(night):
 
 def test_notebook_api_equals_the_offline_causal_model(causal_ckpt, small_data_dir):
     model, scaler = inference_hybrid.load_model(causal_ckpt)
-    assert model.checkpoint["causal"] and "state_dict" not in model.checkpoint
+    ckpt = realtime.loaded(model).checkpoint
+    assert ckpt["causal"] and "state_dict" not in ckpt
     night = dl.load_night(small_data_dir, "3509524", cache_dir=None)
     n = 80
     hr, motion = night_triplets(night)
@@ -453,8 +456,7 @@ def test_notebook_api_equals_the_offline_causal_model(causal_ckpt, small_data_di
     short = dl.Night("x", night.epoch_start_s[:n], night.stage[:n], night.heart_rate_bpm[:n],
                      np.where(np.isnan(night.heart_rate_bpm[:n]), np.nan, 0.0), night.activity_count[:n],
                      np.full(n, np.nan), np.full(n, np.nan), np.zeros(n))
-    ckpt = model.checkpoint
-    x = scaler.transform(dl.night_features(short, causal=True, features=tuple(ckpt["features"])))
+    x = scaler.transform(features.night_features(short, causal=True, features=tuple(ckpt["features"])))
     expected = evaluation.predict_night(model, x, ckpt["seq_len"], ckpt["target_pos"])
     assert_same_predictions(np.stack([p for _, p in got]), expected, atol=1e-5)
     inference_hybrid.reset_context(model)
@@ -507,7 +509,7 @@ def test_load_model_defaults_to_the_shipped_causal_checkpoints(monkeypatch, caus
         inference_hybrid.load_model()
     monkeypatch.setattr(inference_hybrid, "REALTIME_CHECKPOINT", causal_ckpt)
     model, scaler = inference_hybrid.load_model()
-    assert model.checkpoint_path == str(causal_ckpt) and model.checkpoint["arch"] == "hybrid"
+    assert realtime.loaded(model).path == str(causal_ckpt) and realtime.loaded(model).checkpoint["arch"] == "hybrid"
     lstm_path = untrained_checkpoint(tmp_path / "lstm.pth", arch="lstm")
     monkeypatch.setattr(inference, "REALTIME_CHECKPOINT", lstm_path)
     lstm, lstm_scaler = inference.load_model()
@@ -619,13 +621,13 @@ def test_predict_windows_split_across_threads_equals_one_call(tmp_path, arch, to
     """On 2 threads, 1,000 windows run as one part per thread: the same probabilities as the full
     model's last position (forward_last is used for it), and as on 1 thread."""
     model, _, _ = load_model_from_checkpoint(untrained_checkpoint(tmp_path / "m.pth", arch=arch))
-    windows = np.random.default_rng(0).normal(size=(1000, 25, len(dl.DEFAULT_FEATURES))).astype(np.float32)
+    windows = np.random.default_rng(0).normal(size=(1000, 25, len(features.DEFAULT_FEATURES))).astype(np.float32)
     with torch.inference_mode():
         expected = torch.softmax(model(torch.from_numpy(windows))[:, -1], dim=-1).numpy()
     by_threads = {}
     for threads in (1, 2):
         torch_threads(threads)
-        by_threads[threads] = realtime.predict_windows(model, windows, 24, batch_size=128)
+        by_threads[threads] = evaluation.predict_windows(model, windows, 24, batch_size=128)
         assert torch.get_num_threads() == threads
     np.testing.assert_allclose(by_threads[1], expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(by_threads[2], by_threads[1], atol=1e-6, rtol=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluation
+import inference_cli
 import sleep_metrics as sm
 import training
 
@@ -98,7 +99,7 @@ def tiny_ckpt(small_data_dir, tmp_path_factory):
 
 def test_inference_sleep_metrics_prints_per_subject_agreement_and_plots(small_data_dir, tiny_ckpt, tmp_path, capsys):
     csv, plots = tmp_path / "preds.csv", tmp_path / "plots"
-    assert evaluation.main("hybrid", tiny_ckpt, ["--data-dir", str(small_data_dir), "--sleep-metrics",
+    assert inference_cli.main("hybrid", tiny_ckpt, ["--data-dir", str(small_data_dir), "--sleep-metrics",
                                                  "--predictions-out", str(csv), "--plots-dir", str(plots)]) == 0
     out = capsys.readouterr().out
     assert out.index("kappa") < out.index("sleep metrics per subject, PSG / predicted")
@@ -115,7 +116,7 @@ def test_inference_sleep_metrics_prints_per_subject_agreement_and_plots(small_da
     assert [float(v) for v in row.split()[4:]] == pytest.approx([round(v, 2) for v in (bias, sd, low, high, mae)])
     assert (plots / "hybrid_bland_altman.png").stat().st_size > 10_000
     # one subject: no SD, no limits of agreement, the plot still comes out
-    assert evaluation.main("hybrid", tiny_ckpt, ["--data-dir", str(small_data_dir), "--subjects", "46343",
+    assert inference_cli.main("hybrid", tiny_ckpt, ["--data-dir", str(small_data_dir), "--subjects", "46343",
                                                  "--sleep-metrics", "--plots-dir", str(tmp_path / "one")]) == 0
     assert "agreement over 1 subject(s)" in capsys.readouterr().out
     assert (tmp_path / "one" / "hybrid_bland_altman.png").is_file()

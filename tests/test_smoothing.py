@@ -71,7 +71,9 @@ def test_offline_checkpoints_carry_the_training_transitions_and_evaluation_appli
     import torch
 
     import data_loader as dl
+    import features
     import evaluation
+    import inference_cli
     import training
     from checkpoint import CheckpointError, load_model_from_checkpoint, read_checkpoint
     from tests.test_training import tiny_run
@@ -88,7 +90,7 @@ def test_offline_checkpoints_carry_the_training_transitions_and_evaluation_appli
     assert evaluation.describe_mode(causal_ckpt) == "causal (real-time)"
 
     night = nights[ckpt["test_subjects"][0]]
-    x = scaler.transform(dl.night_features(night, causal=False, features=tuple(ckpt["features"])))
+    x = scaler.transform(features.night_features(night, causal=False, features=tuple(ckpt["features"])))
     raw = evaluation.predict_night(model, x, ckpt["seq_len"], ckpt["target_pos"])
     frame = evaluation.predict_nights(model, scaler, ckpt, [night])
     np.testing.assert_allclose(frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(),
@@ -112,7 +114,7 @@ def test_offline_checkpoints_carry_the_training_transitions_and_evaluation_appli
     # --no-smooth at evaluation scores each epoch on its own, with one process or two
     for workers in ("1", "2"):
         csv = tmp_path / f"raw{workers}.csv"
-        assert evaluation.main("hybrid", tmp_path / "offline" / "model.pth",
+        assert inference_cli.main("hybrid", tmp_path / "offline" / "model.pth",
                                ["--data-dir", str(small_data_dir), "--subjects", night.subject_id, "--no-smooth",
                                 "--workers", workers, "--predictions-out", str(csv), "--plots-dir", ""]) == 0
         np.testing.assert_allclose(pd.read_csv(csv)[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(), raw, atol=1e-4)

@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import data_loader as dl
+import evaluation
+import features
 import realtime
 from checkpoint import build_model, load_model_from_checkpoint, make_checkpoint, save_checkpoint
 from realtime import StagerPool, StreamingStager
@@ -30,7 +32,7 @@ HOUR = 3600.0
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    with realtime.single_thread():  # tiny batches; also kind to a busy machine
+    with evaluation.single_thread():  # tiny batches; also kind to a busy machine
         yield
 
 
@@ -38,10 +40,10 @@ def one_thread():
 def loaded(tmp_path_factory):
     """An untrained causal tiny hybrid on every feature (motion magnitude and steps too)."""
     torch.manual_seed(0)
-    features = dl.FEATURES
-    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(features), "causal": True}).eval()
-    scaler = dl.FeatureScaler(np.zeros(len(features), np.float32), np.ones(len(features), np.float32))
-    ckpt = make_checkpoint(model, "hybrid", features=list(features), seq_len=25, target_pos=24, scaler=scaler)
+    names = features.FEATURES
+    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(names), "causal": True}).eval()
+    scaler = dl.FeatureScaler(np.zeros(len(names), np.float32), np.ones(len(names), np.float32))
+    ckpt = make_checkpoint(model, "hybrid", features=list(names), seq_len=25, target_pos=24, scaler=scaler)
     path = tmp_path_factory.mktemp("fuzz-checkpoint") / "causal.pth"
     save_checkpoint(ckpt, path)
     return load_model_from_checkpoint(path)
@@ -153,9 +155,9 @@ class Checker:
         s = self.stager
         assert s.stats["epochs_closed"] == self.emitted and not s._pending
         assert (s.stats["non_finite"], s.stats["out_of_range"]) == (self.non_finite, self.out_of_range)
-        assert len(s._rows) <= s.seq_len and not s.feature_rows
+        assert s._ring.rows.shape[1] == s.seq_len and not s.feature_rows
         if s._features is not None:
-            assert len(s._features.hr_c1) <= 61 and len(s._features.la_c1) <= 21
+            assert s._features.hr_c1.shape == (1, 61) and s._features.la_c1.shape == (1, 21)
         open_epochs = s.open_epochs()
         # only open epochs hold readings: at most the epochs within max_delay_s of the clock
         assert len(open_epochs) <= math.ceil(s.max_delay_s / dl.EPOCH_S) + 1
@@ -276,9 +278,9 @@ def test_large_model_calls_are_split_into_few_shapes_with_the_same_probabilities
     calls = {}
     try:
         for n in (1, 5, 64, 65, 200, 1000):
-            windows = rng.normal(size=(n, 25, len(dl.FEATURES))).astype(np.float32)
+            windows = rng.normal(size=(n, 25, len(features.FEATURES))).astype(np.float32)
             shapes.clear()
-            probs = realtime.predict_windows(model, windows, 24, batch_size=256)
+            probs = evaluation.predict_windows(model, windows, 24, batch_size=256)
             calls[n] = list(shapes)
             with torch.inference_mode():
                 whole = torch.softmax(model(torch.from_numpy(windows))[:, 24], -1).numpy()

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import data_loader as dl
+import features
+import feature_store
 import evaluation
+import inference_cli
 import training
 from checkpoint import CheckpointError, load_model_from_checkpoint, read_checkpoint
 
@@ -49,7 +52,7 @@ def test_class_weights_balanced_with_rem_boost():
 def test_window_dataset_covers_every_epoch_with_fixed_length(tmp_path):
     nights = [("long", np.arange(103, dtype=np.float32)[:, None], np.arange(103) % 4, 30.0 * np.arange(103)),
               ("short", np.arange(9, dtype=np.float32)[:, None], np.arange(9) % 4, 30.0 * np.arange(9))]
-    store = dl.FeatureStore.write(tmp_path / "store", nights, ("value",), causal=False)
+    store = feature_store.FeatureStore.write(tmp_path / "store", nights, ("value",), causal=False)
     identity = dl.FeatureScaler(np.zeros(1, np.float32), np.ones(1, np.float32))
     ds = training.WindowDataset(training.Prepared(store, identity), ["long", "short"], seq_len=25, stride=10, seed=0)
     n = len(ds)
@@ -78,7 +81,7 @@ def test_train_writes_loadable_checkpoint_and_inference_uses_it(small_data_dir, 
     log = pd.read_csv(out / "train_log.csv")
     assert list(log["epoch"]) == [1, 2] and log["val_kappa"].between(-1, 1).all()
     model, scaler, ckpt = load_model_from_checkpoint(out / "model.pth")
-    assert ckpt["features"] == list(dl.DEFAULT_FEATURES) and ckpt["target_pos"] == 12 and not ckpt["causal"]
+    assert ckpt["features"] == list(features.DEFAULT_FEATURES) and ckpt["target_pos"] == 12 and not ckpt["causal"]
     train, val, test = dl.split_subjects(dl.find_subjects(small_data_dir))
     assert ckpt["test_subjects"] == test and ckpt["train_subjects"] == train
     # scaler.pkl holds the same standardisation as the checkpoint's own arrays
@@ -86,7 +89,7 @@ def test_train_writes_loadable_checkpoint_and_inference_uses_it(small_data_dir, 
     x = np.random.default_rng(0).normal(size=(5, len(ckpt["features"])))
     np.testing.assert_allclose(joblib.load(out / "scaler.pkl").transform(x), scaler.transform(x), rtol=1e-4, atol=1e-4)
     csv = tmp_path / "preds.csv"
-    code = evaluation.main("hybrid", out / "model.pth", ["--data-dir", str(small_data_dir), "--predictions-out",
+    code = inference_cli.main("hybrid", out / "model.pth", ["--data-dir", str(small_data_dir), "--predictions-out",
                                                          str(csv), "--plots-dir", str(tmp_path / "plots")])
     assert code == 0
     frame = pd.read_csv(csv)
@@ -135,7 +138,7 @@ def test_checkpoint_mismatch_and_damage_give_clear_errors(small_data_dir, tmp_pa
     with pytest.raises(CheckpointError, match="holds a 'hybrid' model, this script runs 'lstm'"):
         load_model_from_checkpoint(path, expected_arch="lstm")
     with pytest.raises(CheckpointError, match=r"other features: missing \['steps'\]"):
-        load_model_from_checkpoint(path, expected_features=list(dl.DEFAULT_FEATURES) + ["steps"])
+        load_model_from_checkpoint(path, expected_features=list(features.DEFAULT_FEATURES) + ["steps"])
     ckpt = read_checkpoint(path)
     ckpt["model_config"]["channels"] = 32
     torch.save(ckpt, tmp_path / "wrong_shape.pth")
@@ -155,7 +158,7 @@ def test_checkpoint_mismatch_and_damage_give_clear_errors(small_data_dir, tmp_pa
         load_model_from_checkpoint(tampered)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model_from_checkpoint(tmp_path / "nope.pth")
-    assert evaluation.main("lstm", path, ["--plots-dir", ""]) == 1  # the script says so, no traceback
+    assert inference_cli.main("lstm", path, ["--plots-dir", ""]) == 1  # the script says so, no traceback
 
 
 def test_bad_flags_are_rejected(capsys):

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import data_loader as dl
+import features
 import evaluation
+import inference_cli
 import sleep_metrics as sm
 import training
 import user_data
@@ -282,7 +284,7 @@ def test_bad_input_names_file_line_and_value(tmp_path, case):
 
 def test_cli_bad_input_is_an_error_message_and_exit_code(tmp_path, offline_ckpt, capsys):
     hr, motion, _ = bad_case(tmp_path, "unknown column")
-    assert evaluation.main("hybrid", offline_ckpt, ["--hr", str(hr), "--motion", str(motion),
+    assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(hr), "--motion", str(motion),
                                                     "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unknown column(s) ['pulse']" in err and "accepted column names" in err
@@ -297,7 +299,7 @@ def test_cli_bad_input_is_an_error_message_and_exit_code(tmp_path, offline_ckpt,
 ])
 def test_cli_flag_combinations(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main("hybrid", "unused.pth", argv)
+        inference_cli.main("hybrid", "unused.pth", argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -310,7 +312,7 @@ def test_report_writes_stages_hypnogram_and_summary(tmp_path, offline_ckpt, caps
             "--motion", str(write(tmp_path / "night_counts.csv", ["timestamp", "counts"], counts, time_fmt=fmt)),
             "--steps", str(write(tmp_path / "night_steps.csv", ["timestamp", "steps"], steps, time_fmt=fmt)),
             "--out-dir", str(tmp_path / "report")]
-    assert evaluation.main("hybrid", offline_ckpt, args) == 0
+    assert inference_cli.main("hybrid", offline_ckpt, args) == 0
     out = capsys.readouterr().out
     report = tmp_path / "report"
     frame = pd.read_csv(report / "stages.csv")
@@ -377,20 +379,20 @@ def test_real_night_exported_to_user_csv_gives_the_offline_evaluation_stages(sma
 def test_a_causal_checkpoint_works_too(tmp_path):
     from checkpoint import build_model, make_checkpoint, save_checkpoint
     torch.manual_seed(0)
-    features = dl.DEFAULT_FEATURES
-    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(features), "causal": True}).eval()
-    scaler = dl.FeatureScaler(np.zeros(len(features), np.float32), np.ones(len(features), np.float32))
-    save_checkpoint(make_checkpoint(model, "hybrid", features=list(features), seq_len=25, target_pos=24, scaler=scaler),
+    names = features.DEFAULT_FEATURES
+    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(names), "causal": True}).eval()
+    scaler = dl.FeatureScaler(np.zeros(len(names), np.float32), np.ones(len(names), np.float32))
+    save_checkpoint(make_checkpoint(model, "hybrid", features=list(names), seq_len=25, target_pos=24, scaler=scaler),
                     tmp_path / "causal.pth")
     hr = write(tmp_path / "hr.csv", ["t", "hr"], hr_rows(1800.0))
     counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(1800.0))
-    assert evaluation.main("hybrid", tmp_path / "unused.pth", ["--checkpoint", str(tmp_path / "causal.pth"), "--hr", str(hr),
+    assert inference_cli.main("hybrid", tmp_path / "unused.pth", ["--checkpoint", str(tmp_path / "causal.pth"), "--hr", str(hr),
                                                                "--motion", str(counts), "--out-dir", str(tmp_path / "r")]) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["mode"].startswith("causal") and summary["epochs"] == 61 and summary["start"] == 999_990.0
     frame = pd.read_csv(tmp_path / "r" / "stages.csv")
     assert list(frame.columns) == evaluation.PREDICTION_COLUMNS  # seconds: no clock_time column
     night = user_data.load_recording(hr, counts).night
-    expected = evaluation.predict_nights(model, scaler, {"causal": True, "features": list(features), "seq_len": 25,
+    expected = evaluation.predict_nights(model, scaler, {"causal": True, "features": list(names), "seq_len": 25,
                                                           "target_pos": 24}, [night])
     np.testing.assert_array_equal(frame["pred"], expected["pred"])

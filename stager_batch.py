@@ -1,0 +1,147 @@
+"""The many-wearer fast path: wearers in lockstep, every one's state in numpy arrays, one model call per epoch.
+
+For a server that closes an epoch for all its wearers at once (every 30 s); each wearer gets what a
+realtime.StreamingStager fed the same per-epoch aggregates gives (tested).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import data_loader as dl
+import features
+from evaluation import in_parallel, predict_windows, thread_parts
+from realtime import StreamingStager
+
+
+class StagerBatch:
+    """Many wearers in lockstep, vectorised: one epoch closes for every wearer at once, one model call.
+
+        batch = StagerBatch(model, scaler, checkpoint, n_wearers=1000)
+        aggregates = batch.aggregate(hr_wearer, hr_bpm, count_wearer, counts)   # this epoch's readings
+        epoch_start_s, stages, probabilities = batch.step(**aggregates)         # (n,), (n,), (n, 4)
+
+    For a server that ticks every 30 s: the state of all wearers (features.IncrementalFeatures running
+    sums and ring buffers, the last seq_len scaled feature rows) lives in numpy arrays, so closing an
+    epoch costs a few array operations for everyone instead of Python work per wearer. Each
+    wearer gets what a StreamingStager (start_s = start_s[w]) fed the same readings gives: the
+    same float64 operations per number (feature rows equal; tested), the same windows, and the
+    same model (probabilities equal to a lone stager's to ~1e-6: float rounding only; tested).
+    What it does not do: timestamps, late or duplicate readings, clock jumps, raw motion
+    filtering and the steps span rule. Readings are already assigned to the epoch; a wearer
+    without readings in an epoch passes NaN (missing), as the stream's empty epoch. Raw motion
+    and steps: reduce them per wearer (data_loader.motion_epoch_aggregates, the stream's steps
+    rule) and pass the aggregates. The model runs on chunks of batch_size windows (128: the
+    activations of a chunk stay in cache), the wearers split into one part per torch thread
+    (in_parallel).
+    With the hybrid model, each wearer's conv outputs of its last seq_len epochs are kept
+    (`conv`, n_wearers x seq_len x channels float32): a conv output at window position
+    j >= model.receptive_field depends only on the epochs at j - receptive_field .. j, so it is
+    the one computed when that epoch closed (the last position of its own window, built the same
+    way: edge padding included). Each step runs the convolutions at the first receptive_field
+    positions (replicate padding) and at the new epoch only, then the encoder on whole windows.
+    """
+
+    def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
+                 start_s=0.0, batch_size: int = 128):
+        StreamingStager(model, scaler, checkpoint)  # the same checks: causal, known features
+        self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
+        self.features = tuple(checkpoint["features"])
+        self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
+        self.n_wearers, self.batch_size = int(n_wearers), int(batch_size)
+        self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
+        self._wearers = np.arange(self.n_wearers)
+        self._features = features.IncrementalFeatures(self.n_wearers, self.features)
+        self._ring = features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos)
+        config = getattr(model, "config", None)
+        self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
+        if (hasattr(model, "encode_last") and getattr(config, "causal", False)
+                and self.target_pos == self.seq_len - 1 and self.seq_len > model.receptive_field):
+            device = next(model.parameters()).device
+            self.conv = torch.zeros(self.n_wearers, self.seq_len, config.channels, device=device)
+
+    @property
+    def n(self) -> np.ndarray:
+        """Epochs closed in each wearer's night (n,)."""
+        return self._features.n
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Each wearer's last seq_len scaled feature rows, epoch e at e % seq_len (n, seq_len, F)."""
+        return self._ring.rows
+
+    def reset(self, wearers=None) -> None:
+        """A new night for the given wearers (indices or boolean mask; None: all)."""
+        self._features.reset(wearers)
+        # the ring and self.conv need no reset: a window reads only epochs of its night, each written when it closed
+
+    def aggregate(self, hr_wearer=None, hr_bpm=None, count_wearer=None, counts=None) -> dict[str, np.ndarray]:
+        """Per-wearer heart-rate mean/std and activity count of one epoch from flat reading arrays.
+
+        hr_wearer / count_wearer: wearer index of each reading; readings of one wearer in time order
+        (as the stream sorts an epoch's samples). Non-finite and implausible values are dropped as
+        the stream drops them. Wearers without readings get NaN (missing).
+        """
+        n = self.n_wearers
+        out = {"heart_rate_bpm": np.full(n, np.nan), "heart_rate_std_bpm": np.full(n, np.nan),
+               "activity_count": np.full(n, np.nan)}
+        if hr_wearer is not None and len(hr_wearer):
+            idx, v = np.asarray(hr_wearer, np.int64), np.asarray(hr_bpm, np.float64)
+            ok = np.isfinite(v) & dl.plausible("heart_rate", v[:, None])
+            out["heart_rate_bpm"], out["heart_rate_std_bpm"], _ = features.epoch_mean_std(idx[ok], v[ok], n)
+        if count_wearer is not None and len(count_wearer):
+            idx, v = np.asarray(count_wearer, np.int64), np.asarray(counts, np.float64)
+            ok = np.isfinite(v) & dl.plausible("counts", v[:, None])
+            out["activity_count"] = features.epoch_mean_std(idx[ok], v[ok], n)[0]
+        return out
+
+    def feature_rows(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
+                     motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray]:
+        """Close one epoch for every wearer: (epoch_start_s (n,), raw feature rows (n, n_features) float32).
+
+        NaN marks a missing aggregate; heart_rate_std_bpm defaults to 0 where the heart rate is given.
+        """
+        epoch_start = self.start_s + (features.EPOCH_S * self.n).astype(np.float64)
+        rows = self._features.update((epoch_start - self.start_s) / 3600.0, heart_rate_bpm, heart_rate_std_bpm,
+                                     activity_count, steps, motion_mag_mean_g, motion_mag_std_g)
+        return epoch_start, rows
+
+    def step(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
+             motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Close one epoch for every wearer and stage it: (epoch_start_s (n,), stage (n,), probabilities (n, 4))."""
+        k = self.n.copy()
+        epoch_start, rows = self.feature_rows(heart_rate_bpm, heart_rate_std_bpm, activity_count, steps,
+                                              motion_mag_mean_g, motion_mag_std_g)
+        windows, slots = self._ring.push(k, self.scaler.transform(rows))  # elementwise: as on windows
+        if self.conv is None:
+            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
+        else:
+            probs = self._predict_cached(windows, slots)
+        return epoch_start, probs.argmax(axis=1), probs
+
+    @torch.inference_mode()
+    def _predict_cached(self, windows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """predict_windows for the hybrid model, reusing the conv outputs of earlier epochs.
+
+        slots: (n, seq_len) ring position (epoch % seq_len) of each window position. On CPU the
+        wearers are split into one part per torch thread, each run on its own thread (see in_parallel).
+        """
+        if self.model.training:
+            self.model.eval()
+        device = self.conv.device
+        x = torch.from_numpy(windows).to(device)
+        w, slots = torch.from_numpy(self._wearers).to(device), torch.from_numpy(slots).to(device)
+        parts = [(x[part], w[part], slots[part]) for part in thread_parts(len(x), self.batch_size, device)]
+        logits = torch.cat(in_parallel(self._logits_cached, parts))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+    def _logits_cached(self, part: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Last-position logits of some wearers' windows (x, wearer index, slots), in chunks of batch_size.
+
+        The new epoch's conv output goes into the cache first: early in a night, edge padding repeats it.
+        """
+        x, w, slots = part
+        model, r = self.model, self.model.receptive_field
+        self.conv[w, slots[:, -1]] = model.embed(x[:, -(r + 1):], pad=False)[:, 0]
+        h = torch.cat([model.embed(x[:, :r]), self.conv[w[:, None], slots[:, r:]]], dim=1)
+        return torch.cat([model.encode_last(h[i:i + self.batch_size]) for i in range(0, len(h), self.batch_size)])
