@@ -9,7 +9,9 @@ models earn their cost.
     python baseline.py --causal          # only past context (real-time comparison)
 
 Offline, its probabilities are smoothed over the night like the deep models' (smoothing.py, the
-stage transitions of the fitting subjects); --no-smooth scores each epoch on its own.
+stage transitions of the fitting subjects); --no-smooth scores each epoch on its own. Like the deep
+models it also fits on copies of its nights under real-world conditions (degrade.py) and gives no
+stage where there is no data (features.no_data).
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 import data_loader as dl
+import degrade
 import features
 from checkpoint import atomic_write
 from evaluation import compute_metrics, format_report, prediction_frame, write_predictions
@@ -44,26 +48,49 @@ def design_matrix(night: dl.Night, causal: bool) -> np.ndarray:
     return np.column_stack([x, *extra]).astype(np.float32)
 
 
-def fit_predict(nights: dict[str, dl.Night], fit_ids: list[str], score_ids: list[str], causal: bool,
-                seed: int, smooth: bool = True) -> dict[str, np.ndarray]:
+DEGRADED_COPIES = 3  # training copies of each fitting night under drawn real-world conditions (degrade.py)
+
+
+class Reference(NamedTuple):
+    trees: object
+    linear: object
+    transitions: np.ndarray | None
+    causal: bool
+
+
+def fit(nights: dict[str, dl.Night], fit_ids: list[str], causal: bool, seed: int, smooth: bool = True,
+        copies: int = DEGRADED_COPIES) -> Reference:
+    """Fit on the nights as recorded plus `copies` copies of each under drawn conditions, as the deep
+    models train; epochs without data (features.no_data) are left out."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    x = np.concatenate([design_matrix(nights[s], causal) for s in fit_ids])
-    y = np.concatenate([nights[s].stage for s in fit_ids]).astype(int)
+    rng = np.random.default_rng(seed)
+    fitting = [nights[s] for s in fit_ids]
+    fitting += [degrade.degrade(n, degrade.draw_condition(rng, n), rng) for n in fitting for _ in range(copies)]
+    x = np.concatenate([design_matrix(n, causal) for n in fitting])
+    y = np.concatenate([np.where(features.no_data(n, causal), -1, n.stage) for n in fitting]).astype(int)
     x, y = x[y >= 0], y[y >= 0]
     trees = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=31,
                                            class_weight="balanced", random_state=seed).fit(x, y)
     linear = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000)).fit(x, y)
     transitions = transition_matrix(nights[s].stage for s in fit_ids) if smooth and not causal else None
-    out = {}
-    for s in score_ids:
-        xs = design_matrix(nights[s], causal)
-        out[s] = (trees.predict_proba(xs) + linear.predict_proba(xs)) / 2
-        if transitions is not None:
-            out[s] = smooth_night(out[s], transitions)
-    return out
+    return Reference(trees, linear, transitions, causal)
+
+
+def predict(reference: Reference, night: dl.Night) -> np.ndarray:
+    """Stage probabilities (n, 4) of one night; NaN where it has no data, smoothed offline."""
+    x = design_matrix(night, reference.causal)
+    probs = (reference.trees.predict_proba(x) + reference.linear.predict_proba(x)) / 2
+    probs[features.no_data(night, reference.causal)] = np.nan
+    return probs if reference.transitions is None else smooth_night(probs, reference.transitions)
+
+
+def fit_predict(nights: dict[str, dl.Night], fit_ids: list[str], score_ids: list[str], causal: bool,
+                seed: int, smooth: bool = True) -> dict[str, np.ndarray]:
+    reference = fit(nights, fit_ids, causal, seed, smooth)
+    return {s: predict(reference, nights[s]) for s in score_ids}
 
 
 def main(argv: list[str] | None = None) -> int:

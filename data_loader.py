@@ -20,8 +20,8 @@ Input rules (each one tested):
   sorted and duplicate timestamps keep their first row. The night's report counts each.
 - any file: a malformed row (wrong field count, text where a number belongs) or an empty file
   is an error naming file and line. Blank lines are ignored.
-- a subject without labels or heart-rate file, or with no heart-rate sample inside the PSG
-  window, is an error naming the subject. Motion, counts and steps are optional.
+- a subject without a labels file, or with neither heart rate nor motion (raw or counts) inside
+  the PSG window, is an error naming the subject. Each signal on its own is optional.
 - one bad subject is skipped with a warning; `strict=True` raises instead.
 
 Stage map: 0 Wake; 1, 2 Light; 3, 4 Deep; 5 REM; -1 (unscored) stays in the timeline as -1.
@@ -55,7 +55,7 @@ HR_MIN_BPM, HR_MAX_BPM = 25.0, 250.0
 MOTION_MAX_G = 16.0
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "sleep-accel"
 DEFAULT_CACHE_DIR = Path(os.environ.get("SLEEP_STAGING_CACHE", Path(__file__).resolve().parent / ".cache"))
-CACHE_VERSION = 4  # 4: raw-motion counts interpolate within each epoch only
+CACHE_VERSION = 5  # 5: raw heart-rate samples kept; heart rate optional
 
 # file kind -> (folder, file suffix, number of columns)
 FILE_KINDS = {
@@ -363,6 +363,8 @@ class Night:
     motion_mag_std_g: np.ndarray    # (n,) std of |acceleration|, raw motion only
     steps: np.ndarray               # (n,) steps recorded in the epoch
     report: dict = field(default_factory=dict)  # what the input rules repaired, signal ends
+    # (m, 2) the heart-rate readings (t_s, bpm) inside the epochs, sorted: what degrade.py thins
+    heart_rate_samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
     ARRAYS = ("epoch_start_s", "stage", "heart_rate_bpm", "heart_rate_std_bpm", "activity_count",
               "motion_mag_mean_g", "motion_mag_std_g", "steps")
@@ -372,19 +374,25 @@ class Night:
 
 
 def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndarray,
-                      heart_rate: np.ndarray, motion: np.ndarray | None = None,
+                      heart_rate: np.ndarray | None = None, motion: np.ndarray | None = None,
                       counts: np.ndarray | None = None, steps: np.ndarray | None = None,
                       report: dict | None = None) -> Night:
-    """Reduce parsed signals ((n, 2) t,bpm; (n, 4) t,x,y,z; (n, 2) t,count; (n, 2) t,steps) to a Night."""
+    """Reduce parsed signals ((n, 2) t,bpm; (n, 4) t,x,y,z; (n, 2) t,count; (n, 2) t,steps) to a Night.
+
+    Any signal may be missing (None); a night with neither heart rate nor motion inside the epochs
+    is a DataError naming the subject.
+    """
     n = len(epoch_start_s)
     report = {} if report is None else report
-    hr_idx = _epoch_index(heart_rate[:, 0], epoch_start_s)
-    if not (hr_idx >= 0).any():
-        raise DataError(f"subject {subject_id}: no heart-rate samples inside the PSG window "
-                        f"({epoch_start_s[0]:g}-{epoch_start_s[-1] + EPOCH_S:g} s)")
-    hr_mean, hr_std, _ = epoch_mean_std(hr_idx, heart_rate[:, 1], n)
-    report["heart_rate_last_s"] = float(heart_rate[hr_idx >= 0, 0].max())
     nan = np.full(n, np.nan)
+    hr_mean, hr_std, samples = nan.copy(), nan.copy(), np.zeros((0, 2))
+    report["heart_rate_last_s"] = None
+    if heart_rate is not None:
+        hr_idx = _epoch_index(heart_rate[:, 0], epoch_start_s)
+        if (hr_idx >= 0).any():
+            hr_mean, hr_std, _ = epoch_mean_std(hr_idx, heart_rate[:, 1], n)
+            samples = np.array(heart_rate[hr_idx >= 0, :2], np.float64)
+            report["heart_rate_last_s"] = float(samples[:, 0].max())
     motion_aggs = {"activity_count": nan.copy(), "motion_mag_mean_g": nan.copy(), "motion_mag_std_g": nan.copy()}
     if motion is not None:
         motion_aggs = motion_epoch_aggregates(motion, epoch_start_s)
@@ -395,6 +403,9 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
         report["motion_source"] = "counts"
     covered = np.flatnonzero(~np.isnan(motion_aggs["activity_count"]))
     report["motion_last_s"] = float(epoch_start_s[covered[-1]] + EPOCH_S) if covered.size else None
+    if report["heart_rate_last_s"] is None and not covered.size:
+        raise DataError(f"subject {subject_id}: no usable signal: neither heart-rate nor motion readings inside "
+                        f"the recording ({epoch_start_s[0]:g}-{epoch_start_s[-1] + EPOCH_S:g} s)")
     step_values = nan.copy()
     if steps is not None:
         step_idx = _epoch_index(steps[:, 0], epoch_start_s)
@@ -403,7 +414,7 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
         step_values[(epoch_start_s < steps[0, 0] - 600) | (epoch_start_s > steps[-1, 0] + 600)] = np.nan
     return Night(subject_id, np.asarray(epoch_start_s, np.float64), np.asarray(stage, np.int8),
                  hr_mean, hr_std, motion_aggs["activity_count"], motion_aggs["motion_mag_mean_g"],
-                 motion_aggs["motion_mag_std_g"], step_values, report)
+                 motion_aggs["motion_mag_std_g"], step_values, report, samples[np.argsort(samples[:, 0], kind="stable")])
 
 
 def _read_optional(files: dict, kind: str, report: dict, valid) -> np.ndarray | None:
@@ -441,11 +452,13 @@ def plausible(kind: str, values: np.ndarray) -> np.ndarray:
 def parse_night(data_dir: str | Path, subject_id: str) -> Night:
     """Read and align one subject's files (no cache)."""
     files = subject_files(data_dir, subject_id)
-    for kind in ("labels", "heart_rate"):
-        if kind not in files:
-            folder, suffix, _ = FILE_KINDS[kind]
-            raise DataError(f"subject {subject_id}: missing {kind} file {Path(data_dir) / folder / (subject_id + suffix)}"
-                            " (plain or .gz)")
+    if "labels" not in files:
+        folder, suffix, _ = FILE_KINDS["labels"]
+        raise DataError(f"subject {subject_id}: missing labels file {Path(data_dir) / folder / (subject_id + suffix)}"
+                        " (plain or .gz)")
+    if not {"heart_rate", "motion", "counts"} & set(files):
+        raise DataError(f"subject {subject_id}: no usable signal: no heart_rate/, motion/ or counts/ file for it "
+                        f"in {data_dir}")
     epoch_start_s, stage = read_labels(files["labels"])
     report: dict = {}
     signals = {kind: _read_optional(files, kind, report, lambda v, kind=kind: plausible(kind, v[:, 1:]))
@@ -471,7 +484,7 @@ def _save_night(path: Path, night: Night) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, subject_id=np.array(night.subject_id), report=np.array(json.dumps(night.report)),
-                     **{name: getattr(night, name) for name in Night.ARRAYS})
+                     heart_rate_samples=night.heart_rate_samples, **{name: getattr(night, name) for name in Night.ARRAYS})
         os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -483,11 +496,13 @@ def _load_cached_night(path: Path, subject_id: str) -> Night | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in Night.ARRAYS}
+            samples = z["heart_rate_samples"]
             cached_id, report = str(z["subject_id"]), json.loads(str(z["report"]))
         n = len(arrays["epoch_start_s"])
-        if cached_id != subject_id or n == 0 or any(a.shape != (n,) for a in arrays.values()):
+        if (cached_id != subject_id or n == 0 or any(a.shape != (n,) for a in arrays.values())
+                or samples.ndim != 2 or samples.shape[1] != 2):
             return None
-        return Night(subject_id, **arrays, report=report)
+        return Night(subject_id, **arrays, report=report, heart_rate_samples=samples)
     except Exception:  # any damage means rebuild, never trust
         return None
 

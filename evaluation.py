@@ -131,10 +131,14 @@ def single_thread():
 # ----------------------------------------------------------------------------- nights
 
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
-                  transitions: np.ndarray | None = None, batch_size: int = 1024) -> np.ndarray:
-    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window, then
-    smoothed over the whole night when a transition matrix is given (offline checkpoints)."""
+                  transitions: np.ndarray | None = None, no_data: np.ndarray | None = None,
+                  batch_size: int = 1024) -> np.ndarray:
+    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window, NaN where
+    `no_data` (features.no_data), then smoothed over the whole night when a transition matrix is
+    given (offline checkpoints)."""
     probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
+    if no_data is not None:
+        probs[no_data] = np.nan
     return probs if transitions is None else smooth_night(probs, transitions)
 
 
@@ -150,9 +154,11 @@ def describe_mode(checkpoint: dict, smooth: bool = True) -> str:
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    """Accuracy, Cohen's kappa, macro-F1, per-class recall on scored epochs (y_true >= 0)."""
+    """Accuracy, Cohen's kappa, macro-F1, per-class recall on scored epochs that got a stage
+    (y_true >= 0, y_pred >= 0); `n_no_data` counts the scored epochs without one (y_pred -1)."""
     from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, f1_score
-    scored = y_true >= 0
+    scored = (y_true >= 0) & (y_pred >= 0)
+    n_no_data = int(((y_true >= 0) & (y_pred < 0)).sum())
     y_true, y_pred = y_true[scored], y_pred[scored]
     labels = list(range(len(dl.STAGE_NAMES)))
     confusion = confusion_matrix(y_true, y_pred, labels=labels)
@@ -160,6 +166,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         recall = np.where(confusion.sum(1) > 0, np.diag(confusion) / confusion.sum(1), np.nan)
     metrics = {
         "n_epochs": int(scored.sum()),
+        "n_no_data": n_no_data,
         "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
         "kappa": float(cohen_kappa_score(y_true, y_pred, labels=labels)) if len(y_true) else float("nan"),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
@@ -173,9 +180,11 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 def format_report(metrics: dict, y_true: np.ndarray, y_pred: np.ndarray) -> str:
     """The printed evaluation: headline figures, classification report, confusion, REM analysis."""
     from sklearn.metrics import classification_report
-    scored = y_true >= 0
+    scored = (y_true >= 0) & (y_pred >= 0)
     out = io.StringIO()
-    print(f"epochs scored: {metrics['n_epochs']}", file=out)
+    no_data = metrics.get("n_no_data", 0)
+    print(f"epochs scored: {metrics['n_epochs']}" + (f" (and {no_data} PSG-scored epochs without data, not staged)"
+                                                      if no_data else ""), file=out)
     print(f"accuracy {metrics['accuracy']:.3f}  kappa {metrics['kappa']:.3f}  macro-F1 {metrics['macro_f1']:.3f}", file=out)
     print("per-class accuracy (recall): " + "  ".join(
         f"{n} {metrics['recall_' + n.lower()]:.3f}" for n in dl.STAGE_NAMES), file=out)
@@ -206,7 +215,8 @@ def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint:
     for night in nights:
         x = scaler.transform(features.night_features(night, causal=checkpoint["causal"],
                                                      features=tuple(checkpoint["features"])))
-        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"], transitions)
+        probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"], transitions,
+                              features.no_data(night, checkpoint["causal"]))
         frames.append(prediction_frame(night, probs))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 
@@ -243,7 +253,8 @@ def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night],
 def prediction_frame(night: dl.Night | feature_store.EpochTimeline, probs: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({
         "subject": night.subject_id, "epoch_start_s": night.epoch_start_s.astype(np.int64),
-        "true_stage": night.stage.astype(np.int64), "pred": probs.argmax(axis=1),
+        "true_stage": night.stage.astype(np.int64),
+        "pred": np.where(np.isnan(probs).any(axis=1), -1, np.nan_to_num(probs).argmax(axis=1)),
         "p_wake": probs[:, 0], "p_light": probs[:, 1], "p_deep": probs[:, 2], "p_rem": probs[:, 3],
     })
 
@@ -281,13 +292,21 @@ def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start
     if (true >= 0).any():
         shown = np.where(true >= 0, depth[np.clip(true, 0, 3)], np.nan)
         ax_stage.step(hours, shown, where="post", color="black", lw=1.2, label="PSG")
-    ax_stage.step(hours, depth[frame["pred"].to_numpy()], where="post", color="tab:orange", lw=1.0, alpha=0.85,
-                  label="predicted")
+    pred = frame["pred"].to_numpy()
+    ax_stage.step(hours, np.where(pred >= 0, depth[np.clip(pred, 0, 3)], np.nan), where="post", color="tab:orange",
+                  lw=1.0, alpha=0.85, label="predicted")
+    no_data = pred < 0
+    if no_data.any():  # grey bands: no heart rate or motion, no stage
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], no_data.astype(int), [0]])))
+        for i, (a, b) in enumerate(zip(edges[::2], edges[1::2])):
+            for ax in (ax_stage, ax_prob):
+                ax.axvspan(hours[a], hours[b - 1] + features.EPOCH_S / 3600.0, color="0.8", zorder=0,
+                           label="no data" if i == 0 and ax is ax_stage else None)
     ax_stage.set_yticks([0, 1, 2, 3], ["Wake", "REM", "Light", "Deep"])
     ax_stage.invert_yaxis()
     ax_stage.legend(loc="upper right", fontsize=8)
     ax_stage.set_title(title)
-    probs = frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy().T
+    probs = np.nan_to_num(frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(dtype=float)).T
     ax_prob.stackplot(hours, probs, labels=dl.STAGE_NAMES, colors=["#d62728", "#9ecae1", "#08519c", "#2ca02c"])
     ax_prob.set_ylabel("probability")
     if start_clock is None:

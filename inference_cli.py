@@ -4,7 +4,7 @@
   `--sleep-metrics` adds sleep metrics against PSG, `--workers K` scores in K processes;
 - `--realtime`: the same, each night's files streamed reading by reading (realtime.StreamingStager);
 - `--follow FILE ...`: tail growing files and print a line per closed epoch (live demo);
-- `--hr FILE [--motion FILE] [--steps FILE]`: a sleep report on a user's own recording (user_data.py).
+- `--hr FILE` and/or `--motion FILE` (`--steps FILE`): a sleep report on a user's own recording (user_data.py).
 """
 from __future__ import annotations
 
@@ -67,10 +67,12 @@ def build_parser(arch: str, default_checkpoint: Path, realtime_checkpoint: Path)
                         help="heart-rate CSV/TSV with header (time column: timestamp/time/t/seconds/datetime, in "
                              "seconds or ISO-8601; heart_rate/hr/bpm), or headerless t,bpm: stage this night")
     report.add_argument("--motion", metavar="FILE", default=None,
-                        help="with --hr: raw acceleration x,y,z (g) or activity counts count/counts/activity")
-    report.add_argument("--steps", metavar="FILE", default=None, help="with --hr: steps/step_count (optional)")
+                        help="raw acceleration x,y,z (g) or activity counts count/counts/activity: stage this night "
+                             "(with --hr, or on its own)")
+    report.add_argument("--steps", metavar="FILE", default=None, help="with --hr/--motion: steps/step_count (optional)")
     report.add_argument("--out-dir", default=None,
-                        help="with --hr: where stages.csv, hypnogram.png, summary.json/.txt go (default out/report)")
+                        help="with --hr/--motion: where stages.csv, hypnogram.png, summary.json/.txt go "
+                             "(default out/report)")
     return parser
 
 
@@ -80,20 +82,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.realtime and args.follow is not None:
         parser.error("--realtime and --follow are separate modes")
-    if args.hr is None:
-        given = [flag for flag, value in (("--motion", args.motion), ("--steps", args.steps),
-                                          ("--out-dir", args.out_dir)) if value is not None]
+    if args.hr is None and args.motion is None:
+        given = [flag for flag, value in (("--steps", args.steps), ("--out-dir", args.out_dir)) if value is not None]
         if given:
-            parser.error(f"{', '.join(given)} belong(s) to a report on your own recording: give --hr FILE too")
+            parser.error(f"{', '.join(given)} belong(s) to a report on your own recording: give --hr FILE and/or "
+                         "--motion FILE too")
         return
-    if args.motion is None:
-        parser.error("--hr needs --motion FILE (raw acceleration x,y,z or activity counts)")
     given = [flag for flag, on in (("--realtime", args.realtime), ("--follow", args.follow is not None),
                                    ("--data-dir", args.data_dir is not None), ("--subjects", args.subjects is not None),
                                    ("--predictions-out", args.predictions_out is not None),
                                    ("--sleep-metrics", args.sleep_metrics)) if on]
     if given:
-        parser.error(f"--hr (a report on your own recording, written to --out-dir) does not go with {', '.join(given)}")
+        parser.error(f"--hr/--motion (a report on your own recording, written to --out-dir) does not go with "
+                     f"{', '.join(given)}")
 
 
 def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
@@ -110,7 +111,7 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.hr is not None:
+    if args.hr is not None or args.motion is not None:
         return user_report(arch, args, model, scaler, checkpoint)
     if args.follow is not None:
         return follow_files(arch, args, model, scaler, checkpoint)

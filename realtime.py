@@ -81,10 +81,28 @@ MAX_STEPS_PER_EPOCH = 300.0
 
 
 class StagedEpoch(NamedTuple):
-    """One closed epoch: its start (s), the predicted stage (0 Wake, 1 Light, 2 Deep, 3 REM), probabilities (4,)."""
+    """One closed epoch: its start (s), the predicted stage (0 Wake, 1 Light, 2 Deep, 3 REM; -1 no data),
+    probabilities (4,) (NaN for no data)."""
     epoch_start_s: float
     stage: int
     probabilities: np.ndarray
+
+
+NO_DATA_PROBABILITIES = np.full(4, np.nan)
+
+
+class _Closed(NamedTuple):
+    """A closed epoch whose feature row is not computed yet (see StreamingStager._featurize)."""
+    epoch_start_s: float
+    k: int                  # epoch index in its night
+    hours_since_start: float
+    aggregates: dict
+
+
+class FeatureState(NamedTuple):
+    """Feature state and window rings that a StagerPool's stagers share, each at its own row."""
+    features: features.IncrementalFeatures
+    ring: features.WindowRing
 
 
 # ----------------------------------------------------------------------------- the streaming predictor
@@ -105,7 +123,8 @@ class _EpochBuffer:
 def new_stats() -> dict[str, int]:
     """A stream's counters, all zero."""
     return {"accepted": 0, "late": 0, "before_start": 0, "duplicates": 0, "non_finite": 0, "out_of_range": 0,
-            "ignored_counts": 0, "epochs_closed": 0, "epochs_hr_missing": 0, "new_nights": 0, "gap_epochs": 0}
+            "ignored_counts": 0, "epochs_closed": 0, "epochs_hr_missing": 0, "epochs_no_data": 0, "new_nights": 0,
+            "gap_epochs": 0}
 
 
 class StreamingStager:
@@ -116,12 +135,16 @@ class StreamingStager:
     time floored to a multiple of 30 s). max_delay_s: how long past an epoch's end to wait for late
     readings. max_gap_s: a jump of the clock larger than this starts a new night.
     record_features: keep every emitted epoch's raw feature row in `feature_rows` (tests, debugging;
-    grows with the night).
+    grows with the night). shared, row: a StagerPool's shared feature state and this wearer's row in it
+    (default: a state of its own).
+    Closed epochs wait in `_closed` as aggregates; their feature rows and windows are computed when
+    the epochs are emitted (`_featurize`), so a pool computes them for all its wearers at once.
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
                  start_s: float | None = 0.0, *, max_delay_s: float = 0.0,
-                 max_gap_s: float = DEFAULT_MAX_GAP_S, record_features: bool = False):
+                 max_gap_s: float = DEFAULT_MAX_GAP_S, record_features: bool = False,
+                 shared: FeatureState | None = None, row: int = 0):
         if not checkpoint.get("causal"):
             raise ValueError("StreamingStager needs a causal checkpoint (trained with --causal, e.g. "
                              "checkpoints/hybrid_causal/model.pth): an offline model reads epochs after the one "
@@ -141,6 +164,9 @@ class StreamingStager:
         self.initial_start_s = None if start_s is None else float(start_s)
         self.max_delay_s, self.max_gap_s = float(max_delay_s), float(max_gap_s)
         self.record_features = record_features
+        self._state = shared or FeatureState(features.IncrementalFeatures(1, self.features),
+                                             features.WindowRing(1, self.seq_len, len(self.features), self.target_pos))
+        self._row = int(row)
         self.reset()
 
     @classmethod
@@ -157,14 +183,15 @@ class StreamingStager:
         self.clock: float | None = None
         self.stats = new_stats()
         self.feature_rows: list[np.ndarray] = []
-        self._pending: list[tuple[float, np.ndarray]] = []
+        self._closed: list[_Closed] = []
+        self._pending: list[tuple[float, np.ndarray | None]] = []  # (start, raw window; None: no data)
         self._reset_night()
 
     def _reset_night(self) -> None:
+        self._featurize()  # epochs of the night that ends still read its state
         self.n_closed = 0
         self._buffers: dict[str, dict[int, _EpochBuffer]] = {kind: {} for kind in KINDS}
-        self._features = features.IncrementalFeatures(1, self.features)
-        self._ring = features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)
+        self._state.features.reset([self._row])
         self._motion_source: str | None = None
         self._steps_span: list[float] | None = None
 
@@ -411,29 +438,56 @@ class StreamingStager:
 
     def _close_epoch(self, k: int, aggregates: dict[str, float]) -> None:
         start = self.epoch_start(k)
-        row = self._features.update((start - self.start_s) / 3600.0, **aggregates)
-        if self.record_features:
-            self.feature_rows.append(row[0])
-        window, _ = self._ring.push(np.array([k]), row)
-        self._pending.append((start, window[0]))
+        self._closed.append(_Closed(start, k, (start - self.start_s) / 3600.0,
+                                    {name: aggregates[name] for name in features.FEATURE_AGGREGATES}))
         self.n_closed = k + 1
         self.stats["epochs_closed"] += 1
         self.stats["epochs_hr_missing"] += int(math.isnan(aggregates["heart_rate_bpm"]))
 
-    def _take_pending(self) -> list[tuple[float, np.ndarray]]:
+    def _featurize(self) -> None:
+        """Feature rows and windows of the closed epochs, in order, into _pending."""
+        for closed in self._closed:
+            self._add_pending([self], [closed], self._state)
+        self._closed = []
+
+    @staticmethod
+    def _add_pending(stagers: list["StreamingStager"], closed: list[_Closed], state: FeatureState) -> None:
+        """One closed epoch for each of several stagers sharing `state` (at most one epoch per stager)."""
+        rows = np.array([s._row for s in stagers], np.int64)
+        aggregates = {name: np.array([c.aggregates[name] for c in closed]) for name in features.FEATURE_AGGREGATES}
+        feature_rows, no_data = state.features.update(np.array([c.hours_since_start for c in closed]),
+                                                      rows=rows, **aggregates)
+        windows, _ = state.ring.push(np.array([c.k for c in closed], np.int64), feature_rows, rows)
+        for i, (stager, c) in enumerate(zip(stagers, closed)):
+            if stager.record_features:
+                stager.feature_rows.append(feature_rows[i])
+            stager.stats["epochs_no_data"] += int(no_data[i])
+            stager._pending.append((c.epoch_start_s, None if no_data[i] else windows[i]))
+
+    def _take_pending(self) -> list[tuple[float, np.ndarray | None]]:
+        self._featurize()
         pending, self._pending = self._pending, []
         return pending
 
     def _emit(self) -> list[StagedEpoch]:
-        pending = self._take_pending()
-        if not pending:
-            return []
-        windows = self.scaler.transform(np.stack([w for _, w in pending]))
-        probs = predict_windows(self.model, windows, self.target_pos)
-        return [StagedEpoch(start, int(p.argmax()), p) for (start, _), p in zip(pending, probs)]
+        return stage_pending(self.model, self.scaler, self.target_pos, self._take_pending())
 
 
 # ----------------------------------------------------------------------------- many wearers, one model call
+
+def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: int,
+                  pending: list[tuple[float, np.ndarray | None]], batch_size: int = 1024) -> list[StagedEpoch]:
+    """StagedEpochs of (start, raw window or None for no data), in order: one model call for the windows."""
+    staged = [i for i, (_, window) in enumerate(pending) if window is not None]
+    probs = np.zeros((0, 4))
+    if staged:
+        windows = scaler.transform(np.stack([pending[i][1] for i in staged]))
+        probs = predict_windows(model, windows, target_pos, batch_size)
+    out = [StagedEpoch(start, -1, NO_DATA_PROBABILITIES.copy()) for start, _ in pending]
+    for i, p in zip(staged, probs):
+        out[i] = StagedEpoch(pending[i][0], int(p.argmax()), p)
+    return out
+
 
 class StagerPool:
     """One StreamingStager per wearer sharing one model; `predict()` runs it on all of them at once
@@ -443,6 +497,9 @@ class StagerPool:
         pool.push("watch-17", "heart_rate", t, bpm)        # queues the epochs this closes
         pool.push("watch-42", "counts", t, count)
         results = pool.predict()                          # {wearer: [StagedEpoch, ...]}, one batched call
+
+    The wearers' feature state lives in one IncrementalFeatures (a row per wearer), so predict()
+    computes the feature rows of every wearer's closed epochs with a few array operations.
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
@@ -450,11 +507,19 @@ class StagerPool:
         self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
         self.batch_size, self.stager_kwargs = batch_size, stager_kwargs
         self.stagers: dict = {}
-        StreamingStager(model, scaler, checkpoint, **stager_kwargs)  # fail early on a bad checkpoint
+        probe = StreamingStager(model, scaler, checkpoint, **stager_kwargs)  # fail early on a bad checkpoint
+        self.state = FeatureState(features.IncrementalFeatures(0, probe.features),
+                                  features.WindowRing(0, probe.seq_len, len(probe.features), probe.target_pos))
+        self._free_rows: list[int] = []
 
     def __getitem__(self, wearer) -> StreamingStager:
         if wearer not in self.stagers:
-            self.stagers[wearer] = StreamingStager(self.model, self.scaler, self.checkpoint, **self.stager_kwargs)
+            if not self._free_rows:  # grow by doubling: adding wearers one by one stays linear
+                count = max(16, self.state.features.n_wearers)
+                self._free_rows = self.state.features.add_rows(count).tolist()[::-1]
+                self.state.ring.add_rows(count)
+            self.stagers[wearer] = StreamingStager(self.model, self.scaler, self.checkpoint, shared=self.state,
+                                                   row=self._free_rows.pop(), **self.stager_kwargs)
         return self.stagers[wearer]
 
     def __len__(self) -> int:
@@ -469,23 +534,28 @@ class StagerPool:
             self[wearer]._advance(now_s, wait_delay=False)
 
     def remove(self, wearer) -> None:
-        self.stagers.pop(wearer, None)
+        stager = self.stagers.pop(wearer, None)
+        if stager is not None:
+            self._free_rows.append(stager._row)
 
     def predict(self) -> dict:
         """Stages of every epoch closed since the last call, by wearer: one batched model call."""
-        owners, starts, windows = [], [], []
+        waiting = [s for s in self.stagers.values() if s._closed]
+        depth = 0
+        while waiting:  # the d-th closed epoch of every wearer that has one, all at once
+            StreamingStager._add_pending(waiting, [s._closed[depth] for s in waiting], self.state)
+            depth += 1
+            waiting = [s for s in waiting if len(s._closed) > depth]
+        owners, pending = [], []
         for wearer, stager in self.stagers.items():
-            for start, window in stager._take_pending():
+            stager._closed = []
+            for item in stager._take_pending():
                 owners.append(wearer)
-                starts.append(start)
-                windows.append(window)
+                pending.append(item)
         results: dict = {}
-        if not windows:
-            return results
-        probs = predict_windows(self.model, self.scaler.transform(np.stack(windows)),
-                                int(self.checkpoint["target_pos"]), self.batch_size)
-        for wearer, start, p in zip(owners, starts, probs):
-            results.setdefault(wearer, []).append(StagedEpoch(start, int(p.argmax()), p))
+        staged = stage_pending(self.model, self.scaler, int(self.checkpoint["target_pos"]), pending, self.batch_size)
+        for wearer, epoch in zip(owners, staged):
+            results.setdefault(wearer, []).append(epoch)
         return results
 
 

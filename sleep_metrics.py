@@ -66,6 +66,7 @@ def sleep_metrics(stages: np.ndarray) -> dict[str, float]:
 def compare(predictions: pd.DataFrame, scored_only: bool = False) -> pd.DataFrame:
     """Per subject and metric: PSG value, predicted value, difference (predicted - PSG).
 
+    Epochs the model gave no stage (pred -1: no data) are left out of both hypnograms.
     scored_only: compare over the PSG-scored period only: each night is cut to its first..last
     scored epoch, and unscored epochs inside it count as not asleep in the prediction too, so
     both hypnograms cover the same time (a subject without scored epochs is left out).
@@ -73,6 +74,8 @@ def compare(predictions: pd.DataFrame, scored_only: bool = False) -> pd.DataFram
     rows = []
     for subject, night in predictions.sort_values(["subject", "epoch_start_s"]).groupby("subject", sort=False):
         true, predicted = night["true_stage"].to_numpy(), night["pred"].to_numpy()
+        staged = predicted >= 0  # epochs without data (pred -1) are left out of both hypnograms
+        true, predicted = true[staged], predicted[staged]
         if scored_only:
             scored = np.flatnonzero(true >= 0)
             if not scored.size:

@@ -48,13 +48,15 @@ def check_transitions(transitions) -> np.ndarray:
 def smooth_night(probs: np.ndarray, transitions: np.ndarray) -> np.ndarray:
     """Forward-backward posteriors (n, 4) of one night, from per-epoch probabilities (n, 4).
 
-    The initial stage is uniform: the first epoch's own probabilities decide it.
+    The initial stage is uniform: the first epoch's own probabilities decide it. Rows of NaN (epochs
+    without data) carry no evidence: the transitions bridge them, and they stay NaN in the output.
     """
     probs = np.asarray(probs, np.float64)
     n = len(probs)
     if n == 0:
         return probs.copy()
-    emission = np.clip(probs, 1e-12, None)
+    missing = np.isnan(probs).any(axis=1)
+    emission = np.clip(np.where(missing[:, None], 1.0, probs), 1e-12, None)
     forward = np.empty_like(emission)
     backward = np.ones_like(emission)
     forward[0] = emission[0] / emission[0].sum()
@@ -65,4 +67,6 @@ def smooth_night(probs: np.ndarray, transitions: np.ndarray) -> np.ndarray:
         b = transitions @ (emission[t + 1] * backward[t + 1])
         backward[t] = b / b.sum()
     posterior = forward * backward
-    return posterior / posterior.sum(axis=1, keepdims=True)
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    posterior[missing] = np.nan
+    return posterior

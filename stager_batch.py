@@ -95,29 +95,30 @@ class StagerBatch:
             out["activity_count"] = features.epoch_mean_std(idx[ok], v[ok], n)[0]
         return out
 
-    def feature_rows(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
-                     motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray]:
-        """Close one epoch for every wearer: (epoch_start_s (n,), raw feature rows (n, n_features) float32).
-
-        NaN marks a missing aggregate; heart_rate_std_bpm defaults to 0 where the heart rate is given.
-        """
+    def feature_rows(self, heart_rate_bpm, activity_count=None, steps=None, motion_mag_mean_g=None,
+                     motion_mag_std_g=None, heart_rate_std_bpm=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Close one epoch for every wearer: (epoch_start_s (n,), raw feature rows (n, n_features) float32,
+        no_data (n,): wearers whose epoch gets no stage). NaN marks a missing aggregate; the heart
+        rate's within-epoch spread is accepted (aggregate()'s output) and not used."""
         epoch_start = self.start_s + (features.EPOCH_S * self.n).astype(np.float64)
-        rows = self._features.update((epoch_start - self.start_s) / 3600.0, heart_rate_bpm, heart_rate_std_bpm,
-                                     activity_count, steps, motion_mag_mean_g, motion_mag_std_g)
-        return epoch_start, rows
+        rows, no_data = self._features.update((epoch_start - self.start_s) / 3600.0, heart_rate_bpm, activity_count,
+                                              steps, motion_mag_mean_g, motion_mag_std_g)
+        return epoch_start, rows, no_data
 
-    def step(self, heart_rate_bpm, heart_rate_std_bpm=None, activity_count=None, steps=None,
-             motion_mag_mean_g=None, motion_mag_std_g=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Close one epoch for every wearer and stage it: (epoch_start_s (n,), stage (n,), probabilities (n, 4))."""
+    def step(self, heart_rate_bpm, activity_count=None, steps=None, motion_mag_mean_g=None, motion_mag_std_g=None,
+             heart_rate_std_bpm=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Close one epoch for every wearer and stage it: (epoch_start_s (n,), stage (n,), probabilities (n, 4));
+        stage -1 and NaN probabilities where a wearer's epoch has no data (features.no_data)."""
         k = self.n.copy()
-        epoch_start, rows = self.feature_rows(heart_rate_bpm, heart_rate_std_bpm, activity_count, steps,
-                                              motion_mag_mean_g, motion_mag_std_g)
+        epoch_start, rows, no_data = self.feature_rows(heart_rate_bpm, activity_count, steps, motion_mag_mean_g,
+                                                       motion_mag_std_g)
         windows, slots = self._ring.push(k, self.scaler.transform(rows))  # elementwise: as on windows
         if self.conv is None:
             probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
-        else:
+        else:  # every wearer, so each one's conv cache holds its new epoch
             probs = self._predict_cached(windows, slots)
-        return epoch_start, probs.argmax(axis=1), probs
+        probs[no_data] = np.nan
+        return epoch_start, np.where(no_data, -1, probs.argmax(axis=1)), probs
 
     @torch.inference_mode()
     def _predict_cached(self, windows: np.ndarray, slots: np.ndarray) -> np.ndarray:

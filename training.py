@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 import data_loader as dl
+import degrade
 import features
 import feature_store
 from checkpoint import ARCHITECTURES, Ensemble, atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
@@ -60,6 +61,8 @@ class TrainConfig:
     rem_noise: float = 0.1          # std of Gaussian noise added to REM epochs (standardised units)
     ensemble: int = 1               # >1: train this many seeds (seed, seed+1, ...) and average them
     smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
+    degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
+                                    # select on validation nights under degrade.VALIDATION_CONDITIONS
     stride: int = 5                 # epochs between training windows
     causal: bool = False            # True: real-time model, the window ends at the predicted epoch
     patience: int = 12              # epochs without validation improvement before stopping
@@ -147,28 +150,76 @@ def gather(value, ctx: Dist) -> list:
 class Prepared:
     """The cohort's memory-mapped features, and what is fitted once on the training subjects: the scaler,
     the loss's class weights and, for smoothed (offline) models, the stage transition matrix (None: no
-    smoothing)."""
+    smoothing).
+
+    With real-world conditions (cfg.degrade) it also holds the nights themselves and, by key, nights
+    under a condition (`degraded`: scaled features, stages with no-data epochs unscored): a training
+    subject's key is its id (`draw` replaces it every pass); `add_conditions` adds "<id>|<condition>".
+    """
     store: feature_store.FeatureStore
     scaler: dl.FeatureScaler
     weight: torch.Tensor = field(default_factory=lambda: torch.ones(4))
     transitions: np.ndarray | None = None
+    nights: dict[str, dl.Night] = field(default_factory=dict)
+    causal: bool = False
+    degraded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def x(self, subject_id: str, index: np.ndarray | None = None) -> np.ndarray:
-        """Scaled features of a subject (rows at index, or all)."""
-        return self.scaler.transform(self.store.read(subject_id, "features", index))
+    def x(self, key: str, index: np.ndarray | None = None) -> np.ndarray:
+        """Scaled features of a subject or degraded night (rows at index, or all)."""
+        if key in self.degraded:
+            x = self.degraded[key][0]
+            return x if index is None else x[index]
+        return self.scaler.transform(self.store.read(key, "features", index))
 
-    def y(self, subject_id: str, index: np.ndarray | None = None) -> np.ndarray:
-        return self.store.read(subject_id, "stage", index).astype(np.int64)
+    def y(self, key: str, index: np.ndarray | None = None) -> np.ndarray:
+        if key in self.degraded:
+            y = self.degraded[key][1]
+            return y if index is None else y[index]
+        return self.store.read(key, "stage", index).astype(np.int64)
+
+    def n_epochs(self, key: str) -> int:
+        return len(self.degraded[key][1]) if key in self.degraded else self.store.n_epochs(key)
+
+    def _under(self, night: dl.Night) -> tuple[np.ndarray, np.ndarray]:
+        x = self.scaler.transform(features.night_features(night, self.causal, self.store.feature_names))
+        return x, np.where(features.no_data(night, self.causal), -1, night.stage).astype(np.int64)
+
+    def draw(self, subjects: list[str], seed: int) -> None:
+        """Each subject's night under a freshly drawn condition (degrade.draw_condition), same on every rank."""
+        rng = np.random.default_rng(seed)
+        for s in subjects:
+            night = self.nights[s]
+            self.degraded[s] = self._under(degrade.degrade(night, degrade.draw_condition(rng, night), rng))
+
+    def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:
+        """Keys of the subjects' nights under each named condition (degrade.CONDITIONS), registered once."""
+        keys = []
+        for s in subjects:
+            for name in conditions:
+                key = f"{s}|{name}"
+                if key not in self.degraded:
+                    self.degraded[key] = self._under(degrade.degrade(self.nights[s], degrade.CONDITIONS[name]))
+                keys.append(key)
+        return keys
 
 
 def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainConfig | None = None) -> Prepared:
-    """Fit the scaler, class weights and (smoothed runs) transition matrix on train_ids."""
-    cfg = cfg or TrainConfig()
+    """Fit the scaler, class weights and (smoothed runs) transition matrix on train_ids; with cfg.degrade
+    load the nights, and fit the scaler on the training nights under every named condition."""
+    cfg = cfg or TrainConfig(degrade=False)
     transitions = None
     if cfg.smoothed:
         transitions = transition_matrix(store.read(s, "stage").astype(np.int64) for s in train_ids)
     weight = class_weights(store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
-    return Prepared(store, store.fit_scaler(train_ids), weight, transitions)
+    if not cfg.degrade:
+        return Prepared(store, store.fit_scaler(train_ids), weight, transitions, causal=cfg.causal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dl.DataWarning)  # the store has said which subjects are skipped
+        nights = {n.subject_id: n for n in dl.load_nights(cfg.data_dir, store.subjects)}
+    scaler = dl.FeatureScaler.fit(
+        features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
+        for s in train_ids for condition in degrade.CONDITIONS.values())
+    return Prepared(store, scaler, weight, transitions, nights, cfg.causal)
 
 
 class WindowDataset(Dataset):
@@ -184,6 +235,7 @@ class WindowDataset(Dataset):
     def __init__(self, data: Prepared, subjects: list[str], seq_len: int, stride: int, seed: int):
         self.data, self.subjects, self.seq_len, self.stride, self.seed = data, list(subjects), seq_len, stride, seed
         self.lengths = np.array([data.store.n_epochs(s) for s in self.subjects], np.int64)
+        self.set_epoch(0)
         # one window more than fits, so shifted cuts still reach both ends of the night
         per_night = np.where(self.lengths <= seq_len, 1,
                              -(-(self.lengths - seq_len + stride - 1) // stride) + 1).astype(np.int64)
@@ -192,7 +244,10 @@ class WindowDataset(Dataset):
         self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Shift the cuts; with real-world conditions, draw every night's condition afresh."""
         self.offset = int(np.random.default_rng(self.seed + epoch).integers(self.stride))
+        if self.data.nights:
+            self.data.draw(self.subjects, self.seed * 100_003 + epoch)
 
     def __len__(self) -> int:
         return len(self.window_night)
@@ -286,6 +341,12 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     return metrics, y_true, y_pred, merged
 
 
+def validation_keys(data: Prepared, val_ids: list[str]) -> list[str]:
+    """What model selection scores: the validation nights, under every degrade.VALIDATION_CONDITIONS
+    when training on real-world conditions."""
+    return data.add_conditions(val_ids, degrade.VALIDATION_CONDITIONS) if data.nights else val_ids
+
+
 # ----------------------------------------------------------------------------- one training run
 
 def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],
@@ -296,6 +357,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
     model = build_model(arch, model_config).to(device)
     dataset = WindowDataset(data, train_ids, cfg.seq_len, cfg.stride, cfg.seed)
+    val_keys = validation_keys(data, val_ids)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
     weight = data.weight.to(device)
@@ -338,7 +400,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
-        metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, device)
+        metrics, *_ = evaluate_subjects(model, data, val_keys, cfg, ctx, device)
         improved, row = False, None
         if ctx.is_main:
             score = metrics[cfg.select_metric]
@@ -401,7 +463,7 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
         members.append(member)
         best_epochs.append(state["best_epoch"])
     model = Ensemble(members).eval()
-    metrics, *_ = evaluate_subjects(model, data, val_ids, cfg, ctx, device)
+    metrics, *_ = evaluate_subjects(model, data, validation_keys(data, val_ids), cfg, ctx, device)
     if ctx.is_main and out_dir is not None:
         save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                         target_pos=cfg.target_pos, scaler=data.scaler,

@@ -329,19 +329,22 @@ def _clean(signal: UserSignal, empty: np.ndarray | None) -> UserSignal:
 
 # ----------------------------------------------------------------------------- a night from several files
 
-def load_recording(hr: str | Path, motion: str | Path, steps: str | Path | None = None,
+def load_recording(hr: str | Path | None = None, motion: str | Path | None = None, steps: str | Path | None = None,
                    subject: str | None = None) -> UserRecording:
-    """Read the files, put them on one 30 s epoch grid and reduce them to a Night (stage -1)."""
-    signals = {"heart_rate": read_user_signal(hr, "heart_rate"), "motion": read_user_signal(motion, "motion")}
-    if steps is not None:
-        signals["steps"] = read_user_signal(steps, "steps")
+    """Read the files, put them on one 30 s epoch grid and reduce them to a Night (stage -1).
+
+    Heart rate, motion or both (steps only beside one of them); the night spans the heart rate and motion."""
+    if hr is None and motion is None:
+        raise dl.DataError("a recording needs a heart-rate file, a motion file, or both")
+    signals = {role: read_user_signal(path, role) for role, path in (("heart_rate", hr), ("motion", motion),
+                                                                       ("steps", steps)) if path is not None}
     formats = {role: s.time_format for role, s in signals.items()}
     if len(set(formats.values())) > 1:
         described = {"seconds": "seconds", "iso": "date-times with UTC offset", "iso-naive": "date-times without offset"}
         raise dl.DataError("the files use different kinds of time, which cannot be aligned: " + "; ".join(
             f"{signals[r].path}: {described[f]}" for r, f in formats.items()))
-    time_format = formats["heart_rate"]
-    main = [signals["heart_rate"], signals["motion"]]
+    main = [signals[role] for role in ("heart_rate", "motion") if role in signals]
+    time_format = main[0].time_format
     first = min(s.time[0] for s in main)
     last = max(s.time[-1] for s in main)
     if time_format == "seconds":
@@ -353,8 +356,8 @@ def load_recording(hr: str | Path, motion: str | Path, steps: str | Path | None 
         relative = {role: (s.time - origin) / NS_PER_S for role, s in signals.items()}
         span_s = (int(last) - origin) / NS_PER_S
     if span_s > MAX_SPAN_H * 3600:
-        raise dl.DataError(f"the recording spans {span_s / 3600:.1f} h ({signals['heart_rate'].path}, "
-                           f"{signals['motion'].path}); a report covers one night (at most {MAX_SPAN_H:g} h): crop "
+        raise dl.DataError(f"the recording spans {span_s / 3600:.1f} h ({', '.join(str(s.path) for s in main)}); "
+                           f"a report covers one night (at most {MAX_SPAN_H:g} h): crop "
                            "the export to the night (are the times in seconds, not milliseconds?)")
     n_epochs = int(span_s // dl.EPOCH_S) + 1
     epoch_start_s = dl.EPOCH_S * np.arange(n_epochs, dtype=np.float64)
@@ -363,12 +366,12 @@ def load_recording(hr: str | Path, motion: str | Path, steps: str | Path | None 
         s = signals.get(role)
         return None if s is None else np.column_stack([relative[role], s.values])
 
-    motion_signal = signals["motion"]
-    name = subject or re.sub(r"\.(csv|tsv|txt)$", "", Path(hr).name.removesuffix(".gz"), flags=re.IGNORECASE)
+    motion_signal = signals.get("motion")
+    name = subject or re.sub(r"\.(csv|tsv|txt)$", "", main[0].path.name.removesuffix(".gz"), flags=re.IGNORECASE)
     report: dict = {}
     night = dl.night_from_arrays(name, epoch_start_s, np.full(n_epochs, -1, np.int8), rows("heart_rate"),
-                                 motion=rows("motion") if motion_signal.kind == "motion" else None,
-                                 counts=rows("motion") if motion_signal.kind == "counts" else None,
+                                 motion=rows("motion") if motion_signal and motion_signal.kind == "motion" else None,
+                                 counts=rows("motion") if motion_signal and motion_signal.kind == "counts" else None,
                                  steps=rows("steps"), report=report)
     for role, s in signals.items():
         if s.report:
@@ -379,7 +382,7 @@ def load_recording(hr: str | Path, motion: str | Path, steps: str | Path | None 
     else:
         start_clock = datetime(1970, 1, 1) + timedelta(microseconds=origin // 1000)
         if time_format == "iso":
-            offset = signals["heart_rate"].utc_offset or timedelta(0)
+            offset = main[0].utc_offset or timedelta(0)
             start_clock = (start_clock.replace(tzinfo=timezone.utc)).astimezone(timezone(offset))
     return UserRecording(night, time_format, start_clock, origin_s,
                          {role: str(s.path) for role, s in signals.items()},
@@ -401,7 +404,8 @@ def predict_recording(model, scaler: dl.FeatureScaler, checkpoint: dict, recordi
 def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path: str = "",
                   mode: str = "") -> dict:
     """The night's figures (sleep_metrics.sleep_metrics of the predicted stages) and where they come from."""
-    stages = frame["pred"].to_numpy()
+    all_stages = frame["pred"].to_numpy()
+    stages = all_stages[all_stages >= 0]  # epochs without data (-1) are left out of every figure
     metrics = sm.sleep_metrics(stages)
     night = recording.night
     n = len(stages)
@@ -419,7 +423,8 @@ def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path
         "inputs": recording.inputs,
         "checkpoint": str(checkpoint_path),
         "mode": mode,
-        "epochs": n,
+        "epochs": len(all_stages),
+        "no_data_min": float((all_stages < 0).sum() * sm.EPOCH_MIN),
         "time_format": recording.time_format,
         "start": recording.start_clock.isoformat() if recording.start_clock else recording.origin_s,
         "end": (recording.start_clock + timedelta(seconds=end_s)).isoformat() if recording.start_clock
@@ -462,7 +467,9 @@ def format_summary(summary: dict) -> str:
         f"  model: {summary['checkpoint']} [{summary['mode']}]; motion from {summary['motion_source']}; "
         f"heart rate in {summary['heart_rate_coverage_pct']:.0f}% of epochs, motion in "
         f"{summary['motion_coverage_pct']:.0f}%",
-        f"  time in bed          {minutes(m['time_in_bed_min'])}",
+        f"  time in bed          {minutes(m['time_in_bed_min'])}" + (
+            f" with data; no data (no heart rate or motion, not staged): {minutes(summary['no_data_min'])}"
+            if summary.get("no_data_min") else ""),
         f"  total sleep time     {minutes(m['total_sleep_time_min'])}",
         f"  sleep efficiency     " + ("-" if m["sleep_efficiency_pct"] is None else f"{m['sleep_efficiency_pct']:.1f} %"),
         f"  sleep-onset latency  {minutes(m['sleep_onset_latency_min'])}",

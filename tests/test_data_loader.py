@@ -139,7 +139,7 @@ def test_motion_gap_marks_epochs_missing(tmp_path):
     ("heart_rate", "0,60\n5,61,3\n", r"line 2: expected 2 fields"),
     ("heart_rate", "", r"empty file"),
     ("heart_rate", "0,300\n5,10\n", r"no valid rows after dropping out-of-range"),
-    ("heart_rate", "-500,60\n-400,61\n", r"subject 1: no heart-rate samples inside the PSG window"),
+    ("heart_rate", "-500,60\n-400,61\n", r"subject 1: no usable signal: neither heart-rate nor motion readings"),
     ("counts", "0,1\n15,x\n", r"_counts.txt, line 2"),
     ("motion", "0 0 0 1\n0.02 0 0\n", r"_acceleration.txt, line 2: expected 4 fields"),
     ("steps", "0,1\n60,a\n", r"_steps.txt, line 2"),
@@ -176,7 +176,7 @@ def test_heart_rate_repairs_are_applied_and_reported(tmp_path):
 def test_missing_files_name_the_subject(tmp_path):
     make_subject(tmp_path)
     (tmp_path / "heart_rate" / "1_heartrate.txt").unlink()
-    with pytest.raises(dl.DataError, match=r"subject 1: missing heart_rate file .*1_heartrate.txt"):
+    with pytest.raises(dl.DataError, match=r"subject 1: no usable signal: no heart_rate/, motion/ or counts/ file"):
         dl.parse_night(tmp_path, "1")
     with pytest.raises(dl.DataError, match=r"subject 2: missing labels file"):
         dl.load_night(tmp_path, "2", cache_dir=None)
@@ -223,19 +223,60 @@ def test_causal_features_never_look_ahead():
     assert not np.allclose(features.night_features(prefix, causal=False), features.night_features(night, causal=False)[:k])
 
 
-def test_missing_heart_rate_filled_forward_and_flagged(tmp_path):
-    hr = "".join(f"{t},{70 if t < 150 else 50}\n" for t in range(60, 300, 5) if not 150 <= t < 240)
-    hr += "".join(f"{t},50\n" for t in range(240, 300, 5))
-    make_subject(tmp_path, n_epochs=10, hr=hr)
-    night = dl.parse_night(tmp_path, "1")
+def test_missing_heart_rate_is_held_causally_interpolated_offline_and_its_age_given():
+    # readings of 70 bpm in epochs 2-4, none in 5-7, 50 bpm in 8-9; epochs 0-1 before the first reading
+    hr = np.array([np.nan, np.nan, 70, 70, 70, np.nan, np.nan, np.nan, 50, 50])
+    night = dl.Night("1", 30.0 * np.arange(10), np.zeros(10, np.int8), hr, np.zeros(10), np.zeros(10),
+                     np.full(10, np.nan), np.full(10, np.nan), np.full(10, np.nan))
     names = list(features.FEATURES)
     causal = features.night_features(night, causal=True)
     offline = features.night_features(night, causal=False)
-    hr_col, miss_col = names.index("heart_rate_bpm"), names.index("hr_missing")
-    np.testing.assert_array_equal(causal[:, miss_col], [1, 1, 0, 0, 0, 1, 1, 1, 0, 0])
+    hr_col, age_col = names.index("heart_rate_bpm"), names.index("hr_age_log_min")
     np.testing.assert_allclose(causal[:, hr_col], [features.HR_PRIOR_BPM] * 2 + [70] * 6 + [50] * 2)
-    np.testing.assert_allclose(offline[:, hr_col], [70] * 8 + [50] * 2)  # offline fills the lead backwards
+    np.testing.assert_allclose(offline[:, hr_col], [70] * 5 + [65, 60, 55] + [50] * 2)  # interpolated, lead backwards
+    cap = np.log1p(features.HR_AGE_CAP_MIN)
+    minutes = 0.5 * np.array([np.inf, np.inf, 0, 0, 0, 1, 2, 3, 0, 0])
+    np.testing.assert_allclose(causal[:, age_col], np.log1p(minutes.clip(max=features.HR_AGE_CAP_MIN)), rtol=1e-6)
+    assert causal[0, age_col] == pytest.approx(cap)
+    np.testing.assert_allclose(offline[:, age_col], np.log1p(0.5 * np.array([2, 1, 0, 0, 0, 1, 2, 1, 0, 0])), rtol=1e-6)
     assert np.isfinite(causal).all() and np.isfinite(offline).all()
+
+
+def test_heart_rate_is_held_not_interpolated_across_gaps_longer_than_the_limit():
+    n = features.HR_INTERP_EPOCHS + 10
+    hr = np.full(n, np.nan)
+    hr[0], hr[-1] = 70.0, 50.0
+    night = dl.Night("1", 30.0 * np.arange(n), np.zeros(n, np.int8), hr, np.zeros(n), np.zeros(n),
+                     np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan))
+    offline = features.night_features(night, causal=False, features=("heart_rate_bpm",))[:, 0]
+    np.testing.assert_allclose(offline, [70.0] * (n - 1) + [50.0])
+
+
+def test_no_data_offline_covers_whole_long_stretches_and_causal_only_after_the_limit():
+    n, limit = 100, features.NO_DATA_EPOCHS
+    hr = np.full(n, 60.0)
+    hr[10:10 + limit] = np.nan            # a stretch of exactly the limit: staged from context
+    hr[50:50 + limit + 5] = np.nan        # longer: no stage anywhere in it offline
+    night = dl.Night("1", 30.0 * np.arange(n), np.zeros(n, np.int8), hr, np.zeros(n), np.full(n, np.nan),
+                     np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan))
+    offline, causal = features.no_data(night, causal=False), features.no_data(night, causal=True)
+    np.testing.assert_array_equal(np.flatnonzero(offline), np.arange(50, 50 + limit + 5))
+    np.testing.assert_array_equal(np.flatnonzero(causal), np.arange(50 + limit, 50 + limit + 5))
+    motion_only = dl.Night("1", night.epoch_start_s, night.stage, np.full(n, np.nan), np.full(n, np.nan),
+                           np.zeros(n), np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan))
+    assert not features.no_data(motion_only, causal=False).any()  # motion alone is data
+
+
+def test_a_subject_with_heart_rate_only_or_counts_only_loads(tmp_path):
+    make_subject(tmp_path)
+    night = dl.parse_night(tmp_path, "1")
+    assert np.isnan(night.activity_count).all() and not np.isnan(night.heart_rate_bpm).all()
+    (tmp_path / "heart_rate" / "1_heartrate.txt").unlink()
+    (tmp_path / "counts").mkdir(exist_ok=True)
+    (tmp_path / "counts" / "1_counts.txt").write_text("".join(f"{t},{t % 7}\n" for t in range(0, 600, 15)))
+    night = dl.parse_night(tmp_path, "1")
+    assert np.isnan(night.heart_rate_bpm).all() and not np.isnan(night.activity_count).all()
+    assert night.report["heart_rate_last_s"] is None and len(night.heart_rate_samples) == 0
 
 
 def test_unknown_feature_name_is_rejected():

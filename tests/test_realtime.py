@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data_loader as dl
+import degrade
 import features
 import evaluation
 import inference_cli
@@ -124,16 +125,20 @@ def test_stager_needs_a_causal_checkpoint(tmp_path, loaded, causal_ckpt):
 
 # ----------------------------------------------------------------------------- features and replay
 
-def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night():
-    for subject in dl.find_subjects(BUNDLED):  # 7749105: heart rate and counts stop early (long gaps)
-        night = dl.load_night(BUNDLED, subject, cache_dir=None)
+@pytest.mark.parametrize("condition", ["as recorded", "heart rate every 300 s, no motion", "2 h watch off"])
+def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night(condition):
+    for subject in dl.find_subjects(BUNDLED):  # 7749105: counts stop early, heart rate turns sparse
+        night = degrade.degrade(dl.load_night(BUNDLED, subject, cache_dir=None), degrade.CONDITIONS[condition])
         state = features.IncrementalFeatures(1, features.FEATURES)
-        rows = []
+        rows, no_data = [], []
         for k in range(len(night)):
             hours = (night.epoch_start_s[k] - night.epoch_start_s[0]) / 3600.0
-            rows.append(state.update(hours, **{name: getattr(night, name)[k] for name in features.AGGREGATES})[0])
+            row, missing = state.update(hours, **{name: getattr(night, name)[k] for name in features.FEATURE_AGGREGATES})
+            rows.append(row[0])
+            no_data.append(missing[0])
         expected = features.night_features(night, causal=True, features=features.FEATURES)
         np.testing.assert_allclose(np.array(rows, np.float32), expected, atol=1e-5, rtol=0, err_msg=subject)
+        np.testing.assert_array_equal(no_data, features.no_data(night, causal=True), err_msg=subject)
     assert state.hr_c1.shape == (1, 61) and state.la_c1.shape == (1, 21)  # ring buffers, not the night's history
 
 
@@ -240,7 +245,7 @@ def test_watch_off_gap_epochs_close_as_missing_and_fill_like_offline(loaded):
     assert len(epochs) == 60 and stager.stats["epochs_hr_missing"] == 20
     names = list(loaded[2]["features"])
     rows = np.stack(stager.feature_rows)
-    np.testing.assert_array_equal(np.flatnonzero(rows[:, names.index("hr_missing")]), np.arange(20, 40))
+    np.testing.assert_array_equal(np.flatnonzero(rows[:, names.index("hr_age_log_min")]), np.arange(20, 40))
     np.testing.assert_array_equal(np.flatnonzero(rows[:, names.index("motion_missing")]), np.arange(20, 40))
     np.testing.assert_allclose(rows, offline_rows(loaded[2], 60, heart_rate=hr, counts=counts), atol=1e-5)
     # a clock tick while no readings arrive closes the epochs the watch missed
@@ -316,7 +321,8 @@ def test_memory_holds_only_open_epochs_over_ten_hours(loaded):
     held = stager.buffered_samples()
     assert held["heart_rate"] <= 30 and held["counts"] <= 2 and held["motion"] == held["steps"] == 0
     assert n_closed == stager.stats["epochs_closed"] == 1199 and stager.stats["late"] == 0
-    assert stager._ring.rows.shape[1] == 25 and stager._features.hr_c1.shape[1] == 61 and not stager.feature_rows
+    assert stager._state.ring.rows.shape == (1, 25, len(stager.features)) and not stager.feature_rows
+    assert stager._state.features.hr_c1.shape == (1, features.HR_RING)
     stager.reset()
     assert stager.clock is None and stager.n_closed == 0 and sum(stager.buffered_samples().values()) == 0
 
@@ -348,6 +354,49 @@ def test_pool_batches_wearers_and_matches_one_stager_each(small_data_dir, loaded
         assert [e.epoch_start_s for e in pooled[s]] == [e.epoch_start_s for e in expected]
         np.testing.assert_allclose(probs_of(pooled[s]), probs_of(expected), atol=1e-5)
         assert {**pool[s].stats, "before_start": 0} == {**alone.stats, "before_start": 0}  # pool: t >= 0 only
+
+
+def test_a_long_watch_off_stretch_gets_no_stage_in_the_stream_the_pool_and_the_notebook(loaded):
+    model, scaler, ckpt = loaded
+    hr = np.vstack([hr_rows(0, 600), hr_rows(3000, 3600)])  # the watch off for 40 min
+    stager = make_stager(loaded)
+    epochs = realtime.replay(stager, {"heart_rate": hr}, 3600.0)
+    stages = np.array([e.stage for e in epochs])
+    no_stage = np.flatnonzero(stages == -1)  # causal: once NO_DATA_EPOCHS epochs have passed without a reading
+    np.testing.assert_array_equal(no_stage, np.arange(19 + features.NO_DATA_EPOCHS + 1, 100))  # last reading: epoch 19
+    assert np.isnan(probs_of(epochs)[no_stage]).all() and not np.isnan(np.delete(probs_of(epochs), no_stage, 0)).any()
+    assert stager.stats["epochs_no_data"] == len(no_stage)
+    night = dl.night_from_arrays("x", 30.0 * np.arange(120), np.zeros(120, np.int8), hr)
+    np.testing.assert_array_equal(features.no_data(night, causal=True), stages == -1)  # the offline rule
+    pool = StagerPool(model, scaler, ckpt)
+    for kind, rows in realtime.time_ordered_runs({"heart_rate": hr}):
+        pool.push("w", kind, rows[:, 0], *rows[:, 1:].T)
+    pool.flush(3600.0)
+    pooled = pool.predict()["w"]
+    assert [e.stage for e in pooled] == list(stages)
+    np.testing.assert_allclose(probs_of(pooled), probs_of(epochs), atol=1e-5)
+    context = StreamingStager(model, scaler, ckpt)
+    before = [realtime.predict_label_from_triplet(model, scaler, hr=None, motion=None, context=context)
+              for _ in range(3)]
+    assert all(stage == -1 and np.isnan(p).all() for stage, p in before)  # no reading yet: no stage
+    stage, p = realtime.predict_label_from_triplet(model, scaler, hr=60.0, motion=None, context=context)
+    assert 0 <= stage <= 3 and p.sum() == pytest.approx(1.0)
+
+
+def test_a_pool_reuses_the_rows_of_removed_wearers(loaded):
+    model, scaler, ckpt = loaded
+    pool = StagerPool(model, scaler, ckpt)
+    for w in range(40):
+        pool.push(w, "heart_rate", [0.0, 40.0], [60.0, 62.0])
+    rows = pool.state.features.n_wearers
+    pool.remove(3)
+    pool.push("new", "heart_rate", [0.0, 40.0], [70.0, 72.0])
+    assert pool.state.features.n_wearers == rows and pool["new"]._row == 3
+    staged = pool.predict()
+    assert len(staged) == 40 and staged["new"][0].probabilities.shape == (4,)
+    alone = StreamingStager(model, scaler, ckpt)
+    np.testing.assert_allclose(staged["new"][0].probabilities, alone.push_heart_rate([0.0, 40.0], [70.0, 72.0])[0]
+                               .probabilities, atol=1e-6)  # a fresh night on the reused row
 
 
 # ----------------------------------------------------------------------------- command line
@@ -567,7 +616,7 @@ def test_vectorised_batch_equals_one_stager_per_wearer(small_data_dir, loaded):
         assert [e.epoch_start_s for e in epochs] == list(np.stack(starts)[:, w])
         np.testing.assert_array_equal(raw_rows[w], np.stack(alone.feature_rows))  # the same float operations
         assert_same_predictions(probs[w], probs_of(epochs), atol=1e-5)
-    assert raw_rows[1, 31:50, list(ckpt["features"]).index("hr_missing")].all()
+    assert raw_rows[1, 31:50, list(ckpt["features"]).index("hr_age_log_min")].all()
     batch.reset([0])
     assert batch.n.tolist() == [0] + [n_epochs] * (len(subjects) - 1)
 

@@ -155,9 +155,8 @@ class Checker:
         s = self.stager
         assert s.stats["epochs_closed"] == self.emitted and not s._pending
         assert (s.stats["non_finite"], s.stats["out_of_range"]) == (self.non_finite, self.out_of_range)
-        assert s._ring.rows.shape[1] == s.seq_len and not s.feature_rows
-        if s._features is not None:
-            assert s._features.hr_c1.shape == (1, 61) and s._features.la_c1.shape == (1, 21)
+        assert s._state.ring.rows.shape[:2] == (1, s.seq_len) and not s.feature_rows
+        assert s._state.features.hr_c1.shape == (1, 61) and s._state.features.la_c1.shape == (1, 21)
         open_epochs = s.open_epochs()
         # only open epochs hold readings: at most the epochs within max_delay_s of the clock
         assert len(open_epochs) <= math.ceil(s.max_delay_s / dl.EPOCH_S) + 1

@@ -292,8 +292,8 @@ def test_cli_bad_input_is_an_error_message_and_exit_code(tmp_path, offline_ckpt,
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--motion", "m.csv"], "give --hr FILE too"),
-    (["--hr", "h.csv"], "--hr needs --motion"),
+    (["--steps", "s.csv"], "give --hr FILE and/or --motion FILE too"),
+    (["--out-dir", "out"], "give --hr FILE and/or --motion FILE too"),
     (["--hr", "h.csv", "--motion", "m.csv", "--realtime"], "does not go with --realtime"),
     (["--hr", "h.csv", "--motion", "m.csv", "--sleep-metrics"], "does not go with --sleep-metrics"),
 ])
@@ -336,6 +336,35 @@ def test_report_writes_stages_hypnogram_and_summary(tmp_path, offline_ckpt, caps
     for words in ("time in bed", "total sleep time", "sleep efficiency", "sleep-onset latency", "WASO",
                   "REM latency", "awakenings", "% of sleep"):
         assert words in text and words in out
+
+
+def test_sparse_heart_rate_alone_with_a_watch_off_hour_reports_no_data_there(tmp_path, offline_ckpt, capsys):
+    # heart rate every 5 min, ISO times, no motion file: 2 h, the watch off for 1 h, 1 h more
+    hr = hr_rows(4 * 3600.0, step=300.0)
+    hr = hr[(hr[:, 0] < T0 + 2 * 3600) | (hr[:, 0] >= T0 + 3 * 3600)]
+    path = write(tmp_path / "hr.csv", ["timestamp", "heart_rate"], hr, time_fmt=iso(CET))
+    assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "r")]) == 0
+    frame = pd.read_csv(tmp_path / "r" / "stages.csv")
+    minutes = (frame["epoch_start_s"] - frame["epoch_start_s"].iloc[0]) / 60.0
+    no_data = frame["pred"] == -1
+    # the stretch without readings (the last reading before it at 115 min, the next at 180 min) gets no stage
+    assert no_data[(minutes > 116) & (minutes < 179)].all() and not no_data[minutes < 110].any()
+    assert frame.loc[no_data, PROB_COLUMNS].isna().all().all()  # empty cells in the CSV
+    assert frame.loc[~no_data, "pred"].between(0, 3).all()
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    staged = frame.loc[~no_data, "pred"].to_numpy()
+    assert summary["no_data_min"] == pytest.approx(no_data.sum() * 0.5)
+    assert summary["metrics"]["time_in_bed_min"] == pytest.approx(len(staged) * 0.5)  # no-data minutes left out
+    assert summary["metrics"]["total_sleep_time_min"] == pytest.approx((staged >= 1).sum() * 0.5)
+    assert "no data" in (tmp_path / "r" / "summary.txt").read_text() and "no data" in capsys.readouterr().out
+    assert summary["heart_rate_coverage_pct"] < 15 and summary["motion_coverage_pct"] == 0
+
+
+def test_motion_alone_gives_a_report(tmp_path, offline_ckpt):
+    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(1800.0))
+    assert inference_cli.main("hybrid", offline_ckpt, ["--motion", str(counts), "--out-dir", str(tmp_path / "r")]) == 0
+    frame = pd.read_csv(tmp_path / "r" / "stages.csv")
+    assert len(frame) == 61 and frame["pred"].between(0, 3).all() and frame["subject"].iloc[0] == "counts"
 
 
 def test_hypnogram_without_psg_and_with_clock_axis(tmp_path):

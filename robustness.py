@@ -1,0 +1,179 @@
+"""Real-world conditions, measured: cross-validation by subject, each recipe scored under each condition.
+
+    python robustness.py                                   # every recipe, 5 folds (about an hour on 2 cores)
+    python robustness.py --recipes causal-hybrid,classical-causal --folds 5
+    python robustness.py --json-out runs/robustness/summary.json --markdown-out runs/robustness/table.md
+
+For each fold (subject-level, over the non-test subjects, the folds `train*.py --cv` uses) every
+recipe is trained as shipped (drawn real-world conditions included, see degrade.py) on the other
+subjects, then the held-out nights are degraded under each condition of degrade.CONDITIONS and
+staged. Reported per recipe and condition: Cohen's kappa over the out-of-fold epochs that got a
+stage (pooled) and mean +- sd over folds; for the watch-off condition the kappa outside the
+stretch and the share of scored epochs inside it that were given a stage (should be 0 offline;
+causally the first NO_DATA_EPOCHS epochs of the stretch are staged, as a stream cannot know the
+watch is off until then); for "heart rate every 300 s, no motion" the total sleep time error per
+subject against PSG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+import baseline
+import data_loader as dl
+import degrade
+import feature_store
+import sleep_metrics as sm
+import training
+from checkpoint import atomic_write
+from evaluation import compute_metrics, predict_nights, prediction_frame
+
+# recipe -> (architecture, causal, overrides of the script's MODEL config); classical: the reference
+RECIPES = {
+    "offline-hybrid": ("hybrid", False, {}),
+    "offline-lstm": ("lstm", False, {}),
+    "causal-hybrid": ("hybrid", True, {}),
+    "compact-causal": ("hybrid", True, {"channels": 32}),
+    "classical-offline": ("classical", False, {}),
+    "classical-causal": ("classical", True, {}),
+}
+GAP = "2 h watch off"
+SPARSE = "heart rate every 300 s, no motion"
+
+
+def script_recipe(arch: str) -> tuple[dict, training.TrainConfig]:
+    """The training script's MODEL (as a dict) and TRAIN config."""
+    if arch == "hybrid":
+        import train_hybrid as script
+    else:
+        import train as script
+    model = {k: v for k, v in vars(script.MODEL).items() if k not in ("n_features", "causal", "dropout")}
+    return model, script.TRAIN
+
+
+def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str], held_ids: list[str],
+                   fold: int, args: argparse.Namespace) -> dict[str, pd.DataFrame]:
+    """Train one recipe on fit_ids; per condition, the prediction frame of the held-out nights."""
+    arch, causal, overrides = RECIPES[recipe]
+    conditions = degrade.CONDITIONS.values()
+    if arch == "classical":
+        reference = baseline.fit(nights, fit_ids, causal, seed=args.seed + fold)
+        return {c.name: pd.concat([prediction_frame(nights[s], baseline.predict(reference, degrade.degrade(nights[s], c)))
+                                   for s in held_ids], ignore_index=True) for c in conditions}
+    model_config, defaults = script_recipe(arch)
+    cfg = replace(defaults, causal=causal, data_dir=args.data_dir, seed=args.seed,
+                  epochs=args.epochs if args.epochs is not None else defaults.epochs,
+                  ensemble=args.ensemble if args.ensemble is not None else defaults.ensemble)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dl.DataWarning)
+        store = feature_store.build_feature_store(args.data_dir, causal=causal, features=cfg.features)
+    inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + fold, val_frac=0.12, test_frac=0.0)
+    data = training.prepare(store, inner_train, cfg)
+    model, _ = training.train_model(arch, {**model_config, **overrides}, cfg, data, inner_train, inner_val, None,
+                                    training.Dist(), torch.device("cpu"), quiet=True)
+    contract = {"causal": causal, "features": list(cfg.features), "seq_len": cfg.seq_len,
+                "target_pos": cfg.target_pos, "transitions": data.transitions}
+    return {c.name: predict_nights(model, data.scaler, contract, [degrade.degrade(nights[s], c) for s in held_ids])
+            for c in conditions}
+
+
+def summarize(frames: dict[str, list[pd.DataFrame]], nights: dict[str, dl.Night]) -> dict:
+    """Per condition: pooled and per-fold kappa (and the watch-off and total-sleep-time figures)."""
+    out = {}
+    for name, per_fold in frames.items():
+        condition = degrade.CONDITIONS[name]
+        pooled = pd.concat(per_fold, ignore_index=True)
+        gap = np.concatenate([degrade.watch_off_epochs(nights[s], condition) for s in pooled["subject"].unique()])
+        outside = pooled[~gap]
+        kappas = [compute_metrics(f["true_stage"].to_numpy(), f["pred"].to_numpy())["kappa"] for f in per_fold]
+        metrics = compute_metrics(outside["true_stage"].to_numpy(), outside["pred"].to_numpy())
+        row = {"kappa": metrics["kappa"], "macro_f1": metrics["macro_f1"], "kappa_fold_mean": float(np.mean(kappas)),
+               "kappa_fold_sd": float(np.std(kappas, ddof=1)) if len(kappas) > 1 else 0.0,
+               "no_data_pct_of_scored": 100.0 * metrics["n_no_data"] / max(metrics["n_no_data"] + metrics["n_epochs"], 1)}
+        if gap.any():
+            inside = pooled[gap & (pooled["true_stage"].to_numpy() >= 0)]
+            row["gap_scored_epochs"] = int(len(inside))
+            row["gap_staged_pct"] = 100.0 * float((inside["pred"] >= 0).mean())
+            row["kappa"] = metrics["kappa"]  # outside the stretch
+        if name == SPARSE:
+            tst = sm.compare(pooled, scored_only=True)
+            tst = tst[tst["metric"] == "total_sleep_time_min"]
+            row["tst_error_min"] = {str(s): round(float(d), 1) for s, d in zip(tst["subject"], tst["difference"])}
+            row["tst_within_60_min"] = f"{int((tst['difference'].abs() <= 60).sum())}/{len(tst)}"
+        out[name] = row
+    return out
+
+
+def markdown(summary: dict) -> str:
+    """One table: kappa per recipe (columns) and condition (rows), pooled out-of-fold."""
+    recipes = list(summary)
+    lines = ["| condition | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
+    for name in degrade.CONDITIONS:
+        cells = []
+        for recipe in recipes:
+            row = summary[recipe].get(name)
+            if row is None:
+                cells.append("-")
+                continue
+            cell = f"{row['kappa']:.3f}"
+            if "gap_staged_pct" in row:
+                cell += f" (outside; {row['gap_staged_pct']:.0f}% of the gap staged)"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tst = [f"{r}: {summary[r][SPARSE]['tst_within_60_min']}" for r in recipes if SPARSE in summary[r]]
+    lines.append(f"\nTotal sleep time within 60 min of PSG ({SPARSE}), subjects: " + "; ".join(tst))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {','.join(RECIPES)}")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--only-folds", default="", help="comma-separated fold numbers to run (default all)")
+    parser.add_argument("--data-dir", default=str(dl.DEFAULT_DATA_DIR))
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' training epochs")
+    parser.add_argument("--ensemble", type=int, default=None, help="override the recipes' ensemble size")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--json-out", default="runs/robustness/summary.json")
+    parser.add_argument("--markdown-out", default="runs/robustness/table.md")
+    args = parser.parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dl.DataWarning)
+        nights = {n.subject_id: n for n in dl.load_nights(args.data_dir)}
+    train_ids, val_ids, _ = dl.split_subjects(list(nights))
+    folds = dl.kfold_subjects(train_ids + val_ids, args.folds)
+    chosen = [int(f) for f in args.only_folds.split(",") if f] or range(len(folds))
+    summary, t0 = {}, time.perf_counter()
+    for recipe in recipes:
+        frames: dict[str, list[pd.DataFrame]] = {}
+        for k in chosen:
+            fit_ids, held_ids = folds[k]
+            for name, frame in stage_held_out(recipe, nights, fit_ids, held_ids, k, args).items():
+                frames.setdefault(name, []).append(frame.assign(fold=k))
+            print(f"{recipe} fold {k}: " + "  ".join(
+                f"{name} {compute_metrics(f[-1]['true_stage'].to_numpy(), f[-1]['pred'].to_numpy())['kappa']:.3f}"
+                for name, f in frames.items()) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        summary[recipe] = summarize(frames, nights)
+    table = markdown(summary)
+    print("\n" + table)
+    for path, text in ((args.json_out, json.dumps({"summary": summary, "folds": list(chosen),
+                                                     "config": vars(args)}, indent=1)), (args.markdown_out, table)):
+        atomic_write(path, lambda f, text=text: f.write((text + "\n").encode()))
+    print(f"\nwrote {args.json_out} and {args.markdown_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
