@@ -225,7 +225,10 @@ def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wear
         best = max(results[name], key=lambda t: results[name][t]["wearer_epochs_per_s"])
         results[name] = {"by_threads": results[name], "best_threads": int(best),
                          "wearer_epochs_per_s": results[name][best]["wearer_epochs_per_s"]}
-    difference = float(np.abs(last_probs["vectorised"] - last_probs["pool"]).max())
+    vectorised, pooled = last_probs["vectorised"], last_probs["pool"]
+    same_mask = bool((np.isnan(vectorised) == np.isnan(pooled)).all())  # no-data epochs: NaN in both
+    difference = float(np.nanmax(np.abs(vectorised - pooled))) if not np.isnan(vectorised).all() else 0.0
+    difference = difference if same_mask else float("inf")
     return {"wearers": n_wearers, "rounds": n_rounds, "warmup_rounds": warmup_rounds, **results,
             "wearer_epochs_per_s": results["vectorised"]["wearer_epochs_per_s"],
             "best_threads": results["vectorised"]["best_threads"],

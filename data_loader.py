@@ -71,6 +71,7 @@ COUNTS_FS_HZ = 50
 COUNTS_BAND_HZ = (3.0, 11.0)
 COUNTS_FILTER_ORDER = 5
 COUNTS_BIN_S = 15
+STEPS_MARGIN_S = 600.0  # steps are unknown (not zero) this far beyond the first and last steps reading
 MIN_MOTION_COVERAGE = 0.5  # an epoch with fewer raw samples than this share of 50 Hz is "motion missing"
 
 
@@ -311,7 +312,7 @@ def counts_from_z(z_g: np.ndarray, fs_hz: int = COUNTS_FS_HZ) -> np.ndarray:
     return np.clip((per_bin - 18) * 3.07, 0, None)
 
 
-def _epoch_index(t: np.ndarray, epoch_start_s: np.ndarray) -> np.ndarray:
+def epoch_index(t: np.ndarray, epoch_start_s: np.ndarray) -> np.ndarray:
     """Epoch of each timestamp, or -1 outside the PSG window [first start, last start + 30 s)."""
     idx = np.floor((t - epoch_start_s[0]) / EPOCH_S).astype(np.int64)
     idx[(idx < 0) | (idx >= len(epoch_start_s))] = -1
@@ -327,7 +328,7 @@ def motion_epoch_aggregates(motion: np.ndarray, epoch_start_s: np.ndarray) -> di
     """
     n = len(epoch_start_s)
     t = motion[:, 0]
-    idx = _epoch_index(t, epoch_start_s)
+    idx = epoch_index(t, epoch_start_s)
     magnitude = motion[:, 1] ** 2  # as (xyz ** 2).sum(axis=1), one column at a time (memory)
     magnitude += motion[:, 2] ** 2
     magnitude += motion[:, 3] ** 2
@@ -388,7 +389,7 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
     hr_mean, hr_std, samples = nan.copy(), nan.copy(), np.zeros((0, 2))
     report["heart_rate_last_s"] = None
     if heart_rate is not None:
-        hr_idx = _epoch_index(heart_rate[:, 0], epoch_start_s)
+        hr_idx = epoch_index(heart_rate[:, 0], epoch_start_s)
         if (hr_idx >= 0).any():
             hr_mean, hr_std, _ = epoch_mean_std(hr_idx, heart_rate[:, 1], n)
             samples = np.array(heart_rate[hr_idx >= 0, :2], np.float64)
@@ -398,7 +399,7 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
         motion_aggs = motion_epoch_aggregates(motion, epoch_start_s)
         report["motion_source"] = "raw"
     elif counts is not None:
-        count_idx = _epoch_index(counts[:, 0], epoch_start_s)
+        count_idx = epoch_index(counts[:, 0], epoch_start_s)
         motion_aggs["activity_count"] = epoch_mean_std(count_idx, counts[:, 1], n)[0]
         report["motion_source"] = "counts"
     covered = np.flatnonzero(~np.isnan(motion_aggs["activity_count"]))
@@ -408,10 +409,10 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
                         f"the recording ({epoch_start_s[0]:g}-{epoch_start_s[-1] + EPOCH_S:g} s)")
     step_values = nan.copy()
     if steps is not None:
-        step_idx = _epoch_index(steps[:, 0], epoch_start_s)
+        step_idx = epoch_index(steps[:, 0], epoch_start_s)
         step_values = epoch_sum(step_idx, steps[:, 1], n)
         # outside the span the steps file covers, steps are unknown rather than zero
-        step_values[(epoch_start_s < steps[0, 0] - 600) | (epoch_start_s > steps[-1, 0] + 600)] = np.nan
+        step_values[(epoch_start_s < steps[0, 0] - STEPS_MARGIN_S) | (epoch_start_s > steps[-1, 0] + STEPS_MARGIN_S)] = np.nan
     return Night(subject_id, np.asarray(epoch_start_s, np.float64), np.asarray(stage, np.int8),
                  hr_mean, hr_std, motion_aggs["activity_count"], motion_aggs["motion_mag_mean_g"],
                  motion_aggs["motion_mag_std_g"], step_values, report, samples[np.argsort(samples[:, 0], kind="stable")])

@@ -86,7 +86,8 @@ def thin(samples: np.ndarray, period_s: float, phase_s: float = 0.0) -> np.ndarr
 def watch_off_span(night: dl.Night, condition: Condition) -> tuple[float, float]:
     """Start and end (s) of the condition's watch-off stretch in this night."""
     start, end = float(night.epoch_start_s[0]), float(night.epoch_start_s[-1] + EPOCH_S)
-    off_start = start + condition.watch_off_start_frac * max(end - start - condition.watch_off_s, 0.0)
+    room_epochs = max(end - start - condition.watch_off_s, 0.0) // EPOCH_S  # on the epoch grid
+    off_start = start + EPOCH_S * np.floor(condition.watch_off_start_frac * room_epochs)
     return off_start, off_start + condition.watch_off_s
 
 
@@ -104,9 +105,8 @@ def degrade(night: dl.Night, condition: Condition, rng: np.random.Generator | No
     rng: the phase of the heart-rate intervals (None: intervals start at the night's first epoch).
     """
     samples = heart_rate_samples(night)
-    start, end = float(night.epoch_start_s[0]), float(night.epoch_start_s[-1] + EPOCH_S)
-    if condition.hr_period_s:
-        phase = start + (rng.uniform(0, condition.hr_period_s) if rng is not None else 0.0)
+    if condition.hr_period_s:  # intervals start at or before the night's start, so none is cut short
+        phase = float(night.epoch_start_s[0]) - (rng.uniform(0, condition.hr_period_s) if rng is not None else 0.0)
         samples = thin(samples, condition.hr_period_s, phase)
     if condition.drop_heart_rate:
         samples = samples[:0]
@@ -120,8 +120,7 @@ def degrade(night: dl.Night, condition: Condition, rng: np.random.Generator | No
         off = watch_off_epochs(night, condition)
         for values in (activity, motion_mean, motion_std, steps):
             values[off] = np.nan
-    slot = np.floor((samples[:, 0] - start) / EPOCH_S).astype(np.int64)
-    hr_mean, hr_std, _ = epoch_mean_std(slot, samples[:, 1], len(night))
+    hr_mean, hr_std, _ = epoch_mean_std(dl.epoch_index(samples[:, 0], night.epoch_start_s), samples[:, 1], len(night))
     return dataclasses.replace(night, heart_rate_bpm=hr_mean, heart_rate_std_bpm=hr_std, activity_count=activity,
                                motion_mag_mean_g=motion_mean, motion_mag_std_g=motion_std, steps=steps,
                                heart_rate_samples=samples, report={**night.report, "condition": condition.name})

@@ -9,8 +9,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import io
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -161,6 +163,10 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     n_no_data = int(((y_true >= 0) & (y_pred < 0)).sum())
     y_true, y_pred = y_true[scored], y_pred[scored]
     labels = list(range(len(dl.STAGE_NAMES)))
+    if not len(y_true):  # nothing both scored and staged: no figure rather than a guess
+        return {"n_epochs": 0, "n_no_data": n_no_data, "accuracy": float("nan"), "kappa": float("nan"),
+                "macro_f1": float("nan"), "confusion": [[0] * len(labels) for _ in labels],
+                **{f"recall_{name.lower()}": float("nan") for name in dl.STAGE_NAMES}}
     confusion = confusion_matrix(y_true, y_pred, labels=labels)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(confusion.sum(1) > 0, np.diag(confusion) / confusion.sum(1), np.nan)
@@ -240,8 +246,6 @@ def _score_chunk(nights: list[dl.Night]) -> pd.DataFrame:
 def predict_nights_parallel(checkpoint_path: str | Path, nights: list[dl.Night], workers: int,
                             smooth: bool = True) -> pd.DataFrame:
     """predict_nights over `workers` processes; rows in the same order as one process gives."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     chunks = [list(c) for c in np.array_split(np.array(nights, dtype=object), min(workers * 4, len(nights))) if len(c)]
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -254,7 +258,7 @@ def prediction_frame(night: dl.Night | feature_store.EpochTimeline, probs: np.nd
     return pd.DataFrame({
         "subject": night.subject_id, "epoch_start_s": night.epoch_start_s.astype(np.int64),
         "true_stage": night.stage.astype(np.int64),
-        "pred": np.where(np.isnan(probs).any(axis=1), -1, np.nan_to_num(probs).argmax(axis=1)),
+        "pred": features.stages_of(probs),
         "p_wake": probs[:, 0], "p_light": probs[:, 1], "p_deep": probs[:, 2], "p_rem": probs[:, 3],
     })
 
@@ -312,7 +316,6 @@ def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start
     if start_clock is None:
         ax_prob.set_xlabel("hours since recording start")
     else:
-        from datetime import timedelta
         from matplotlib.ticker import FuncFormatter, MultipleLocator
         base = 1.0 if hours[-1] > 4 else 0.5 if hours[-1] > 1.5 else 0.25  # ticks on round clock times
         past_hour = (start_clock.minute * 60 + start_clock.second) / 3600.0

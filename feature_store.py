@@ -21,7 +21,7 @@ import numpy as np
 
 from data_loader import (DEFAULT_CACHE_DIR, DataError, DataWarning, FeatureScaler, cache_path, find_subjects,
                          load_night, require_folder, subject_files)
-from features import DEFAULT_FEATURES, night_features
+from features import DEFAULT_FEATURES, FEATURES_VERSION, night_features
 
 
 STORE_VERSION = 1
@@ -169,7 +169,7 @@ def build_feature_store(data_dir: str | Path, subjects: list[str] | None = None,
     subjects = find_subjects(data_dir) if subjects is None else list(subjects)
     # each night's cache key (its files' sizes and mtimes), then what turns nights into the store
     key = [cache_path(Path(), data_dir, s, subject_files(data_dir, s)).name for s in subjects]
-    key += [str(STORE_VERSION), str(causal), ",".join(features)]
+    key += [str(STORE_VERSION), str(FEATURES_VERSION), str(causal), ",".join(features)]
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:24]
     store, night_cache = None, cache_dir
     if cache_dir is not None:

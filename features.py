@@ -24,6 +24,7 @@ import numpy as np
 
 EPOCH_S = 30
 SEQ_LEN = 25
+FEATURES_VERSION = 2  # part of every feature-store key: bump when a formula here changes
 HR_PRIOR_BPM = 60.0  # heart rate assumed before the first reading of a night (causal) or without any
 MOVE_COUNT = 10.0    # an activity count above this is a movement (log_epochs_since_move)
 HR_INTERP_EPOCHS = 20  # offline: interpolate heart rate across gaps up to 10 min; hold it across longer ones
@@ -134,8 +135,8 @@ def filled_heart_rate(heart_rate_bpm: np.ndarray, causal: bool) -> tuple[np.ndar
     """(heart rate per epoch with its gaps filled, epochs to the reading it comes from (inf: none)).
 
     Causal: the last reading held (HR_PRIOR_BPM before the first). Offline: linear interpolation
-    between the readings on both sides when they are at most HR_INTERP_EPOCHS apart, else the
-    previous reading held (the next one before the first); the age is the distance to the nearest.
+    between the readings on both sides when they are at most HR_INTERP_EPOCHS apart (age: the
+    distance to the nearer one), else the previous reading held (the next one before the first).
     """
     n = len(heart_rate_bpm)
     observed = ~np.isnan(heart_rate_bpm)
@@ -152,13 +153,20 @@ def filled_heart_rate(heart_rate_bpm: np.ndarray, causal: bool) -> tuple[np.ndar
     inside = (prev >= 0) & (nxt < n) & (span > 0) & (span <= HR_INTERP_EPOCHS)
     with np.errstate(invalid="ignore", divide="ignore"):
         ramp = held + (after - held) * (epoch - prev) / np.maximum(span, 1)
-    age = np.minimum(age, np.where(nxt < n, nxt - epoch, np.inf))
+    ahead = np.where(nxt < n, nxt - epoch, np.inf)
+    age = np.where(inside, np.minimum(age, ahead), np.where(prev >= 0, age, ahead))
     return np.where(inside, ramp, held), age
 
 
 def hr_age_feature(age_epochs: np.ndarray) -> np.ndarray:
     """log1p of the minutes to the heart-rate reading an epoch's value comes from, capped at HR_AGE_CAP_MIN."""
     return np.log1p(np.minimum(age_epochs * (EPOCH_S / 60.0), HR_AGE_CAP_MIN))
+
+
+def stages_of(probabilities: np.ndarray) -> np.ndarray:
+    """The stage of each row of probabilities (n, 4): its argmax, or -1 for a NaN row (no data)."""
+    missing = np.isnan(probabilities).any(axis=1)
+    return np.where(missing, -1, np.where(missing[:, None], 0.0, probabilities).argmax(axis=1))
 
 
 def has_data(night: EpochAggregates) -> np.ndarray:
@@ -271,6 +279,13 @@ class IncrementalFeatures:
             setattr(self, name, np.zeros((0, size)))
         self.add_rows(n_wearers)
 
+    def take_row(self, row: int) -> "IncrementalFeatures":
+        """A one-wearer copy of one row's state (a wearer leaving a shared state)."""
+        out = IncrementalFeatures(1, self.features)
+        for name in (*self._STATE, *self._RINGS):
+            getattr(out, name)[0] = getattr(self, name)[row]
+        return out
+
     def add_rows(self, count: int) -> np.ndarray:
         """Room for `count` more wearers, each at the start of a night; returns their row indices."""
         for name in (*self._STATE, *self._RINGS):
@@ -284,6 +299,8 @@ class IncrementalFeatures:
     def reset(self, rows=None) -> None:
         """A new night for the given rows (indices or boolean mask; None: all)."""
         w = slice(None) if rows is None else np.asarray(rows)
+        if not isinstance(w, slice) and w.dtype != bool:
+            w = w.astype(np.int64)  # an empty list is a float array
         for name, (_, start) in self._STATE.items():
             getattr(self, name)[w] = start
         for name in self._RINGS:
@@ -408,6 +425,12 @@ class WindowRing:
 
     def add_rows(self, count: int) -> None:
         self.rows = np.concatenate([self.rows, np.zeros((count, *self.rows.shape[1:]), np.float32)])
+
+    def take_row(self, row: int) -> "WindowRing":
+        """A one-wearer copy of one row."""
+        out = WindowRing(1, self.seq_len, self.rows.shape[2], self.target_pos)
+        out.rows[0] = self.rows[row]
+        return out
 
     def push(self, epoch: np.ndarray, feature_rows: np.ndarray, rows=None) -> tuple[np.ndarray, np.ndarray]:
         """Store each wearer's feature row of epoch `epoch` (m,); (windows (m, seq_len, F), ring slots (m, seq_len)).

@@ -25,7 +25,7 @@ import user_data
 from checkpoint import ARCHITECTURES, CheckpointError, load_model_from_checkpoint
 from evaluation import (compute_metrics, describe_mode, format_report, plot_confusion, plot_hypnogram,
                         predict_nights, predict_nights_parallel, single_thread, write_predictions)
-from realtime import KINDS, N_VALUES, StagedEpoch, StreamingStager
+from realtime import N_VALUES, StagedEpoch, StreamingStager
 
 
 def build_parser(arch: str, default_checkpoint: Path, realtime_checkpoint: Path) -> argparse.ArgumentParser:
@@ -183,9 +183,11 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
           f"({time.perf_counter() - t0:.1f} s)")
     y_true, y_pred = frame["true_stage"].to_numpy(), frame["pred"].to_numpy()
     metrics = None
-    if (y_true >= 0).any():
+    if ((y_true >= 0) & (y_pred >= 0)).any():
         metrics = compute_metrics(y_true, y_pred)
         print(format_report(metrics, y_true, y_pred))
+    elif (y_true >= 0).any():
+        print("no PSG-scored epoch got a stage (no heart rate or motion there): no metrics")
     else:
         print("no scored epochs: predictions only")
     comparison = None
@@ -229,7 +231,7 @@ def user_report(arch: str, args: argparse.Namespace, model: torch.nn.Module, sca
              f"efficiency {summary['metrics']['sleep_efficiency_pct'] or 0:.0f}%")
     paths = user_data.write_report(frame, summary, recording, out_dir, title)
     print(user_data.format_summary(summary))
-    print(f"\n{len(frame)} epochs staged in {time.perf_counter() - t0:.1f} s; wrote "
+    print(f"\n{int((frame['pred'] >= 0).sum())} of {len(frame)} epochs staged in {time.perf_counter() - t0:.1f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -314,6 +316,8 @@ def format_epoch(epoch: StagedEpoch, start_s: float) -> str:
     since = max(epoch.epoch_start_s - start_s, 0.0)
     hms = f"{int(since // 3600):02d}:{int(since % 3600 // 60):02d}:{int(since % 60):02d}"
     p = epoch.probabilities
+    if epoch.stage < 0:
+        return f"{epoch.epoch_start_s:12.1f} s  {hms}  no data (no heart rate or motion for 10 min)"
     return (f"{epoch.epoch_start_s:12.1f} s  {hms}  {dl.STAGE_NAMES[epoch.stage]:<5}  "
             f"wake {p[0]:.3f}  light {p[1]:.3f}  deep {p[2]:.3f}  rem {p[3]:.3f}")
 

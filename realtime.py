@@ -72,7 +72,6 @@ from evaluation import PREDICTION_COLUMNS, predict_windows, prediction_frame
 EPOCH_S = features.EPOCH_S
 KINDS = ("heart_rate", "motion", "counts", "steps")
 N_VALUES = {"heart_rate": 1, "motion": 3, "counts": 1, "steps": 1}
-STEPS_MARGIN_S = 600.0   # as night_from_arrays: steps are unknown 10 min beyond the readings
 DEFAULT_MAX_GAP_S = 6 * 3600.0
 MAX_ABS_TIME_S = 1e12    # ~31,700 years of seconds (Unix time is ~1.7e9; milliseconds would be ~1.7e12)
 # notebook API plausibility limits (per 30 s epoch)
@@ -431,7 +430,7 @@ class StreamingStager:
                                                                   counts[1][:, 0], 1)[0][0])
         steps = self._take("steps", k)
         span = self._steps_span
-        if span is not None and span[0] - STEPS_MARGIN_S <= start <= span[1] + STEPS_MARGIN_S:
+        if span is not None and span[0] - dl.STEPS_MARGIN_S <= start <= span[1] + dl.STEPS_MARGIN_S:
             values = steps[1][:, 0] if steps is not None else np.zeros(0)
             agg["steps"] = float(features.epoch_sum(np.zeros(len(values), np.int64), values, 1)[0])
         return agg
@@ -484,8 +483,8 @@ def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: 
         windows = scaler.transform(np.stack([pending[i][1] for i in staged]))
         probs = predict_windows(model, windows, target_pos, batch_size)
     out = [StagedEpoch(start, -1, NO_DATA_PROBABILITIES.copy()) for start, _ in pending]
-    for i, p in zip(staged, probs):
-        out[i] = StagedEpoch(pending[i][0], int(p.argmax()), p)
+    for i, p, stage in zip(staged, probs, features.stages_of(probs)):
+        out[i] = StagedEpoch(pending[i][0], int(stage), p)
     return out
 
 
@@ -534,9 +533,14 @@ class StagerPool:
             self[wearer]._advance(now_s, wait_delay=False)
 
     def remove(self, wearer) -> None:
+        """Forget a wearer; a StreamingStager of it still held elsewhere keeps working on a state of its own."""
         stager = self.stagers.pop(wearer, None)
         if stager is not None:
-            self._free_rows.append(stager._row)
+            stager._featurize()
+            row = stager._row
+            stager._state = FeatureState(self.state.features.take_row(row), self.state.ring.take_row(row))
+            stager._row = 0
+            self._free_rows.append(row)
 
     def predict(self) -> dict:
         """Stages of every epoch closed since the last call, by wearer: one batched model call."""

@@ -3,6 +3,7 @@
     python robustness.py                                   # every recipe, 5 folds (about an hour on 2 cores)
     python robustness.py --recipes causal-hybrid,classical-causal --folds 5
     python robustness.py --json-out runs/robustness/summary.json --markdown-out runs/robustness/table.md
+    python robustness.py --merge a.json b.json             # one table from runs of different recipes
 
 For each fold (subject-level, over the non-test subjects, the folds `train*.py --cv` uses) every
 recipe is trained as shipped (drawn real-world conditions included, see degrade.py) on the other
@@ -22,6 +23,7 @@ import sys
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,7 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--json-out", default="runs/robustness/summary.json")
     parser.add_argument("--markdown-out", default="runs/robustness/table.md")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="print (and write) one table from the summaries of earlier runs; trains nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        summary = {}
+        for path in args.merge:
+            try:
+                summary.update(json.loads(Path(path).read_text())["summary"])
+            except (OSError, ValueError, KeyError) as exc:
+                parser.error(f"{path}: not a robustness.py summary ({exc})")
+        table = markdown(summary)
+        print(table)
+        atomic_write(args.markdown_out, lambda f: f.write((table + "\n").encode()))
+        return 0
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:

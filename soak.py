@@ -108,8 +108,6 @@ def soak(args) -> dict:
     if args.path == "pool":
         pool = realtime.StagerPool(model, scaler, ckpt, batch_size=args.batch_size, start_s=0.0)
     else:
-        if not hasattr(realtime, "StagerBatch"):
-            raise SystemExit("error: this realtime.py has no StagerBatch; use --path pool")
         batch = stager_batch.StagerBatch(model, scaler, ckpt, n_wearers=args.wearers, start_s=0.0)
         hr_owner = np.repeat(np.arange(args.wearers), HR_PER_EPOCH)
         count_owner = np.repeat(np.arange(args.wearers), COUNTS_PER_EPOCH)

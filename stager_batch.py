@@ -118,7 +118,7 @@ class StagerBatch:
         else:  # every wearer, so each one's conv cache holds its new epoch
             probs = self._predict_cached(windows, slots)
         probs[no_data] = np.nan
-        return epoch_start, np.where(no_data, -1, probs.argmax(axis=1)), probs
+        return epoch_start, features.stages_of(probs), probs
 
     @torch.inference_mode()
     def _predict_cached(self, windows: np.ndarray, slots: np.ndarray) -> np.ndarray:

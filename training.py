@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -152,17 +153,28 @@ class Prepared:
     the loss's class weights and, for smoothed (offline) models, the stage transition matrix (None: no
     smoothing).
 
-    With real-world conditions (cfg.degrade) it also holds the nights themselves and, by key, nights
-    under a condition (`degraded`: scaled features, stages with no-data epochs unscored): a training
-    subject's key is its id (`draw` replaces it every pass); `add_conditions` adds "<id>|<condition>".
+    With real-world conditions (cfg.degrade) it also reads the nights themselves (`data_dir`, loaded
+    when first needed) and holds, by key, nights under a condition (`degraded`: scaled features,
+    stages with no-data epochs unscored, the no-data mask): a training subject's key is its id
+    (`draw` replaces it every pass); `add_conditions` adds "<id>|<condition>" ("<id>" as recorded).
     """
     store: feature_store.FeatureStore
     scaler: dl.FeatureScaler
     weight: torch.Tensor = field(default_factory=lambda: torch.ones(4))
     transitions: np.ndarray | None = None
-    nights: dict[str, dl.Night] = field(default_factory=dict)
+    data_dir: str | None = None
     causal: bool = False
-    degraded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    nights: dict[str, dl.Night] = field(default_factory=dict)
+    degraded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def degrades(self) -> bool:
+        return self.data_dir is not None
+
+    def night(self, subject_id: str) -> dl.Night:
+        if subject_id not in self.nights:
+            self.nights[subject_id] = dl.load_night(self.data_dir, subject_id)
+        return self.nights[subject_id]
 
     def x(self, key: str, index: np.ndarray | None = None) -> np.ndarray:
         """Scaled features of a subject or degraded night (rows at index, or all)."""
@@ -177,28 +189,33 @@ class Prepared:
             return y if index is None else y[index]
         return self.store.read(key, "stage", index).astype(np.int64)
 
-    def n_epochs(self, key: str) -> int:
-        return len(self.degraded[key][1]) if key in self.degraded else self.store.n_epochs(key)
+    def no_data(self, key: str) -> np.ndarray | None:
+        """Epochs without a stage (features.no_data) of a degraded night; None for a store subject."""
+        return self.degraded[key][2] if key in self.degraded else None
 
-    def _under(self, night: dl.Night) -> tuple[np.ndarray, np.ndarray]:
+    def _under(self, night: dl.Night) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = self.scaler.transform(features.night_features(night, self.causal, self.store.feature_names))
-        return x, np.where(features.no_data(night, self.causal), -1, night.stage).astype(np.int64)
+        no_data = features.no_data(night, self.causal)
+        return x, np.where(no_data, -1, night.stage).astype(np.int64), no_data
 
     def draw(self, subjects: list[str], seed: int) -> None:
         """Each subject's night under a freshly drawn condition (degrade.draw_condition), same on every rank."""
         rng = np.random.default_rng(seed)
         for s in subjects:
-            night = self.nights[s]
+            night = self.night(s)
             self.degraded[s] = self._under(degrade.degrade(night, degrade.draw_condition(rng, night), rng))
 
     def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:
-        """Keys of the subjects' nights under each named condition (degrade.CONDITIONS), registered once."""
+        """Keys of the subjects' nights under each named condition (degrade.CONDITIONS), registered once;
+        with real-world conditions off, the subjects themselves (as recorded, from the store)."""
+        if not self.degrades:
+            return list(subjects)
         keys = []
         for s in subjects:
             for name in conditions:
-                key = f"{s}|{name}"
+                key = s if name == "as recorded" else f"{s}|{name}"
                 if key not in self.degraded:
-                    self.degraded[key] = self._under(degrade.degrade(self.nights[s], degrade.CONDITIONS[name]))
+                    self.degraded[key] = self._under(degrade.degrade(self.night(s), degrade.CONDITIONS[name]))
                 keys.append(key)
         return keys
 
@@ -213,13 +230,11 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
     weight = class_weights(store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
     if not cfg.degrade:
         return Prepared(store, store.fit_scaler(train_ids), weight, transitions, causal=cfg.causal)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", dl.DataWarning)  # the store has said which subjects are skipped
-        nights = {n.subject_id: n for n in dl.load_nights(cfg.data_dir, store.subjects)}
-    scaler = dl.FeatureScaler.fit(
-        features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
+    data = Prepared(store, dl.FeatureScaler(np.zeros(1), np.ones(1)), weight, transitions, cfg.data_dir, cfg.causal)
+    data.scaler = dl.FeatureScaler.fit(
+        features.night_features(degrade.degrade(data.night(s), condition), cfg.causal, store.feature_names)
         for s in train_ids for condition in degrade.CONDITIONS.values())
-    return Prepared(store, scaler, weight, transitions, nights, cfg.causal)
+    return data
 
 
 class WindowDataset(Dataset):
@@ -235,7 +250,6 @@ class WindowDataset(Dataset):
     def __init__(self, data: Prepared, subjects: list[str], seq_len: int, stride: int, seed: int):
         self.data, self.subjects, self.seq_len, self.stride, self.seed = data, list(subjects), seq_len, stride, seed
         self.lengths = np.array([data.store.n_epochs(s) for s in self.subjects], np.int64)
-        self.set_epoch(0)
         # one window more than fits, so shifted cuts still reach both ends of the night
         per_night = np.where(self.lengths <= seq_len, 1,
                              -(-(self.lengths - seq_len + stride - 1) // stride) + 1).astype(np.int64)
@@ -246,7 +260,7 @@ class WindowDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Shift the cuts; with real-world conditions, draw every night's condition afresh."""
         self.offset = int(np.random.default_rng(self.seed + epoch).integers(self.stride))
-        if self.data.nights:
+        if self.data.degrades:
             self.data.draw(self.subjects, self.seed * 100_003 + epoch)
 
     def __len__(self) -> int:
@@ -320,18 +334,18 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
     model.eval()
     for s in subjects[ctx.rank::ctx.world_size]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            mine[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos)
+            mine[s] = predict_night(model, data.x(s), cfg.seq_len, cfg.target_pos, no_data=data.no_data(s))
     raw = {}
     for part in gather(mine, ctx):
         raw.update(part)
     transitions = data.transitions
     merged = raw if transitions is None else {s: smooth_night(p, transitions) for s, p in raw.items()}
     y_true = np.concatenate([data.y(s) for s in subjects])
-    y_pred = np.concatenate([merged[s] for s in subjects]).argmax(1)
+    y_pred = features.stages_of(np.concatenate([merged[s] for s in subjects]))
     raw_all = np.concatenate([raw[s] for s in subjects])
     metrics = compute_metrics(y_true, y_pred)
     if transitions is not None:  # the same model's figures without smoothing: a paired comparison
-        unsmoothed = compute_metrics(y_true, raw_all.argmax(1))
+        unsmoothed = compute_metrics(y_true, features.stages_of(raw_all))
         metrics["unsmoothed"] = {k: unsmoothed[k] for k in CV_KEYS}
     scored = y_true >= 0
     with torch.no_grad():
@@ -344,7 +358,7 @@ def evaluate_subjects(model: torch.nn.Module, data: Prepared, subjects: list[str
 def validation_keys(data: Prepared, val_ids: list[str]) -> list[str]:
     """What model selection scores: the validation nights, under every degrade.VALIDATION_CONDITIONS
     when training on real-world conditions."""
-    return data.add_conditions(val_ids, degrade.VALIDATION_CONDITIONS) if data.nights else val_ids
+    return data.add_conditions(val_ids, degrade.VALIDATION_CONDITIONS)
 
 
 # ----------------------------------------------------------------------------- one training run
@@ -614,7 +628,8 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     data = prepare(store, train_ids, cfg)
     model, state = train_model(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
                                extra={"test_subjects": test_ids})
-    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_ids, cfg, ctx, device)
+    test_keys = data.add_conditions(test_ids, ("as recorded",))  # no-data epochs unscored, as inference leaves them
+    metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_keys, cfg, ctx, device)
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
         say(f"\nbest epoch {state['best_epoch']} ({cfg.select_metric} {state['best']:.4f} on validation); "
@@ -661,7 +676,8 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
         t0 = time.perf_counter()
         data = prepare(store, inner_train, cfg)
         model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
-        metrics, _, _, probs = evaluate_subjects(model, data, held_ids, cfg, ctx, device)
+        metrics, _, _, probs = evaluate_subjects(model, data, data.add_conditions(held_ids, ("as recorded",)), cfg, ctx,
+                                                 device)
         if ctx.is_main:
             metrics["subjects"], metrics["best_epoch"] = held_ids, state["best_epoch"]
             metrics["minutes"] = round((time.perf_counter() - t0) / 60, 2)
@@ -674,7 +690,6 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
                 f"{metrics['minutes']:.1f} min, held out {','.join(held_ids)})", flush=True)
     if not ctx.is_main:
         return 0
-    import pandas as pd
     oof = pd.concat(frames, ignore_index=True)
     pooled = compute_metrics(oof["true_stage"].to_numpy(), oof["pred"].to_numpy())
     summary = summarize_folds(per_fold, pooled)

@@ -464,7 +464,7 @@ def format_summary(summary: dict) -> str:
             else f"{summary['start']:g} s to {summary['end']:g} s of the files' time base")
     lines = [
         f"Night summary: {summary['subject']} ({summary['epochs']} epochs of 30 s, {when})",
-        f"  model: {summary['checkpoint']} [{summary['mode']}]; motion from {summary['motion_source']}; "
+        f"  model: {summary['checkpoint']} [{summary['mode']}]; motion from {summary['motion_source'] or 'no file'}; "
         f"heart rate in {summary['heart_rate_coverage_pct']:.0f}% of epochs, motion in "
         f"{summary['motion_coverage_pct']:.0f}%",
         f"  time in bed          {minutes(m['time_in_bed_min'])}" + (

@@ -397,6 +397,15 @@ def test_a_pool_reuses_the_rows_of_removed_wearers(loaded):
     alone = StreamingStager(model, scaler, ckpt)
     np.testing.assert_allclose(staged["new"][0].probabilities, alone.push_heart_rate([0.0, 40.0], [70.0, 72.0])[0]
                                .probabilities, atol=1e-6)  # a fresh night on the reused row
+    kept = pool[5]
+    pool.remove(5)  # a handle kept after removal goes on with its own state, not the row's next owner
+    pool.push("newer", "heart_rate", [0.0, 40.0, 70.0], [90.0, 91.0, 92.0])
+    twin = StreamingStager(model, scaler, ckpt)
+    twin.push_heart_rate([0.0, 40.0], [60.0, 62.0])
+    np.testing.assert_allclose(probs_of(kept.push_heart_rate([70.0, 100.0], [64.0, 66.0])),
+                               probs_of(twin.push_heart_rate([70.0, 100.0], [64.0, 66.0])), atol=1e-6)
+    line = inference_cli.format_epoch(realtime.StagedEpoch(30.0, -1, realtime.NO_DATA_PROBABILITIES), 0.0)
+    assert "no data" in line and "REM" not in line
 
 
 # ----------------------------------------------------------------------------- command line

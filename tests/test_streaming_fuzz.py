@@ -141,8 +141,11 @@ class Checker:
     def check_epochs(self, epochs):
         for epoch in epochs:
             p = epoch.probabilities
-            assert p.shape == (4,) and np.isfinite(p).all() and abs(p.sum() - 1) < 1e-5
-            assert epoch.stage == int(p.argmax()) and 0 <= epoch.stage <= 3
+            if epoch.stage == -1:  # no heart rate or motion within features.NO_DATA_EPOCHS: no stage
+                assert p.shape == (4,) and np.isnan(p).all()
+            else:
+                assert p.shape == (4,) and np.isfinite(p).all() and abs(p.sum() - 1) < 1e-5
+                assert epoch.stage == int(p.argmax()) and 0 <= epoch.stage <= 3
             assert epoch.epoch_start_s > self.last_start  # each epoch once, in time order
             if self.grid0 is None:
                 self.grid0 = epoch.epoch_start_s

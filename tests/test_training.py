@@ -191,3 +191,10 @@ def test_model_overrides_change_the_trained_architecture(small_data_dir, tmp_pat
     for bad in ("depth=2", "n_classes=2", "channels=15"):  # unknown, fixed, not divisible by the 2 heads
         with pytest.raises(SystemExit, match="--model"):
             tiny_run("hybrid", small_data_dir, out, "--model", bad)
+
+
+def test_metrics_of_a_night_without_any_staged_epoch_are_nan_not_an_error():
+    metrics = evaluation.compute_metrics(np.array([0, 1, 2, -1]), np.array([-1, -1, -1, 2]))
+    assert metrics["n_epochs"] == 0 and metrics["n_no_data"] == 3 and np.isnan(metrics["kappa"])
+    partly = evaluation.compute_metrics(np.array([0, 1, 2, 3]), np.array([0, 1, -1, 3]))
+    assert partly["n_epochs"] == 3 and partly["n_no_data"] == 1 and partly["accuracy"] == 1.0

@@ -1,0 +1,91 @@
+"""Real-world conditions (degrade.py) and how training uses them: thinning keeps the first reading per
+interval, watch-off stretches remove both channels, drawn conditions are reproducible per seed (every
+torchrun rank draws the same), and no-data epochs are not trained or scored."""
+import numpy as np
+import pytest
+
+import data_loader as dl
+import degrade
+import feature_store
+import features
+import training
+from conftest import BUNDLED
+
+SUBJECT = "46343"
+
+
+@pytest.fixture(scope="module")
+def night():
+    return dl.load_night(BUNDLED, SUBJECT, cache_dir=None)
+
+
+def test_thinning_keeps_the_first_reading_in_each_interval():
+    samples = np.column_stack([np.arange(0.0, 600.0, 5.0), np.arange(120.0)])
+    kept = degrade.thin(samples, 60.0, phase_s=-20.0)  # intervals [-20, 40), [40, 100), ...
+    np.testing.assert_array_equal(kept[:, 0], [0.0, 40.0, 100.0, 160.0, 220.0, 280.0, 340.0, 400.0, 460.0, 520.0,
+                                               580.0])
+    assert (np.diff(kept[:, 0])[1:] == 60.0).all()  # the first interval began before the readings
+
+
+@pytest.mark.parametrize("period", [15.0, 60.0, 300.0])
+def test_a_thinned_night_has_one_reading_per_period_and_the_same_stages(night, period):
+    thinned = degrade.degrade(night, degrade.Condition("x", hr_period_s=period), np.random.default_rng(0))
+    gaps = np.diff(thinned.heart_rate_samples[:, 0])[1:]  # the first interval began before the night
+    assert gaps.min() > period - 10 and np.median(gaps) == pytest.approx(period, abs=6)
+    np.testing.assert_array_equal(thinned.stage, night.stage)
+    np.testing.assert_array_equal(thinned.activity_count, night.activity_count)
+    if period >= 60:  # about one epoch in period / 30 has a heart rate
+        assert (~np.isnan(thinned.heart_rate_bpm)).sum() == pytest.approx(len(night) * 30 / period, rel=0.15)
+    for t, bpm in thinned.heart_rate_samples[:50]:  # each kept reading is a recorded one, in its epoch
+        k = int((t - night.epoch_start_s[0]) // 30)
+        assert bpm in night.heart_rate_samples[:, 1] and not np.isnan(thinned.heart_rate_bpm[k])
+
+
+def test_dropping_channels_and_a_watch_off_stretch(night):
+    hr_only = degrade.degrade(night, degrade.CONDITIONS["heart rate only"])
+    assert np.isnan(hr_only.activity_count).all() and not np.isnan(hr_only.heart_rate_bpm).all()
+    motion_only = degrade.degrade(night, degrade.CONDITIONS["motion only"])
+    assert np.isnan(motion_only.heart_rate_bpm).all() and len(motion_only.heart_rate_samples) == 0
+    condition = degrade.CONDITIONS["2 h watch off"]
+    off = degrade.watch_off_epochs(night, condition)
+    assert off.sum() in (240, 241) and np.flatnonzero(off)[0] > 0  # 2 h, centred, inside the night
+    watch_off = degrade.degrade(night, condition)
+    assert np.isnan(watch_off.heart_rate_bpm[off]).all() and np.isnan(watch_off.activity_count[off]).all()
+    np.testing.assert_array_equal(watch_off.heart_rate_bpm[~off][:100], night.heart_rate_bpm[~off][:100])
+    # offline: no stage anywhere in the stretch; causal: only after NO_DATA_EPOCHS without a reading
+    np.testing.assert_array_equal(features.no_data(watch_off, causal=False), off)
+    causal = features.no_data(watch_off, causal=True)
+    assert causal.sum() == off.sum() - features.NO_DATA_EPOCHS and not causal[~off].any()
+
+
+def test_drawn_conditions_cover_the_documented_range_and_repeat_per_seed(night):
+    conditions = [degrade.draw_condition(np.random.default_rng(s), night) for s in range(400)]
+    periods = {c.hr_period_s for c in conditions}
+    assert periods == set(degrade.TRAIN_HR_PERIODS_S)
+    assert 0.2 < np.mean([c.drop_motion for c in conditions]) < 0.4
+    assert 0.05 < np.mean([c.drop_heart_rate for c in conditions]) < 0.2
+    assert not any(c.drop_motion and c.drop_heart_rate for c in conditions)
+    offs = [c.watch_off_s for c in conditions if c.watch_off_s]
+    assert 0.2 < len(offs) / 400 < 0.4 and 600 <= min(offs) and max(offs) <= 3 * 3600
+    again = [degrade.draw_condition(np.random.default_rng(s), night) for s in range(400)]
+    assert again == conditions
+
+
+def test_training_draws_a_condition_per_night_and_pass_and_unscores_no_data_epochs(small_data_dir):
+    cfg = training.TrainConfig(causal=True, data_dir=str(small_data_dir))
+    store = feature_store.build_feature_store(small_data_dir, causal=True, features=cfg.features, cache_dir=None)
+    subjects = store.subjects[:4]
+    data = training.prepare(store, subjects, cfg)
+    data.draw(subjects, seed=1)
+    first = {s: data.x(s).copy() for s in subjects}
+    data.draw(subjects, seed=2)
+    assert any(not np.array_equal(first[s], data.x(s)) for s in subjects)  # drawn afresh each pass
+    data.draw(subjects, seed=1)
+    for s in subjects:  # the same seed draws the same conditions (every torchrun rank agrees)
+        np.testing.assert_array_equal(first[s], data.x(s))
+    (key,) = data.add_conditions(subjects[:1], ("2 h watch off",))
+    no_data = data.no_data(key)
+    assert no_data.sum() >= 200 and (data.y(key)[no_data] == -1).all()
+    stages = store.read(subjects[0], "stage")
+    np.testing.assert_array_equal(data.y(key)[~no_data], stages[~no_data])
+    assert data.add_conditions(subjects[:1], ("as recorded",)) == subjects[:1]
