@@ -27,6 +27,8 @@
 3. offline_scoring: evaluation.predict_nights (features + model) per night on the bundled test
    subjects, both models.
 4. data_loading: data_loader.load_nights for the bundled subjects, without cache and from cache.
+5. apple_health_parse: apple_health.read_export on a synthetic export.zip of --health-mb MB of XML
+   (synthetic.write_health_export, its records repeated), in a fresh process: MB/s and peak RSS.
 
 Checkpoints come from checkpoints/<arch>_<mode>/model.pth; where one is missing, a freshly
 initialised model of the training script's config (train_hybrid.py / train.py MODEL) stands in
@@ -40,6 +42,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +57,7 @@ import features
 import evaluation
 import realtime
 import stager_batch
+import synthetic
 from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -319,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-rounds", type=int, default=None, help="default 2, quick 1")
     parser.add_argument("--threads", default="2,1", help="torch thread counts tried for the batched figures")
     parser.add_argument("--repeats", type=int, default=None, help="offline scoring / loading repeats (default 3, quick 1)")
+    parser.add_argument("--health-mb", type=float, default=None,
+                        help="size of the synthetic Apple Health export parsed (default 256 MB, quick 2 MB; 0: skip)")
     parser.add_argument("--offline-epochs", type=int, default=None,
                         help="crop the scored nights to this many epochs (smoke tests only)")
     args = parser.parse_args(argv)
@@ -358,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     report["offline_scoring"] = {arch: bench_offline(arch, checkpoint_dir, nights, train_ids, test_ids, repeats,
                                                      args.offline_epochs) for arch in ("hybrid", "lstm")}
     report["data_loading"] = bench_loading(data_dir, repeats)
+    health_mb = args.health_mb if args.health_mb is not None else (2.0 if args.quick else 256.0)
+    if health_mb > 0:  # 5. an Apple Health export
+        report["apple_health_parse"] = bench_health_export(health_mb)
 
     batched_target = TARGETS["batched_wearer_epochs_per_s"]
     report["targets"] = {"stream_update_p99_ms": f"< {TARGETS['stream_update_p99_ms']:g}",
@@ -380,6 +389,28 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
     return 0
+
+
+def bench_health_export(size_mb: float) -> dict:
+    """Parse a synthetic Health export of about size_mb MB of XML (zipped, as the Health app writes it)
+    in a fresh process: MB of XML per second and the process's peak RSS, against an empty run's."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "export.zip"
+        one = synthetic.write_health_export(path, n_nights=4)
+        truth = synthetic.write_health_export(path, n_nights=4, repeat=max(1, round(size_mb * 1e6 / one["xml_bytes"])))
+        code = ("import json, sys, time; import apple_health; from memory_check import peak_rss_mib; "
+                "before = peak_rss_mib(); t = time.perf_counter(); "
+                "e = apple_health.read_export(sys.argv[1]) if sys.argv[1] != '-' else None; "
+                "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mib': peak_rss_mib(), "
+                "'after_import_mib': before, 'records': e.report['records'] if e else 0}))")
+        runs = {name: json.loads(subprocess.run([sys.executable, "-c", code, arg], cwd=ROOT, check=True,
+                                                capture_output=True, text=True).stdout)
+                for name, arg in (("parse", str(path)), ("imports_only", "-"))}
+    parse = runs["parse"]
+    return {"xml_mb": round(truth["xml_bytes"] / 1e6, 1), "records": parse["records"],
+            "seconds": round(parse["seconds"], 2), "xml_mb_per_s": round(truth["xml_bytes"] / 1e6 / parse["seconds"], 1),
+            "peak_rss_mib": round(parse["peak_rss_mib"], 1),
+            "peak_rss_imports_only_mib": round(runs["imports_only"]["peak_rss_mib"], 1)}
 
 
 def _recorded(data_dir: Path, night: dl.Night) -> dict:

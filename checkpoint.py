@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data_loader import PSG_STAGE_TO_CLASS, STAGE_NAMES, FeatureScaler
+from features import FEATURES
 from model import LSTMConfig, SleepLSTM
 from model_hybrid import HybridConfig, SleepHybrid
 from smoothing import check_transitions
@@ -161,6 +162,10 @@ def load_model_from_checkpoint(path: str | Path, expected_arch: str | None = Non
         extra = [f for f in checkpoint["features"] if f not in expected_features]
         raise CheckpointError(f"checkpoint {path} was trained on other features: missing {missing}, "
                               f"extra {extra}, order {checkpoint['features']}")
+    unknown = [f for f in checkpoint.get("features", []) if f not in FEATURES]
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} was trained on feature(s) {unknown} that this version no longer "
+                              "computes (an older release); retrain it, or use the shipped checkpoints")
     size = checkpoint.get("ensemble_size", 1)
     members = {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("members.")}
     if (not isinstance(size, int) or not 1 <= size <= MAX_ENSEMBLE

@@ -279,12 +279,14 @@ def save_figure(fig, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start_clock=None) -> None:
+def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start_clock=None,
+                   reference: np.ndarray | None = None, reference_label: str = "PSG") -> None:
     """True vs predicted stages over the night, and the stage probabilities beneath.
 
     Epochs without a PSG stage (true_stage -1, e.g. a user's own recording) draw the prediction
-    only. start_clock (a datetime: the wall-clock time of epoch_start_s 0) labels the time axis
-    with clock times instead of hours since the start.
+    only; `reference` (stages per epoch, -1 none) replaces true_stage, drawn as `reference_label`
+    (e.g. a watch's own stages). start_clock (a datetime: the wall-clock time of epoch_start_s 0)
+    labels the time axis with clock times instead of hours since the start.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -292,10 +294,10 @@ def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start
     hours = frame["epoch_start_s"].to_numpy() / 3600.0
     depth = np.array([0, 2, 3, 1])  # draw order top-down: Wake, REM, Light, Deep
     fig, (ax_stage, ax_prob) = plt.subplots(2, 1, figsize=(12, 5), sharex=True, height_ratios=[1.3, 1])
-    true = frame["true_stage"].to_numpy()
+    true = frame["true_stage"].to_numpy() if reference is None else np.asarray(reference)
     if (true >= 0).any():
         shown = np.where(true >= 0, depth[np.clip(true, 0, 3)], np.nan)
-        ax_stage.step(hours, shown, where="post", color="black", lw=1.2, label="PSG")
+        ax_stage.step(hours, shown, where="post", color="black", lw=1.2, label=reference_label)
     pred = frame["pred"].to_numpy()
     ax_stage.step(hours, np.where(pred >= 0, depth[np.clip(pred, 0, 3)], np.nan), where="post", color="tab:orange",
                   lw=1.0, alpha=0.85, label="predicted")

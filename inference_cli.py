@@ -4,12 +4,14 @@
   `--sleep-metrics` adds sleep metrics against PSG, `--workers K` scores in K processes;
 - `--realtime`: the same, each night's files streamed reading by reading (realtime.StreamingStager);
 - `--follow FILE ...`: tail growing files and print a line per closed epoch (live demo);
-- `--hr FILE` and/or `--motion FILE` (`--steps FILE`): a sleep report on a user's own recording (user_data.py).
+- `--hr FILE` and/or `--motion FILE` (`--steps FILE`): a sleep report on a user's own recording (user_data.py);
+- `--apple-health export.zip`: a report per night of an Apple Health export (apple_health.py).
 """
 from __future__ import annotations
 
 import argparse
 import re
+from datetime import date
 import sys
 import time
 import warnings
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import apple_health
 import data_loader as dl
 import realtime
 import sleep_metrics as sm
@@ -73,7 +76,22 @@ def build_parser(arch: str, default_checkpoint: Path, realtime_checkpoint: Path)
     report.add_argument("--out-dir", default=None,
                         help="with --hr/--motion: where stages.csv, hypnogram.png, summary.json/.txt go "
                              "(default out/report)")
+    health = parser.add_argument_group("sleep reports from an Apple Health export (apple_health.py)")
+    health.add_argument("--apple-health", metavar="FILE", default=None,
+                        help="export.zip from the Health app (Export All Health Data), or its export.xml: a report "
+                             "per night in --out-dir/<date>/, nights.csv and diary.png (default out/health)")
+    health.add_argument("--night", type=_date, default=None, metavar="YYYY-MM-DD",
+                        help="with --apple-health: only the night that starts on this evening")
+    health.add_argument("--since", type=_date, default=None, metavar="YYYY-MM-DD", help="with --apple-health: from this night")
+    health.add_argument("--until", type=_date, default=None, metavar="YYYY-MM-DD", help="with --apple-health: to this night")
     return parser
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -82,6 +100,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.realtime and args.follow is not None:
         parser.error("--realtime and --follow are separate modes")
+    if args.apple_health is None:
+        given = [flag for flag, value in (("--night", args.night), ("--since", args.since), ("--until", args.until))
+                 if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)} belong(s) to --apple-health FILE")
+    else:
+        given = [flag for flag, on in (("--hr", args.hr is not None), ("--motion", args.motion is not None),
+                                       ("--realtime", args.realtime), ("--follow", args.follow is not None),
+                                       ("--data-dir", args.data_dir is not None), ("--sleep-metrics", args.sleep_metrics),
+                                       ("--predictions-out", args.predictions_out is not None)) if on]
+        if given:
+            parser.error(f"--apple-health does not go with {', '.join(given)}")
+        return
     if args.hr is None and args.motion is None:
         given = [flag for flag, value in (("--steps", args.steps), ("--out-dir", args.out_dir)) if value is not None]
         if given:
@@ -111,6 +142,8 @@ def main(arch: str, default_checkpoint: Path, argv: list[str] | None = None,
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.apple_health is not None:
+        return health_report(arch, args, model, scaler, checkpoint)
     if args.hr is not None or args.motion is not None:
         return user_report(arch, args, model, scaler, checkpoint)
     if args.follow is not None:
@@ -210,6 +243,35 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
         if comparison is not None:
             sm.plot_bland_altman(comparison, plots / f"{arch}_bland_altman.png")
         print(f"plots in {plots}/")
+    return 0
+
+
+def health_report(arch: str, args: argparse.Namespace, model: torch.nn.Module, scaler: dl.FeatureScaler,
+                  checkpoint: dict) -> int:
+    """--apple-health: a report per night of a Health export, nights.csv and a sleep diary."""
+    t0 = time.perf_counter()
+    since, until = (args.night, args.night) if args.night else (args.since, args.until)
+    try:
+        export = apple_health.read_export(args.apple_health, since, until, progress=True)
+        out_dir = Path(args.out_dir or "out/health")
+        summaries = apple_health.report_export(model, scaler, checkpoint, export, out_dir, arch, args.checkpoint,
+                                               describe_mode(checkpoint, args.smooth), args.night, args.smooth)
+    except dl.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{export.path}: {export.report['heart_rate']:,} heart-rate, {export.report['steps']:,} step and "
+          f"{export.report['sleep']:,} sleep records of {export.report['records']:,}; "
+          f"{export.report['implausible_heart_rate']} implausible heart rates dropped")
+    for summary in summaries:
+        m = summary["metrics"]
+        apple = summary.get("apple_stages")
+        print(f"  night of {summary['subject']}: {summary['start'][11:16]}-{summary['end'][11:16]}, total sleep "
+              f"{m['total_sleep_time_min'] or 0:.0f} min, efficiency {m['sleep_efficiency_pct'] or 0:.0f}%, "
+              f"no data {summary['no_data_min']:.0f} min"
+              + (f", agreement with Apple's stages {apple['agreement_pct']:.0f}% (kappa {apple['kappa']:.2f})"
+                 if apple and apple["agreement_pct"] is not None else ""))
+    print(f"{len(summaries)} night(s) in {time.perf_counter() - t0:.1f} s: {out_dir}/<date>/, {out_dir / 'nights.csv'}, "
+          f"{out_dir / 'diary.png'}")
     return 0
 
 

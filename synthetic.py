@@ -15,6 +15,7 @@ Layout under the output root (".txt.gz" instead of ".txt" with gzip=True):
     counts/<id>_counts.txt           "<seconds>,<count>"      15 s activity counts (a proxy)
 
     python synthetic.py --out DIR --subjects N [--hours H] [--no-motion] [--gzip] [--seed S]
+    python synthetic.py --health-export --out export.zip     # an Apple Health export (apple_health.py)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 __all__ = [
     "SyntheticNightConfig",
+    "write_health_export",
     "write_night",
     "write_cohort",
     "stage_sequence",
@@ -542,16 +544,138 @@ def write_cohort(
     return subject_ids
 
 
+# ----------------------------------------------------------------------------- Apple Health exports
+
+HEALTH_HEADER = """<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE HealthData [
+<!-- HealthKit Export Version: 13 -->
+<!ELEMENT HealthData (ExportDate,Me,(Record|Correlation|Workout|ActivitySummary|ClinicalRecord)*)>
+<!ATTLIST HealthData
+  locale CDATA #REQUIRED
+>
+<!ELEMENT ExportDate EMPTY>
+<!ATTLIST ExportDate
+  value CDATA #REQUIRED
+>
+<!ELEMENT Record ((MetadataEntry|HeartRateVariabilityMetadataList)*)>
+<!ATTLIST Record
+  type          CDATA #REQUIRED
+  unit          CDATA #IMPLIED
+  sourceName    CDATA #REQUIRED
+  sourceVersion CDATA #IMPLIED
+  device        CDATA #IMPLIED
+  creationDate  CDATA #IMPLIED
+  startDate     CDATA #REQUIRED
+  endDate       CDATA #REQUIRED
+  value         CDATA #IMPLIED
+>
+<!ELEMENT MetadataEntry EMPTY>
+<!ATTLIST MetadataEntry
+  key   CDATA #REQUIRED
+  value CDATA #REQUIRED
+>
+]>
+<HealthData locale="en_GB">
+ <ExportDate value="2026-04-02 09:00:00 +0200"/>
+ <Me HKCharacteristicTypeIdentifierDateOfBirth="1980-01-01" HKCharacteristicTypeIdentifierBiologicalSex="HKBiologicalSexNotSet"/>
+"""
+DST_SWITCH_UTC_S = 1774746000.0  # 2026-03-29 01:00 UTC: central Europe moves from +0100 to +0200
+
+
+def health_time(t_utc: float) -> str:
+    """Unix seconds as a Health export date in central European time (+0100, +0200 from DST_SWITCH_UTC_S)."""
+    offset = 7200 if t_utc >= DST_SWITCH_UTC_S else 3600
+    local = np.datetime64(int(t_utc + offset), "s").astype(object)
+    return f"{local:%Y-%m-%d %H:%M:%S} +0{offset // 3600}00"
+
+
+def _record(kind: str, unit: str, t0: float, t1: float, value: str, metadata: bool = False) -> str:
+    text = (f' <Record type="{kind}" sourceName="Synthetic Watch" sourceVersion="10.0" '
+            f'device="&lt;&lt;HKDevice: 0x1&gt;, name:Apple Watch&gt;" unit="{unit}" creationDate="{health_time(t1)}" '
+            f'startDate="{health_time(t0)}" endDate="{health_time(t1)}" value="{value}"')
+    if not metadata:
+        return text + "/>\n"
+    return (text + '>\n  <MetadataEntry key="HKMetadataKeyHeartRateMotionContext" value="0"/>\n </Record>\n')
+
+
+def write_health_export(path: str | Path, first_night_utc_s: float = 1774638000.0, n_nights: int = 4,
+                        hr_period_s: float = 300.0, apple_stage_nights: Sequence[int] = (1, 3),
+                        watch_off_night: int | None = 2, seed: int = 0, as_zip: bool = True,
+                        repeat: int = 1) -> dict:
+    """A synthetic Health export: heart rate (every hr_period_s at night, every 10 min by day, with
+    motion-context metadata), step counts, in-bed records each night and Apple's stages on
+    apple_stage_nights; night watch_off_night has the watch off 01:00-02:30 local. The first night
+    starts at first_night_utc_s (default 2026-03-27 20:00 +0100), so night 2 crosses the change to
+    summer time. repeat > 1 writes the nights' records that many times over (a large file for
+    parse-speed runs; later copies fall on the same nights). Returns the truth: per night, the
+    in-bed span and Apple's stage per 30 s epoch."""
+    rng = np.random.default_rng(seed)
+    truth, lines = {"nights": []}, []
+    for k in range(n_nights):
+        evening = first_night_utc_s + 86400.0 * k                     # 20:00 local (19:00 after DST: same UTC)
+        bed, rise = evening + 2.5 * 3600, evening + 10.5 * 3600        # in bed 22:30 to 06:30
+        t = evening - 12 * 3600.0
+        while t < evening + 12 * 3600:                                 # heart rate: by day every 10 min
+            asleep = bed <= t < rise
+            off = watch_off_night == k and evening + 5 * 3600 <= t < evening + 6.5 * 3600
+            if not off:
+                bpm = (56 + 6 * np.sin((t - bed) / 2400) if asleep else 78) + rng.normal(0, 2)
+                lines.append((t, _record("HKQuantityTypeIdentifierHeartRate", "count/min", t, t, f"{bpm:.0f}",
+                                         metadata=True)))
+            t += (hr_period_s if asleep else 600.0) + rng.uniform(-20, 20)
+        for t in np.arange(evening - 12 * 3600, evening + 2 * 3600, 1800.0):  # steps by day
+            lines.append((t, _record("HKQuantityTypeIdentifierStepCount", "count", t, t + 600, f"{rng.integers(50, 900)}")))
+        lines.append((bed, _record("HKCategoryTypeIdentifierSleepAnalysis", "", bed, rise,
+                                   "HKCategoryValueSleepAnalysisInBed")))
+        stages = None
+        if k in apple_stage_nights:
+            names = ("HKCategoryValueSleepAnalysisAwake", "HKCategoryValueSleepAnalysisAsleepCore",
+                     "HKCategoryValueSleepAnalysisAsleepDeep", "HKCategoryValueSleepAnalysisAsleepREM")
+            stages = np.full(int((rise - bed) // 30), -1, np.int8)
+            t = bed
+            while t < rise:
+                stage = int(rng.choice(4, p=[0.1, 0.5, 0.2, 0.2]))
+                end = min(t + 60 * float(rng.integers(10, 40)), rise)
+                lines.append((t, _record("HKCategoryTypeIdentifierSleepAnalysis", "", t, end, names[stage])))
+                stages[int((t - bed) // 30):int((end - bed) // 30)] = stage
+                t = end
+        truth["nights"].append({"bed_s": bed, "rise_s": rise, "apple_stage": stages})
+    lines.sort(key=lambda item: item[0])  # Health exports list records by type, then time: either parses
+    body = "".join(text for _, text in lines)
+    text = HEALTH_HEADER + body * repeat + "</HealthData>\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if as_zip:
+        import zipfile
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("apple_health_export/export.xml", text)
+            archive.writestr("apple_health_export/export_cda.xml", "<ClinicalDocument/>")
+    else:
+        path.write_text(text)
+    truth["records"] = len(lines) * repeat
+    truth["xml_bytes"] = len(text.encode())
+    return truth
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write synthetic nights in the PhysioNet sleep-accel file formats.")
-    parser.add_argument("--out", required=True, type=Path, help="output root (labels/, heart_rate/, ... go under it)")
-    parser.add_argument("--subjects", required=True, type=int, help="number of subjects")
+    parser.add_argument("--out", required=True, type=Path, help="output root (labels/, heart_rate/, ... go under it), "
+                        "or with --health-export the export.zip to write")
+    parser.add_argument("--subjects", type=int, default=None, help="number of subjects")
+    parser.add_argument("--health-export", action="store_true",
+                        help="write a synthetic Apple Health export.zip (4 nights, see write_health_export) instead")
     parser.add_argument("--hours", type=float, default=8.0, help="length of each scored night")
     parser.add_argument("--no-motion", action="store_true", help="skip the large raw motion files")
     parser.add_argument("--gzip", action="store_true", help="write .txt.gz files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-id", type=int, default=1000000, help="first subject id")
     args = parser.parse_args(argv)
+    if args.health_export:
+        truth = write_health_export(args.out, seed=args.seed)
+        print(f"wrote a synthetic Apple Health export ({truth['records']:,} records) to {args.out}")
+        return 0
+    if args.subjects is None:
+        parser.error("--subjects is required (or --health-export)")
     config = SyntheticNightConfig(hours=args.hours, include_motion=not args.no_motion, gzip=args.gzip, seed=args.seed)
     subject_ids = write_cohort(args.out, args.subjects, config, start_id=args.start_id)
     print(f"wrote {len(subject_ids)} synthetic nights to {args.out}")

@@ -436,14 +436,14 @@ def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path
         "metrics": {name: metrics[name] for name in sm.METRICS},
         "stages": per_stage,
     }
-    return _json_safe(summary)
+    return json_safe(summary)
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, float)):
         return None if not math.isfinite(float(value)) else float(value)
     if isinstance(value, np.integer):
@@ -493,13 +493,16 @@ def format_summary(summary: dict) -> str:
 
 
 def write_report(frame: pd.DataFrame, summary: dict, recording: UserRecording, out_dir: str | Path,
-                 title: str = "") -> dict[str, Path]:
-    """stages.csv, hypnogram.png, summary.json, summary.txt in out_dir; returns their paths."""
+                 title: str = "", reference: np.ndarray | None = None,
+                 reference_label: str = "PSG") -> dict[str, Path]:
+    """stages.csv, hypnogram.png (with a reference hypnogram when given), summary.json, summary.txt in
+    out_dir; returns their paths."""
     out = Path(out_dir)
     paths = {"stages": out / "stages.csv", "hypnogram": out / "hypnogram.png",
              "summary_json": out / "summary.json", "summary_txt": out / "summary.txt"}
     evaluation.write_predictions(frame, paths["stages"])
-    evaluation.plot_hypnogram(frame, paths["hypnogram"], title, start_clock=recording.start_clock)
+    evaluation.plot_hypnogram(frame, paths["hypnogram"], title, start_clock=recording.start_clock,
+                              reference=reference, reference_label=reference_label)
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(paths["summary_json"], lambda f: f.write(text.encode()))
     atomic_write(paths["summary_txt"], lambda f: f.write((format_summary(summary) + "\n").encode()))
