@@ -22,6 +22,7 @@ from array import array
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 from xml.parsers import expat
 
 import numpy as np
@@ -42,9 +43,12 @@ APPLE_STAGES = {"HKCategoryValueSleepAnalysisAwake": 0, "HKCategoryValueSleepAna
                 "HKCategoryValueSleepAnalysisInBed": -1, "HKCategoryValueSleepAnalysisAsleepUnspecified": -1,
                 "HKCategoryValueSleepAnalysisAsleep": -1}
 NIGHT_FROM_H, NIGHT_TO_H = 18, 12  # night D: local 18:00 on D to 12:00 on D + 1
-MIN_READINGS = 10                  # a night needs this many heart-rate readings between 00:00 and CORE_TO_H
-CORE_TO_H = 6
+MIN_READINGS = 10                  # a night needs this many heart-rate readings between 00:00 and CORE_TO_H,
+CORE_TO_H = 6                      # spanning at least CORE_MIN_SPAN_S
+CORE_MIN_SPAN_S = 3600.0
 READ_BLOCK = 1 << 20
+MAX_DIARY_NIGHTS = 62              # the diary shows the last two months of a longer run
+MAX_STEPS_PER_S = 5.0              # a step record faster than this over its interval is implausible
 
 
 class _Progress(io.RawIOBase):
@@ -78,29 +82,36 @@ def _open(path: Path) -> tuple[io.BufferedIOBase, int, zipfile.ZipFile | None]:
     """(binary stream of export.xml, its size, the zip to close)."""
     if not path.is_file():
         raise dl.DataError(f"{path}: no such file (pass export.zip from the Health app, or its export.xml)")
-    if zipfile.is_zipfile(path):
-        try:
+    try:
+        if zipfile.is_zipfile(path):
             archive = zipfile.ZipFile(path)
-            members = [m for m in archive.infolist() if m.filename.endswith("export.xml")
-                       and not m.filename.endswith("export_cda.xml")]
-            if not members:
-                raise dl.DataError(f"{path}: a zip without export.xml; is it the Health app's export?")
-            member = min(members, key=lambda m: m.filename.count("/"))
-            return archive.open(member), member.file_size, archive
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-            raise dl.DataError(f"{path}: damaged zip ({type(exc).__name__}: {exc})") from None
-    with open(path, "rb") as f:
-        head = f.read(5)
+            try:
+                members = [m for m in archive.infolist() if m.filename.rsplit("/", 1)[-1] == "export.xml"]
+                if not members:
+                    raise dl.DataError(f"{path}: a zip without export.xml; is it the Health app's export?")
+                member = min(members, key=lambda m: (m.filename.count("/"), m.filename))
+                return archive.open(member), member.file_size, archive
+            except BaseException:
+                archive.close()
+                raise
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise dl.DataError(f"{path}: a zip that cannot be read ({type(exc).__name__}: {exc}); export it again "
+                           "from the Health app") from None
+    except OSError as exc:
+        raise dl.DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if head[:2] == b"PK":
         raise dl.DataError(f"{path}: a damaged or truncated zip (no central directory)")
-    if not head.lstrip().startswith(b"<"):
+    if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise dl.DataError(f"{path}: neither a zip nor an XML file")
     return open(path, "rb"), path.stat().st_size, None
 
 
 def parse_time(text: str) -> tuple[float, float]:
     """"2026-03-01 23:05:10 +0100" -> (UTC seconds, UTC offset seconds); ValueError if malformed."""
-    if len(text) != 25 or text[19] != " " or text[20] not in "+-":
+    if len(text) != 25 or text[19] != " " or text[20] not in "+-" or not text[21:25].isdigit() \
+            or int(text[21:23]) > 14 or int(text[23:25]) > 59:
         raise ValueError(f"{text!r} is not a Health date (YYYY-MM-DD hh:mm:ss +hhmm)")
     try:
         local = datetime.fromisoformat(text[:19]).replace(tzinfo=timezone.utc).timestamp()
@@ -122,7 +133,8 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
                                                  tzinfo=timezone.utc).timestamp() + 86400 + 14 * 3600
     kept = {"heart_rate": array("d"), "steps": array("d"), "sleep": array("d")}
     counts = {"records": 0, "heart_rate": 0, "steps": 0, "sleep": 0, "implausible_heart_rate": 0,
-              "negative_steps": 0, "outside_dates": 0}
+              "daytime_heart_rate": 0, "implausible_steps": 0, "implausible_sleep": 0, "unknown_sleep_values": 0,
+              "outside_dates": 0}
     state = {"root": None}
     parser = expat.ParserCreate()
 
@@ -146,6 +158,9 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
             t0, offset = parse_time(attrs["startDate"])
             t1 = t0 if kind == HEART_RATE else parse_time(attrs["endDate"])[0]
             value = attrs["value"]
+            if kind == SLEEP and value not in APPLE_STAGES:
+                counts["unknown_sleep_values"] += 1
+                return
             number = APPLE_STAGES[value] if kind == SLEEP else float(value)
         except KeyError as exc:
             raise dl.DataError(f"{path}, line {parser.CurrentLineNumber}: {kind} record without a valid "
@@ -159,13 +174,19 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
             if not (math.isfinite(number) and dl.HR_MIN_BPM <= number <= dl.HR_MAX_BPM):
                 counts["implausible_heart_rate"] += 1
                 return
+            if NIGHT_TO_H <= ((t0 + offset) % 86400.0) / 3600.0 < NIGHT_FROM_H:  # daytime: in no night
+                counts["daytime_heart_rate"] += 1
+                return
             kept["heart_rate"].extend((t0, number, offset))
         elif kind == STEPS:
-            if not (math.isfinite(number) and number >= 0 and t1 >= t0):
-                counts["negative_steps"] += 1
+            if not (math.isfinite(number) and 0 <= number <= MAX_STEPS_PER_S * max(t1 - t0, 1.0) and t1 >= t0):
+                counts["implausible_steps"] += 1
                 return
             kept["steps"].extend((t0, t1, number, offset))
         else:
+            if not 0 <= t1 - t0 <= 86400.0:
+                counts["implausible_sleep"] += 1
+                return
             kept["sleep"].extend((t0, t1, number, offset))
         counts["heart_rate" if kind == HEART_RATE else "steps" if kind == STEPS else "sleep"] += 1
 
@@ -187,9 +208,12 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
     except expat.ExpatError as exc:
         raise dl.DataError(f"{path}, line {exc.lineno}, column {exc.offset}: not well-formed XML "
                            f"({expat.errors.messages[exc.code]}); a truncated or damaged export?") from None
-    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
-        raise dl.DataError(f"{path}: damaged zip at byte {counted.bytes_read:,} of export.xml "
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, NotImplementedError, RuntimeError) as exc:
+        where = "zip" if archive is not None else "file"
+        raise dl.DataError(f"{path}: damaged {where} after about {counted.bytes_read:,} bytes of export.xml "
                            f"({type(exc).__name__}: {exc})") from None
+    except (LookupError, UnicodeError) as exc:
+        raise dl.DataError(f"{path}: the XML's text encoding cannot be read ({exc})") from None
     finally:
         if bar is not None:
             bar.close()
@@ -232,53 +256,71 @@ def night_of(t_utc: np.ndarray, offset_s: np.ndarray) -> np.ndarray:
     return np.where(by_night, day, -1).astype(np.int64)
 
 
-def _spread(intervals: np.ndarray, start_s: float, n: int) -> np.ndarray:
-    """(t, value) rows at the middle of each epoch an interval record covers, its value shared by overlap."""
+def _spread(intervals: np.ndarray, start_s: float, n: int) -> np.ndarray | None:
+    """(t, value) rows at the middle of each epoch an interval record covers, its value shared by
+    overlap, sorted by time; None when nothing falls inside the n epochs from start_s."""
+    end_s = start_s + n * EPOCH_S
     rows = []
     for t0, t1, value in intervals[:, :3]:
         if t1 <= t0:
-            rows.append((t0 - start_s, value))
+            if start_s <= t0 < end_s:
+                rows.append((t0 - start_s, value))
             continue
-        edges = np.clip(start_s + EPOCH_S * np.arange(math.floor((t0 - start_s) / EPOCH_S),
-                                                      math.floor((t1 - start_s) / EPOCH_S) + 2), t0, t1)
+        lo, hi = max(t0, start_s), min(t1, end_s)  # only the part inside the night is split into epochs
+        if hi <= lo:
+            continue
+        first, last = math.floor((lo - start_s) / EPOCH_S), math.floor((hi - start_s) / EPOCH_S)
+        edges = np.clip(start_s + EPOCH_S * np.arange(first, last + 2), lo, hi)
         share = np.diff(edges) / (t1 - t0)
         mids = (edges[:-1] + edges[1:]) / 2 - start_s
         rows.extend(zip(mids[share > 0], value * share[share > 0]))
-    rows = [r for r in rows if 0 <= r[0] < n * EPOCH_S]
-    return np.array(rows, np.float64).reshape(-1, 2)
+    if not rows:
+        return None
+    rows = np.array(rows, np.float64)
+    return rows[np.argsort(rows[:, 0], kind="stable")]
 
 
-def nights(export: HealthExport, only: date | None = None) -> list[HealthNight]:
-    """Every night with at least MIN_READINGS heart-rate readings (or only night `only`), in date order."""
+def nights(export: HealthExport, only: date | None = None, since: date | None = None,
+           until: date | None = None) -> Iterator[HealthNight]:
+    """The nights, in date order (only night `only`, or those from `since` to `until`), one at a time.
+
+    A night needs MIN_READINGS heart-rate readings between 00:00 and CORE_TO_H local spanning at least
+    CORE_MIN_SPAN_S (the watch worn in bed); its span is that of Apple's in-bed/asleep records that
+    overlap those readings, else the night's first to last reading, within 18:00-12:00 local.
+    """
     hr, sleep = export.heart_rate, export.sleep
     day_of_reading = night_of(hr[:, 0], hr[:, 2])
     days = sorted(set(day_of_reading[day_of_reading >= 0].tolist()))
+    epoch0 = date(1970, 1, 1)
     if only is not None:
-        days = [d for d in days if d == (only - date(1970, 1, 1)).days]
-    sleep_day = night_of(sleep[:, 0], sleep[:, 3]) if len(sleep) else np.zeros(0, np.int64)
-    out = []
+        since = until = only
+    days = [d for d in days if (since is None or d >= (since - epoch0).days) and
+            (until is None or d <= (until - epoch0).days)]
     for d in days:
         readings = hr[day_of_reading == d]
         local_h = ((readings[:, 0] + readings[:, 2]) % 86400.0) / 3600.0
-        if ((local_h < CORE_TO_H).sum()) < MIN_READINGS:  # the watch was not worn that night
+        core = readings[local_h < CORE_TO_H, 0]
+        if len(core) < MIN_READINGS or core[-1] - core[0] < CORE_MIN_SPAN_S:  # the watch not worn in bed
             continue
-        spells = sleep[sleep_day == d]
+        offset = float(readings[0, 2])
+        window_start = (d * 86400.0 + NIGHT_FROM_H * 3600.0) - offset
+        window_end = window_start + (24 - NIGHT_FROM_H + NIGHT_TO_H) * 3600.0
+        spells = sleep[(sleep[:, 1] > core[0]) & (sleep[:, 0] < core[-1])] if len(sleep) else sleep
         if len(spells):
-            begin, end = spells[:, 0].min(), spells[:, 1].max()
+            begin, end = min(spells[:, 0].min(), core[0]), max(spells[:, 1].max(), core[-1])
         else:
             begin, end = readings[0, 0], readings[-1, 0]
+        begin, end = max(begin, window_start), min(end, window_end - 1.0)
+        if len(spells):  # Apple's stages: every record inside the span, not only those over the core
+            spells = sleep[(sleep[:, 1] > begin) & (sleep[:, 0] < end)]
         start = math.floor(begin / EPOCH_S) * EPOCH_S
         n = int((end - start) // EPOCH_S) + 1
-        inside = (hr[:, 0] >= start) & (hr[:, 0] < start + n * EPOCH_S)
-        steps = export.steps[(export.steps[:, 1] >= start) & (export.steps[:, 0] < start + n * EPOCH_S)]
-        day = date(1970, 1, 1) + timedelta(days=d)
-        try:
-            night = dl.night_from_arrays(day.isoformat(), EPOCH_S * np.arange(n, dtype=np.float64),
-                                         np.full(n, -1, np.int8),
-                                         np.column_stack([hr[inside, 0] - start, hr[inside, 1]]),
-                                         steps=_spread(steps, start, n) if len(steps) else None)
-        except dl.DataError:
-            continue
+        lo, hi = np.searchsorted(hr[:, 0], [start, start + n * EPOCH_S])
+        steps = export.steps[(export.steps[:, 1] > start) & (export.steps[:, 0] < start + n * EPOCH_S)]
+        day = epoch0 + timedelta(days=d)
+        night = dl.night_from_arrays(day.isoformat(), EPOCH_S * np.arange(n, dtype=np.float64),
+                                     np.full(n, -1, np.int8), np.column_stack([hr[lo:hi, 0] - start, hr[lo:hi, 1]]),
+                                     steps=_spread(steps, start, n) if len(steps) else None)
         apple = None
         staged = spells[spells[:, 2] >= 0]
         if len(staged):
@@ -286,8 +328,7 @@ def nights(export: HealthExport, only: date | None = None) -> list[HealthNight]:
             middle = start + EPOCH_S * (np.arange(n) + 0.5)
             for t0, t1, stage, _ in staged:
                 apple[(middle >= t0) & (middle < t1)] = int(stage)
-        out.append(HealthNight(day, float(start), float(readings[0, 2]), night, apple, export.path))
-    return out
+        yield HealthNight(day, float(start), offset, night, apple, export.path)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -360,18 +401,14 @@ def plot_diary(nights_staged: list[tuple[HealthNight, np.ndarray]], path: Path) 
 
 def report_export(model, scaler, checkpoint: dict, export: HealthExport, out_dir: str | Path, arch: str,
                   checkpoint_path: str, mode: str, only: date | None = None, smooth: bool = True,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, since: date | None = None, until: date | None = None) -> list[dict]:
     """A report per night in out_dir/<date>/, then nights.csv and diary.png across the nights."""
     out = Path(out_dir)
-    found = nights(export, only)
-    if not found:
-        raise dl.DataError(f"{export.path}: no night with at least {MIN_READINGS} heart-rate readings between "
-                           f"00:00 and {CORE_TO_H:02d}:00" + (f" for the night of {only.isoformat()}" if only else ""))
     summaries, staged = [], []
-    iterator = found
+    iterator = nights(export, only, since, until)
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(found, desc="staging nights", unit="night", leave=False)
+        iterator = tqdm(iterator, desc="staging nights", unit="night", leave=False)
     for health_night in iterator:
         title = f"{arch} [{mode}] night of {health_night.day.isoformat()}"
         summary = report_night(model, scaler, checkpoint, health_night, out / health_night.day.isoformat(), title,
@@ -379,7 +416,11 @@ def report_export(model, scaler, checkpoint: dict, export: HealthExport, out_dir
         summaries.append(summary)
         frame = pd.read_csv(out / health_night.day.isoformat() / "stages.csv", usecols=["pred"])
         staged.append((health_night, frame["pred"].to_numpy()))
+    if not summaries:
+        raise dl.DataError(f"{export.path}: no night with at least {MIN_READINGS} heart-rate readings between "
+                           f"00:00 and {CORE_TO_H:02d}:00 over an hour or more"
+                           + (f" for the night of {only.isoformat()}" if only else ""))
     table = pd.DataFrame([night_row(s) for s in summaries], columns=list(NIGHT_COLUMNS))
     atomic_write(out / "nights.csv", lambda f: f.write(table.to_csv(index=False, float_format="%.1f").encode()))
-    plot_diary(staged, out / "diary.png")
+    plot_diary(staged[-MAX_DIARY_NIGHTS:], out / "diary.png")
     return summaries

@@ -106,7 +106,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if given:
             parser.error(f"{', '.join(given)} belong(s) to --apple-health FILE")
     else:
-        given = [flag for flag, on in (("--hr", args.hr is not None), ("--motion", args.motion is not None),
+        if args.night is not None and (args.since is not None or args.until is not None):
+            parser.error("--night picks one night; --since/--until a range: give one or the other")
+        if args.since is not None and args.until is not None and args.since > args.until:
+            parser.error(f"--since {args.since} is after --until {args.until}")
+        given = [flag for flag, on in (("--steps", args.steps is not None), ("--subjects", args.subjects is not None),
+                                       ("--workers", args.workers != 1),
+                                       ("--hr", args.hr is not None), ("--motion", args.motion is not None),
                                        ("--realtime", args.realtime), ("--follow", args.follow is not None),
                                        ("--data-dir", args.data_dir is not None), ("--sleep-metrics", args.sleep_metrics),
                                        ("--predictions-out", args.predictions_out is not None)) if on]
@@ -255,20 +261,24 @@ def health_report(arch: str, args: argparse.Namespace, model: torch.nn.Module, s
         export = apple_health.read_export(args.apple_health, since, until, progress=True)
         out_dir = Path(args.out_dir or "out/health")
         summaries = apple_health.report_export(model, scaler, checkpoint, export, out_dir, arch, args.checkpoint,
-                                               describe_mode(checkpoint, args.smooth), args.night, args.smooth)
+                                               describe_mode(checkpoint, args.smooth), args.night, args.smooth,
+                                               since=args.since, until=args.until)
     except dl.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{export.path}: {export.report['heart_rate']:,} heart-rate, {export.report['steps']:,} step and "
-          f"{export.report['sleep']:,} sleep records of {export.report['records']:,}; "
-          f"{export.report['implausible_heart_rate']} implausible heart rates dropped")
+    report = export.report
+    dropped = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in report.items()
+                        if k not in ("records", "heart_rate", "steps", "sleep") and v)
+    print(f"{export.path}: {report['heart_rate']:,} night-time heart-rate, {report['steps']:,} step and "
+          f"{report['sleep']:,} sleep records kept of {report['records']:,}" + (f"; skipped: {dropped}" if dropped else ""))
     for summary in summaries:
         m = summary["metrics"]
         apple = summary.get("apple_stages")
         print(f"  night of {summary['subject']}: {summary['start'][11:16]}-{summary['end'][11:16]}, total sleep "
               f"{m['total_sleep_time_min'] or 0:.0f} min, efficiency {m['sleep_efficiency_pct'] or 0:.0f}%, "
               f"no data {summary['no_data_min']:.0f} min"
-              + (f", agreement with Apple's stages {apple['agreement_pct']:.0f}% (kappa {apple['kappa']:.2f})"
+              + (f", agreement with Apple's stages {apple['agreement_pct']:.0f}% (kappa "
+                 + ("n/a" if apple["kappa"] is None else f"{apple['kappa']:.2f}") + ")"
                  if apple and apple["agreement_pct"] is not None else ""))
     print(f"{len(summaries)} night(s) in {time.perf_counter() - t0:.1f} s: {out_dir}/<date>/, {out_dir / 'nights.csv'}, "
           f"{out_dir / 'diary.png'}")

@@ -13,7 +13,8 @@ stage (pooled) and mean +- sd over folds; for the watch-off condition the kappa 
 stretch and the share of scored epochs inside it that were given a stage (should be 0 offline;
 causally the first NO_DATA_EPOCHS epochs of the stretch are staged, as a stream cannot know the
 watch is off until then); for "heart rate every 300 s, no motion" the total sleep time error per
-subject against PSG.
+subject against PSG. The out-of-fold predictions of every recipe and condition go to
+<json-out folder>/predictions/<recipe>/<condition>.csv (sleep_metrics.py --predictions reads them).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import feature_store
 import sleep_metrics as sm
 import training
 from checkpoint import atomic_write
-from evaluation import compute_metrics, predict_nights, prediction_frame
+from evaluation import compute_metrics, predict_nights, prediction_frame, write_predictions
 
 # recipe -> (architecture, causal, overrides of the script's MODEL config); classical: the reference
 RECIPES = {
@@ -71,7 +72,7 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
         return {c.name: pd.concat([prediction_frame(nights[s], baseline.predict(reference, degrade.degrade(nights[s], c)))
                                    for s in held_ids], ignore_index=True) for c in conditions}
     model_config, defaults = script_recipe(arch)
-    cfg = replace(defaults, causal=causal, data_dir=args.data_dir, seed=args.seed,
+    cfg = replace(defaults, causal=causal, data_dir=args.data_dir, seed=args.seed, degrade=args.degrade,
                   epochs=args.epochs if args.epochs is not None else defaults.epochs,
                   ensemble=args.ensemble if args.ensemble is not None else defaults.ensemble)
     with warnings.catch_warnings():
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' training epochs")
     parser.add_argument("--ensemble", type=int, default=None, help="override the recipes' ensemble size")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--degrade", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the deep recipes on drawn real-world conditions (--no-degrade: as recorded; ablation)")
     parser.add_argument("--json-out", default="runs/robustness/summary.json")
     parser.add_argument("--markdown-out", default="runs/robustness/table.md")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -181,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} {compute_metrics(f[-1]['true_stage'].to_numpy(), f[-1]['pred'].to_numpy())['kappa']:.3f}"
                 for name, f in frames.items()) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         summary[recipe] = summarize(frames, nights)
+        for name, per_fold in frames.items():  # out-of-fold predictions, e.g. for sleep_metrics.py
+            slug = name.replace(" ", "_").replace(",", "")
+            write_predictions(pd.concat(per_fold, ignore_index=True),
+                              Path(args.json_out).parent / "predictions" / recipe / f"{slug}.csv")
     table = markdown(summary)
     print("\n" + table)
     for path, text in ((args.json_out, json.dumps({"summary": summary, "folds": list(chosen),

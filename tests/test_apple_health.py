@@ -60,7 +60,7 @@ def test_health_dates_keep_their_offsets():
 
 def test_nights_are_found_by_local_evening_across_daylight_saving(export):
     path, truth = export
-    found = apple_health.nights(apple_health.read_export(path))
+    found = list(apple_health.nights(apple_health.read_export(path)))
     assert [n.day.isoformat() for n in found] == ["2026-03-27", "2026-03-28", "2026-03-29", "2026-03-30"]
     for night, expected in zip(found, truth["nights"]):  # in-bed records give the span
         assert night.start_s == expected["bed_s"] and len(night.night) == (expected["rise_s"] - expected["bed_s"]) / 30 + 1
@@ -165,3 +165,58 @@ def test_implausible_heart_rates_are_dropped_and_counted(tmp_path):
                                      1774648800.0 + 60 * i, v) for i, v in enumerate(["60", "400", "61", "0", "62"]))
     export = apple_health.read_export(hostile(tmp_path, rows + "</HealthData>\n"))
     assert export.heart_rate[:, 1].tolist() == [60.0, 61.0, 62.0] and export.report["implausible_heart_rate"] == 2
+
+
+def night_records(midnight_utc: float = 1774652400.0, every_s: float = 300.0) -> str:
+    """Heart rate every 5 min from 23:00 to 07:00 local (+0100), around midnight_utc (2026-03-28 00:00 +0100)."""
+    return "".join(synthetic._record("HKQuantityTypeIdentifierHeartRate", "count/min", t, t, "58")
+                   for t in np.arange(midnight_utc - 3600, midnight_utc + 7 * 3600, every_s))
+
+
+def test_awkward_but_valid_records_are_handled(tmp_path):
+    midnight = 1774652400.0
+    steps = [synthetic._record("HKQuantityTypeIdentifierStepCount", "count", t, t + 600, "60")
+             for t in np.arange(midnight - 3000, midnight + 3 * 3600, 600.0)][::-1]  # any order
+    edge = synthetic._record("HKQuantityTypeIdentifierStepCount", "count", midnight - 4200, midnight - 3600, "30")
+    weird = [
+        synthetic._record("HKCategoryTypeIdentifierSleepAnalysis", "", midnight, midnight - 60,  # ends before it starts
+                          "HKCategoryValueSleepAnalysisInBed"),
+        synthetic._record("HKCategoryTypeIdentifierSleepAnalysis", "", midnight, midnight + 80 * 365 * 86400.0,
+                          "HKCategoryValueSleepAnalysisInBed"),  # ends in a century
+        synthetic._record("HKCategoryTypeIdentifierSleepAnalysis", "", midnight, midnight + 600,
+                          "HKCategoryValueSleepAnalysisAsleepFuture"),  # a value of a later watchOS
+    ]
+    path = hostile(tmp_path, night_records() + "".join(steps) + edge + "".join(weird) + "</HealthData>\n")
+    export = apple_health.read_export(path)
+    assert export.report["implausible_sleep"] == 2 and export.report["unknown_sleep_values"] == 1
+    (night,) = apple_health.nights(export)
+    assert night.start_clock.strftime("%H:%M") == "23:00" and len(night.night) == (8 * 3600 - 300) // 30 + 1
+    steps_per_epoch = night.night.steps  # the record ending at the night's start adds nothing and breaks nothing
+    assert np.nansum(steps_per_epoch) == pytest.approx(60 * len(steps))
+    assert not np.isnan(steps_per_epoch[1:100]).any()  # sorted: the span of the step records is right
+
+
+def test_since_and_until_give_exactly_those_nights(export, offline_ckpt, tmp_path):
+    path, _ = export
+    out = tmp_path / "range"
+    assert inference_cli.main("hybrid", offline_ckpt, ["--apple-health", str(path), "--since", "2026-03-28",
+                                                       "--until", "2026-03-28", "--out-dir", str(out)]) == 0
+    assert pd.read_csv(out / "nights.csv")["date"].tolist() == ["2026-03-28"]
+
+
+@pytest.mark.parametrize("text", ["2026-03-28 01:00:00 +9900", "2026-03-28 01:00:00 +0199", "2026-03-28 01:00:00 +01:0"])
+def test_impossible_utc_offsets_are_errors(text):
+    with pytest.raises(ValueError, match="not a Health date"):
+        apple_health.parse_time(text)
+
+
+def test_the_export_is_found_by_its_exact_name_and_a_bom_is_fine(tmp_path):
+    body = synthetic.HEALTH_HEADER + night_records() + "</HealthData>\n"
+    path = tmp_path / "two.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("apple_health_export/myexport.xml", "<html/>")
+        archive.writestr("apple_health_export/export.xml", body)
+    assert len(apple_health.read_export(path).heart_rate) == 96
+    bom = tmp_path / "bom.xml"
+    bom.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert len(apple_health.read_export(bom).heart_rate) == 96
