@@ -9,7 +9,8 @@ For each fold (subject-level, over the non-test subjects, the folds `train*.py -
 recipe is trained as shipped (drawn real-world conditions included, see degrade.py) on the other
 subjects, then the held-out nights are degraded under each condition of degrade.CONDITIONS and
 staged. Reported per recipe and condition: Cohen's kappa over the out-of-fold epochs that got a
-stage (pooled) and mean +- sd over folds; for the watch-off condition the kappa outside the
+stage (pooled) and mean +- sd over folds (offline recipes also as "<recipe> unsmoothed": the same
+models without whole-night smoothing); for the watch-off condition the kappa outside the
 stretch and the share of scored epochs inside it that were given a stage (should be 0 offline;
 causally the first NO_DATA_EPOCHS epochs of the stretch are staged, as a stream cannot know the
 watch is off until then); for "heart rate every 300 s, no motion" the total sleep time error per
@@ -63,14 +64,19 @@ def script_recipe(arch: str) -> tuple[dict, training.TrainConfig]:
 
 
 def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str], held_ids: list[str],
-                   fold: int, args: argparse.Namespace) -> dict[str, pd.DataFrame]:
-    """Train one recipe on fit_ids; per condition, the prediction frame of the held-out nights."""
+                   fold: int, args: argparse.Namespace) -> dict[str, dict[str, pd.DataFrame]]:
+    """Train one recipe on fit_ids; per variant (the recipe, and offline also its models unsmoothed)
+    and condition, the prediction frame of the held-out nights."""
     arch, causal, overrides = RECIPES[recipe]
     conditions = degrade.CONDITIONS.values()
+    variants = {recipe: True} if causal else {recipe: True, f"{recipe} unsmoothed": False}
     if arch == "classical":
-        reference = baseline.fit(nights, fit_ids, causal, seed=args.seed + fold)
-        return {c.name: pd.concat([prediction_frame(nights[s], baseline.predict(reference, degrade.degrade(nights[s], c)))
-                                   for s in held_ids], ignore_index=True) for c in conditions}
+        out = {}
+        for variant, smooth in variants.items():
+            reference = baseline.fit(nights, fit_ids, causal, seed=args.seed + fold, smooth=smooth)
+            out[variant] = {c.name: pd.concat([prediction_frame(nights[s], baseline.predict(reference, degrade.degrade(
+                nights[s], c))) for s in held_ids], ignore_index=True) for c in conditions}
+        return out
     model_config, defaults = script_recipe(arch)
     cfg = replace(defaults, causal=causal, data_dir=args.data_dir, seed=args.seed, degrade=args.degrade,
                   epochs=args.epochs if args.epochs is not None else defaults.epochs,
@@ -84,8 +90,9 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
                                     training.Dist(), torch.device("cpu"), quiet=True)
     contract = {"causal": causal, "features": list(cfg.features), "seq_len": cfg.seq_len,
                 "target_pos": cfg.target_pos, "transitions": data.transitions}
-    return {c.name: predict_nights(model, data.scaler, contract, [degrade.degrade(nights[s], c) for s in held_ids])
-            for c in conditions}
+    degraded = {c.name: [degrade.degrade(nights[s], c) for s in held_ids] for c in conditions}
+    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth) for name, held in degraded.items()}
+            for variant, smooth in variants.items()}
 
 
 def summarize(frames: dict[str, list[pd.DataFrame]], nights: dict[str, dl.Night]) -> dict:
@@ -175,19 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [int(f) for f in args.only_folds.split(",") if f] or range(len(folds))
     summary, t0 = {}, time.perf_counter()
     for recipe in recipes:
-        frames: dict[str, list[pd.DataFrame]] = {}
+        frames: dict[str, dict[str, list[pd.DataFrame]]] = {}
         for k in chosen:
             fit_ids, held_ids = folds[k]
-            for name, frame in stage_held_out(recipe, nights, fit_ids, held_ids, k, args).items():
-                frames.setdefault(name, []).append(frame.assign(fold=k))
-            print(f"{recipe} fold {k}: " + "  ".join(
-                f"{name} {compute_metrics(f[-1]['true_stage'].to_numpy(), f[-1]['pred'].to_numpy())['kappa']:.3f}"
-                for name, f in frames.items()) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        summary[recipe] = summarize(frames, nights)
-        for name, per_fold in frames.items():  # out-of-fold predictions, e.g. for sleep_metrics.py
-            slug = name.replace(" ", "_").replace(",", "")
-            write_predictions(pd.concat(per_fold, ignore_index=True),
-                              Path(args.json_out).parent / "predictions" / recipe / f"{slug}.csv")
+            for variant, per_condition in stage_held_out(recipe, nights, fit_ids, held_ids, k, args).items():
+                for name, frame in per_condition.items():
+                    frames.setdefault(variant, {}).setdefault(name, []).append(frame.assign(fold=k))
+                print(f"{variant} fold {k}: " + "  ".join(
+                    f"{name} {compute_metrics(f[-1]['true_stage'].to_numpy(), f[-1]['pred'].to_numpy())['kappa']:.3f}"
+                    for name, f in frames[variant].items()) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for variant, per_condition in frames.items():
+            summary[variant] = summarize(per_condition, nights)
+            for name, per_fold in per_condition.items():  # out-of-fold predictions, e.g. for sleep_metrics.py
+                slug = name.replace(" ", "_").replace(",", "")
+                write_predictions(pd.concat(per_fold, ignore_index=True),
+                                  Path(args.json_out).parent / "predictions" / variant.replace(" ", "-") / f"{slug}.csv")
     table = markdown(summary)
     print("\n" + table)
     for path, text in ((args.json_out, json.dumps({"summary": summary, "folds": list(chosen),
