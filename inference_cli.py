@@ -59,9 +59,9 @@ def build_parser(arch: str, default_checkpoint: Path, realtime_checkpoint: Path)
     parser.add_argument("--start-s", default=0.0, type=lambda v: None if v == "auto" else float(v),
                         help="with --follow: start of epoch 0 in the files' time base, or 'auto' (the first "
                              "reading, floored to 30 s); default 0 (PhysioNet files count from the PSG start)")
-    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
-                        help="offline checkpoints: smooth each night with the checkpoint's stage transitions "
-                             "(--no-smooth: each epoch on its own, e.g. to count brief awakenings)")
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=False,
+                        help="offline checkpoints: smooth each night with the checkpoint's stage transitions (off by "
+                             "default: it costs kappa for models trained on real-world conditions, docs/real_world.md)")
     parser.add_argument("--sleep-metrics", action="store_true",
                         help="also compare sleep metrics (TST, efficiency, latencies, WASO, stage minutes) with PSG: "
                              "per subject, agreement table (bias, SD, limits of agreement, MAE), Bland-Altman PNG")

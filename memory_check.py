@@ -33,7 +33,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
     """VmRSS (now) or VmHWM (peak of this process image) from /proc/self/status."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -63,8 +63,8 @@ def child(mode: str, data_dir: str, ids: list[str], hours: float = 10.0) -> dict
             peaks.append(round(peak_rss_mib(), 1))
         out = {"subjects": len(nights), "peak_rss_mib_after_each_subject": peaks}
     out.update({"seconds": round(time.perf_counter() - t0, 2), "rss_after_import_mib": round(after_import, 1),
-                "peak_rss_mib": round(peak_rss_mib(), 1), "vm_hwm_mib": round(_status_mib("VmHWM"), 1),
-                "rss_at_end_mib": round(_status_mib("VmRSS"), 1)})
+                "peak_rss_mib": round(peak_rss_mib(), 1), "vm_hwm_mib": round(status_mib("VmHWM"), 1),
+                "rss_at_end_mib": round(status_mib("VmRSS"), 1)})
     return out
 
 

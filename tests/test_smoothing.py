@@ -111,13 +111,19 @@ def test_offline_checkpoints_carry_the_training_transitions_and_evaluation_appli
     torch.save(causal, tmp_path / "causal_smoothed.pth")
     with pytest.raises(CheckpointError, match="a causal model with a smoothing matrix"):
         load_model_from_checkpoint(tmp_path / "causal_smoothed.pth")
-    # --no-smooth at evaluation scores each epoch on its own, with one process or two
+    # evaluation scores each epoch on its own by default (with one process or two); --smooth smooths
     for workers in ("1", "2"):
         csv = tmp_path / f"raw{workers}.csv"
         assert inference_cli.main("hybrid", tmp_path / "offline" / "model.pth",
-                               ["--data-dir", str(small_data_dir), "--subjects", night.subject_id, "--no-smooth",
+                               ["--data-dir", str(small_data_dir), "--subjects", night.subject_id,
                                 "--workers", workers, "--predictions-out", str(csv), "--plots-dir", ""]) == 0
         np.testing.assert_allclose(pd.read_csv(csv)[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(), raw, atol=1e-4)
+    csv = tmp_path / "smoothed.csv"
+    assert inference_cli.main("hybrid", tmp_path / "offline" / "model.pth",
+                              ["--data-dir", str(small_data_dir), "--subjects", night.subject_id, "--smooth",
+                               "--predictions-out", str(csv), "--plots-dir", ""]) == 0
+    np.testing.assert_allclose(pd.read_csv(csv)[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(),
+                               frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(), atol=1e-4)
     # --no-smooth trains and saves without a matrix
     assert training.parse_args(training.TrainConfig(), ["--no-smooth"], "train.py").smooth is False
 
