@@ -51,23 +51,6 @@ MAX_DIARY_NIGHTS = 62              # the diary shows the last two months of a lo
 MAX_STEPS_PER_S = 5.0              # a step record faster than this over its interval is implausible
 
 
-class _Progress(io.RawIOBase):
-    """A binary stream that counts the bytes read (for the progress bar and error offsets)."""
-
-    def __init__(self, raw, bar=None):
-        self.raw, self.bar, self.bytes_read = raw, bar, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.bytes_read += len(data)
-        if self.bar is not None:
-            self.bar.update(len(data))
-        return data
-
-
 @dataclass
 class HealthExport:
     """The kept records of one export, as arrays (UTC seconds; each record's UTC offset in seconds)."""
@@ -198,10 +181,13 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}", leave=False)
-    counted = _Progress(stream, bar)
+    bytes_read = 0
     try:
         while True:
-            block = counted.read(READ_BLOCK)
+            block = stream.read(READ_BLOCK)
+            bytes_read += len(block)
+            if bar is not None:
+                bar.update(len(block))
             parser.Parse(block, not block)
             if not block:
                 break
@@ -210,7 +196,7 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
                            f"({expat.errors.messages[exc.code]}); a truncated or damaged export?") from None
     except (zipfile.BadZipFile, EOFError, zlib.error, OSError, NotImplementedError, RuntimeError) as exc:
         where = "zip" if archive is not None else "file"
-        raise dl.DataError(f"{path}: damaged {where} after about {counted.bytes_read:,} bytes of export.xml "
+        raise dl.DataError(f"{path}: damaged {where} after about {bytes_read:,} bytes of export.xml "
                            f"({type(exc).__name__}: {exc})") from None
     except (LookupError, UnicodeError) as exc:
         raise dl.DataError(f"{path}: the XML's text encoding cannot be read ({exc})") from None
@@ -339,9 +325,9 @@ NIGHT_COLUMNS = ("date", "start", "end", "time_in_bed_min", "total_sleep_time_mi
 
 
 def report_night(model, scaler, checkpoint: dict, health_night: HealthNight, out_dir: Path, title: str,
-                 checkpoint_path: str, mode: str, smooth: bool = True) -> dict:
+                 checkpoint_path: str, mode: str, smooth: bool = True) -> tuple[dict, np.ndarray]:
     """The --hr report of one night in out_dir (stages.csv with Apple's stages beside ours where the
-    export has them, hypnogram.png, summary.json/.txt); returns its summary."""
+    export has them, hypnogram.png, summary.json/.txt); returns its summary and predicted stages."""
     recording = user_data.UserRecording(health_night.night, "iso", health_night.start_clock, None,
                                         {"apple_health": str(health_night.source)}, {})
     frame = user_data.predict_recording(model, scaler, checkpoint, recording, smooth=smooth)
@@ -357,7 +343,7 @@ def report_night(model, scaler, checkpoint: dict, health_night: HealthNight, out
         summary = user_data.json_safe(summary)
     user_data.write_report(frame, summary, recording, out_dir, title, reference=apple,
                            reference_label="Apple Watch stages (not PSG)")
-    return summary
+    return summary, frame["pred"].to_numpy()
 
 
 def night_row(summary: dict) -> dict:
@@ -411,11 +397,10 @@ def report_export(model, scaler, checkpoint: dict, export: HealthExport, out_dir
         iterator = tqdm(iterator, desc="staging nights", unit="night", leave=False)
     for health_night in iterator:
         title = f"{arch} [{mode}] night of {health_night.day.isoformat()}"
-        summary = report_night(model, scaler, checkpoint, health_night, out / health_night.day.isoformat(), title,
-                               checkpoint_path, mode, smooth)
+        summary, stages = report_night(model, scaler, checkpoint, health_night, out / health_night.day.isoformat(),
+                                       title, checkpoint_path, mode, smooth)
         summaries.append(summary)
-        frame = pd.read_csv(out / health_night.day.isoformat() / "stages.csv", usecols=["pred"])
-        staged.append((health_night, frame["pred"].to_numpy()))
+        staged.append((health_night, stages))
     if not summaries:
         raise dl.DataError(f"{export.path}: no night with at least {MIN_READINGS} heart-rate readings between "
                            f"00:00 and {CORE_TO_H:02d}:00 over an hour or more"

@@ -112,7 +112,6 @@ def summarize(frames: dict[str, list[pd.DataFrame]], nights: dict[str, dl.Night]
             inside = pooled[gap & (pooled["true_stage"].to_numpy() >= 0)]
             row["gap_scored_epochs"] = int(len(inside))
             row["gap_staged_pct"] = 100.0 * float((inside["pred"] >= 0).mean())
-            row["kappa"] = metrics["kappa"]  # outside the stretch
         if name == SPARSE:
             tst = sm.compare(pooled, scored_only=True)
             tst = tst[tst["metric"] == "total_sleep_time_min"]

@@ -223,18 +223,18 @@ class Prepared:
 def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainConfig | None = None) -> Prepared:
     """Fit the scaler, class weights and (smoothed runs) transition matrix on train_ids; with cfg.degrade
     load the nights, and fit the scaler on the training nights under every named condition."""
-    cfg = cfg or TrainConfig(degrade=False)
+    cfg = cfg or TrainConfig(degrade=False, smooth=False)  # without a config: the store's features, nothing more
     transitions = None
     if cfg.smoothed:
         transitions = transition_matrix(store.read(s, "stage").astype(np.int64) for s in train_ids)
     weight = class_weights(store.class_counts(train_ids), cfg.rem_boost, cfg.class_weight_power)
     if not cfg.degrade:
         return Prepared(store, store.fit_scaler(train_ids), weight, transitions, causal=cfg.causal)
-    data = Prepared(store, dl.FeatureScaler(np.zeros(1), np.ones(1)), weight, transitions, cfg.data_dir, cfg.causal)
-    data.scaler = dl.FeatureScaler.fit(
-        features.night_features(degrade.degrade(data.night(s), condition), cfg.causal, store.feature_names)
+    nights = {s: dl.load_night(cfg.data_dir, s) for s in train_ids}
+    scaler = dl.FeatureScaler.fit(
+        features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
         for s in train_ids for condition in degrade.CONDITIONS.values())
-    return data
+    return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, nights)
 
 
 class WindowDataset(Dataset):
