@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. one streaming update
     model, scaler, checkpoint, source = get_model("hybrid", True, checkpoint_dir, nights, train_ids)
-    readings_all = {n.subject_id: _recorded(data_dir, n) for n in nights}
+    readings_all = {n.subject_id: recorded_night(data_dir, n) for n in nights}
     if args.subject not in readings_all:
         parser.error(f"--subject {args.subject} is not in {data_dir}")
     stream = readings_all[args.subject]
@@ -414,7 +414,7 @@ def bench_health_export(size_mb: float) -> dict:
             "peak_rss_imports_only_mib": round(runs["imports_only"]["peak_rss_mib"], 1)}
 
 
-def _recorded(data_dir: Path, night: dl.Night) -> dict:
+def recorded_night(data_dir: Path, night: dl.Night) -> dict:
     """A night's heart-rate and counts rows inside its PSG window, duplicate timestamps removed (as the stream does)."""
     readings = realtime.recorded_readings(data_dir, night.subject_id)
     end = float(night.epoch_start_s[-1] + dl.EPOCH_S)

@@ -1,0 +1,620 @@
+"""Real-time sleep staging as a service: HTTP + WebSocket API, a live page, every reading kept in SQLite.
+
+    python serve.py                                   # http://127.0.0.1:8000, causal hybrid, ./sleep.db
+    python serve.py --host 0.0.0.0 --token SECRET     # reachable from other machines: needs a token
+
+API (docs/service.md has curl examples):
+    POST /v1/wearers/{id}/readings  {"heart_rate": [[t, bpm]...], "counts": [[t, count]...],
+                                     "acceleration": [[t, x, y, z]...], "steps": [[t, steps]...]}
+    POST /v1/readings               {"<id>": {same body}, ...}
+    POST /v1/wearers/{id}/flush     {"now": t}
+    GET  /v1/wearers                GET /v1/wearers/{id}/epochs?since=t    GET /v1/wearers/{id}/summary
+    WS   /v1/wearers/{id}/live      GET /  (live page)    GET /healthz    GET /metrics
+t: Unix seconds (number) or an ISO-8601 string with a UTC offset.
+
+Each wearer is one realtime.StreamingStager (the stream's rules unchanged: late, duplicate and
+implausible readings are dropped and counted in "stats"), all of them in one StagerPool. Within one
+push, all readings of all signals are taken in timestamp order (as `inference_hybrid.py --realtime`
+replays a recorded night). Requests queue for a batcher that ingests everything queued, stages
+every epoch this closed in one model call, writes the readings and epochs to the database in one
+transaction and only then answers: an answered push is stored. On start the stream of each wearer
+is rebuilt by replaying its stored events of the current night, so after a crash the next pushes
+give what an uninterrupted run gives.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+import data_loader as dl
+import features
+from checkpoint import ARCHITECTURES, load_model_from_checkpoint
+from realtime import KINDS, StagedEpoch, StagerPool, new_stats, stage_pending, time_ordered_runs
+from serve_store import EpochRow, Event, ServiceStore, WearerRow
+from sleep_metrics import sleep_metrics
+
+log = logging.getLogger("serve")
+
+PAGE = Path(__file__).resolve().parent / "static" / "live.html"
+DEFAULT_CHECKPOINT = ARCHITECTURES["hybrid"].shipped(causal=True)
+WEARER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SIGNALS = {"heart_rate": ("heart_rate", ("bpm",)), "counts": ("counts", ("count",)),
+           "acceleration": ("motion", ("x", "y", "z")), "steps": ("steps", ("steps",))}  # API name: (stream kind, values)
+MIN_TIME_S, MAX_TIME_S = 0.0, 1e10   # Unix seconds, 1970 to 2286: milliseconds (~1.7e12) are refused
+STAGE_NAMES = {-1: "no data", **dict(enumerate(dl.STAGE_NAMES))}
+DROP_REASONS = ("late", "before_start", "duplicates", "non_finite", "out_of_range", "ignored_counts")
+TOKEN_ENV = "SLEEP_STAGING_TOKEN"
+
+
+# ----------------------------------------------------------------------------- input
+
+class BadInput(HTTPException):
+    def __init__(self, detail: str, status_code: int = 422):
+        super().__init__(status_code=status_code, detail=detail)
+
+
+def parse_time(value: Any, where: str) -> float:
+    """Unix seconds from a number or an ISO-8601 string with a UTC offset."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise BadInput(f"{where}: {value[:40]!r} is not an ISO-8601 time") from None
+        if parsed.tzinfo is None:
+            raise BadInput(f"{where}: {value[:40]!r} has no UTC offset (add Z or +hh:mm)")
+        seconds = parsed.timestamp()
+    elif type(value) in (int, float):
+        seconds = float(value)
+    else:
+        raise BadInput(f"{where}: expected Unix seconds (a number) or an ISO-8601 string, got {_show(value)}")
+    if not MIN_TIME_S <= seconds <= MAX_TIME_S:
+        hint = " (milliseconds? send seconds)" if seconds > MAX_TIME_S else ""
+        raise BadInput(f"{where}: {value!r} is not a plausible time in Unix seconds{hint}")
+    return seconds
+
+
+def _show(value: Any) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_wearer_id(wearer_id: str) -> str:
+    if not WEARER_ID.fullmatch(wearer_id):
+        raise BadInput(f"wearer id {_show(wearer_id)} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return wearer_id
+
+
+def parse_readings(body: Any, where: str = "") -> list[tuple[str, np.ndarray]]:
+    """A readings body → [(stream kind, rows (n, 1 + values): t, value...)], one entry per signal given."""
+    if not isinstance(body, dict):
+        raise BadInput(f"{where or 'body'}: expected a JSON object with any of {', '.join(SIGNALS)}")
+    out = []
+    for name, value in body.items():
+        if name not in SIGNALS:
+            raise BadInput(f"{where}{name}: unknown field; known: {', '.join(SIGNALS)}")
+        kind, values = SIGNALS[name]
+        shape = "[t, " + ", ".join(values) + "]"
+        if not isinstance(value, list):
+            raise BadInput(f"{where}{name}: expected a list of {shape} rows, got {_show(value)}")
+        rows = np.empty((len(value), 1 + len(values)))
+        for i, row in enumerate(value):
+            if type(row) is not list or len(row) != 1 + len(values):
+                raise BadInput(f"{where}{name}[{i}]: expected {shape}, got {_show(row)}")
+            rows[i, 0] = parse_time(row[0], f"{where}{name}[{i}][0]")
+            for j in range(1, len(row)):
+                x = row[j]
+                if type(x) not in (int, float) or not math.isfinite(x):
+                    raise BadInput(f"{where}{name}[{i}][{j}] ({values[j - 1]}): expected a finite number, "
+                                   f"got {_show(x)}")
+                rows[i, j] = x
+        out.append((kind, rows))
+    return out
+
+
+def parse_flush(body: Any) -> float:
+    if not isinstance(body, dict) or "now" not in body:
+        raise BadInput('body: expected {"now": t}')
+    unknown = sorted(set(body) - {"now"})
+    if unknown:
+        raise BadInput(f"{unknown[0]}: unknown field; known: now")
+    return parse_time(body["now"], "now")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, refusing bodies over max_bytes before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise BadInput(f"body of {declared} bytes is over the limit of {max_bytes} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadInput(f"body is over the limit of {max_bytes} bytes", 413)
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as error:
+        raise BadInput(f"malformed JSON: {error}", 400) from None
+
+
+# ----------------------------------------------------------------------------- the service
+
+class Work(NamedTuple):
+    """One wearer's part of a request: readings runs in time order, or a flush."""
+    wearer_id: str
+    runs: list[tuple[str, np.ndarray]]
+    flush_s: float | None = None
+
+
+class Job(NamedTuple):
+    """A request waiting for the batcher: per work, (wearer, epochs it closed, its stats)."""
+    results: list[tuple[str, int, dict]]
+    future: asyncio.Future
+
+
+def epoch_json(epoch: StagedEpoch | EpochRow) -> dict:
+    start = epoch.epoch_start_s if isinstance(epoch, StagedEpoch) else epoch.epoch_start
+    stage = int(epoch.stage)
+    probabilities = getattr(epoch, "probabilities", None)
+    if stage < 0 or probabilities is None:
+        probabilities = None
+    else:
+        probabilities = [float(p) for p in probabilities]
+    return {"epoch_start": float(start), "stage": stage, "stage_name": STAGE_NAMES[stage],
+            "probabilities": probabilities}
+
+
+def merged_runs(runs: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """All signals of one push in timestamp order (stable; grouped by epoch, which gives the same), as runs of
+    one signal each."""
+    # the service's epochs are on the 30 s grid; a push within one epoch (the usual one) needs no merge
+    times = [t for _, rows in runs for t in rows[:, 0].tolist()]
+    if times and math.floor(min(times) / features.EPOCH_S) == math.floor(max(times) / features.EPOCH_S):
+        out = []
+        for kind, rows in sorted(runs, key=lambda run: KINDS.index(run[0])):
+            t = rows[:, 0].tolist()
+            out.append((kind, rows if t == sorted(t) else rows[np.argsort(rows[:, 0], kind="stable")]))
+        return out
+    return list(time_ordered_runs(dict(runs), epoch_grid_s=0.0))
+
+
+class Metrics:
+    def __init__(self):
+        disable_created_metrics()  # the *_created series only add noise here
+        self.registry = CollectorRegistry()
+        self.wearers = Gauge("sleep_staging_wearers", "Wearers with a stream", registry=self.registry)
+        self.accepted = Counter("sleep_staging_readings_accepted", "Readings accepted", registry=self.registry)
+        self.dropped = Counter("sleep_staging_readings_dropped", "Readings dropped, by reason", ["reason"],
+                               registry=self.registry)
+        self.epochs = Counter("sleep_staging_epochs_staged", "Epochs closed and staged, by stage", ["stage"],
+                              registry=self.registry)
+        self.batch = Histogram("sleep_staging_batch_epochs", "Epochs staged per model call", registry=self.registry,
+                               buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384))
+        self.latency = Histogram("sleep_staging_request_seconds", "Request latency, by route", ["route"],
+                                 registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        for stage in STAGE_NAMES.values():
+            self.epochs.labels(stage)
+
+
+class Service:
+    """The wearers' streams (one StagerPool), the database and the batcher that joins them."""
+
+    def __init__(self, checkpoint: str | Path, db: str | Path, *, max_delay_s: float = 0.0,
+                 max_body_bytes: int = 8 << 20):
+        self.checkpoint_path = str(checkpoint)
+        model, scaler, ckpt = load_model_from_checkpoint(checkpoint)
+        self.pool = StagerPool(model, scaler, ckpt, start_s=None, max_delay_s=max_delay_s)
+        self.store = ServiceStore(db)
+        self.max_body_bytes = max_body_bytes
+        self.metrics = Metrics()
+        self.next_seq: dict[str, int] = {}
+        self.night_seq: dict[str, int] = {}
+        self.subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._jobs: list[Job] = []
+        self._events: list[Event] = []
+        self._touched: set[str] = set()
+        self.failed: str | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Each stored wearer's stream, replayed from the first event of its current night."""
+        for wearer in self.store.wearers():
+            for event in self.store.events(wearer.wearer_id, wearer.night_seq):
+                self._apply(event.wearer_id, event.kind, event.rows)
+            self.next_seq[wearer.wearer_id], self.night_seq[wearer.wearer_id] = wearer.next_seq, wearer.night_seq
+        self.pool.take_pending()  # those epochs were staged and stored before the restart
+        self.metrics.wearers.set(len(self.pool))
+        if len(self.pool):
+            log.info("rebuilt %d wearers' streams from %s", len(self.pool), self.store.path)
+
+    def _apply(self, wearer_id: str, kind: str, rows: np.ndarray) -> None:
+        if kind == "flush":
+            self.pool.flush(float(rows[0, 0]), [wearer_id])
+        else:
+            self.pool.push(wearer_id, kind, rows[:, 0], *rows[:, 1:].T)
+
+    # ------------------------------------------------------------------ the batcher
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.store.close()
+
+    async def submit(self, works: list[Work]) -> list[dict]:
+        """Ingest works now (in arrival order), then wait for the batcher: {"epochs", "stats"} per work,
+        once its readings and epochs are stored."""
+        if self.failed is not None:
+            raise HTTPException(503, f"the service stopped accepting readings after a storage failure "
+                                     f"({self.failed}); restart it: it rebuilds from the database")
+        results = [self._ingest(work) for work in works]
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.append(Job(results, future))
+        self._wake.set()
+        return await future
+
+    def _ingest(self, work: Work) -> tuple[str, int, dict]:
+        wearer = work.wearer_id
+        stager = self.pool[wearer]
+        before_stats, before_waiting = dict(stager.stats), stager.n_waiting
+        first_seq = seq = self.next_seq.get(wearer, 0)
+        for kind, rows in work.runs:
+            self._apply(wearer, kind, rows)
+            self._events.append(Event(wearer, seq, kind, rows))
+            seq += 1
+        if work.flush_s is not None:
+            rows = np.array([[work.flush_s]])
+            self._apply(wearer, "flush", rows)
+            self._events.append(Event(wearer, seq, "flush", rows))
+            seq += 1
+        self.next_seq[wearer] = seq
+        if stager.stats["new_nights"] > before_stats["new_nights"] or wearer not in self.night_seq:
+            # replaying from this push's first event rebuilds the new night (see docs/service.md)
+            self.night_seq[wearer] = first_seq
+        self._touched.add(wearer)
+        return wearer, stager.n_waiting - before_waiting, {k: stager.stats[k] - before_stats[k] for k in before_stats}
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # everything ingested so far, taken at once (no await in between)
+            jobs, self._jobs = self._jobs, []
+            events, self._events = self._events, []
+            touched, self._touched = self._touched, set()
+            if not jobs:
+                continue
+            owners, pending = self.pool.take_pending()
+            wearer_rows = [WearerRow(w, self.night_seq[w], self.next_seq[w]) for w in touched]
+            try:
+                await self._stage_and_store(jobs, events, owners, pending, wearer_rows)
+            except Exception as error:
+                # the streams in memory are now ahead of the database: refuse further readings until a
+                # restart rebuilds them from what was stored (healthz turns 503, so a supervisor restarts)
+                self.failed = f"{type(error).__name__}: {error}"
+                log.critical("storing a batch of %d requests failed: %s", len(jobs), self.failed)
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(HTTPException(503, f"storing failed: {self.failed}"))
+
+    async def _stage_and_store(self, jobs: list[Job], events: list[Event], owners: list, pending: list,
+                               wearer_rows: list[WearerRow]) -> None:
+        pool = self.pool
+        staged = await asyncio.to_thread(stage_pending, pool.model, pool.scaler, int(pool.checkpoint["target_pos"]),
+                                         pending, pool.batch_size) if pending else []
+        by_wearer: dict[str, list[StagedEpoch]] = {}
+        for wearer, epoch in zip(owners, staged):
+            by_wearer.setdefault(wearer, []).append(epoch)
+        epoch_rows = [EpochRow(w, e.epoch_start_s, int(e.stage),
+                               None if e.stage < 0 else tuple(map(float, e.probabilities)))
+                      for w, epochs in by_wearer.items() for e in epochs]
+        await asyncio.to_thread(self.store.commit, events, epoch_rows, wearer_rows)
+        # stored: now answer, publish and count
+        taken: dict[str, int] = {}
+        for job in jobs:
+            answers = []
+            for wearer, n, stats in job.results:
+                first = taken.get(wearer, 0)
+                epochs = by_wearer.get(wearer, [])[first:first + n]
+                taken[wearer] = first + n
+                stats["epochs_no_data"] = sum(e.stage < 0 for e in epochs)  # counted when staged
+                answers.append({"epochs": [epoch_json(e) for e in epochs], "stats": stats})
+            if not job.future.done():
+                job.future.set_result(answers)
+        self._count(jobs, staged)
+        self._publish(by_wearer)
+
+    def _count(self, jobs: list[Job], staged: list[StagedEpoch]) -> None:
+        metrics = self.metrics
+        metrics.wearers.set(len(self.pool))
+        totals = new_stats()
+        for job in jobs:
+            for _, _, stats in job.results:
+                for key, value in stats.items():
+                    totals[key] += value
+        metrics.accepted.inc(totals["accepted"])
+        for reason in DROP_REASONS:
+            if totals[reason]:
+                metrics.dropped.labels(reason).inc(totals[reason])
+        if staged:
+            metrics.batch.observe(len(staged))
+            stages, counts = np.unique([e.stage for e in staged], return_counts=True)
+            for stage, count in zip(stages, counts):
+                metrics.epochs.labels(STAGE_NAMES[int(stage)]).inc(int(count))
+
+    def _publish(self, by_wearer: dict[str, list[StagedEpoch]]) -> None:
+        for wearer, epochs in by_wearer.items():
+            for queue in list(self.subscribers.get(wearer, ())):
+                for epoch in epochs:
+                    try:
+                        queue.put_nowait(epoch_json(epoch))
+                    except asyncio.QueueFull:  # a client that stopped reading: drop it
+                        self.subscribers[wearer].discard(queue)
+                        queue.put_nowait(None) if queue.empty() else None
+                        break
+
+    # ------------------------------------------------------------------ reading back
+
+    def summary(self, wearer_id: str) -> dict:
+        """Sleep metrics of the wearer's current (or last) night: its epochs since the last gap."""
+        epochs = self.store.epochs(wearer_id)
+        if not epochs:
+            return {"wearer_id": wearer_id, "night_start": None, "epochs": 0, "metrics": None}
+        starts = np.array([e.epoch_start for e in epochs])
+        breaks = np.flatnonzero(np.diff(starts) > features.EPOCH_S + 1e-6)
+        first = int(breaks[-1]) + 1 if breaks.size else 0
+        stages = np.array([e.stage for e in epochs[first:]])
+        metrics = {k: (None if not math.isfinite(v) else float(v)) for k, v in sleep_metrics(stages).items()}
+        metrics["no_data_min"] = float((stages < 0).sum() * features.EPOCH_S / 60)
+        return {"wearer_id": wearer_id, "night_start": float(starts[first]),
+                "night_end": float(starts[-1] + features.EPOCH_S), "epochs": len(stages), "metrics": metrics}
+
+
+# ----------------------------------------------------------------------------- the app
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+class Timing:
+    """ASGI middleware: request latency by route into the Prometheus histogram."""
+
+    def __init__(self, app, histogram: Histogram, paths: dict):
+        self.app, self.histogram, self.paths = app, histogram, paths  # paths: plain routes' endpoint -> path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            path = route.path if route is not None else self.paths.get(scope.get("endpoint"), "other")
+            self.histogram.labels(path).observe(time.perf_counter() - start)
+
+
+def create_app(service: Service, token: str | None = None) -> FastAPI:
+    """The FastAPI app around a service; with a token, every API and WebSocket request needs it."""
+
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="sleep-staging", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    plain_routes: dict = {}
+    app.add_middleware(Timing, histogram=service.metrics.latency, paths=plain_routes)
+    expected = f"Bearer {token}".encode() if token else None
+
+    def authorized(header: str | None) -> bool:
+        return expected is None or (header is not None and hmac.compare_digest(header.encode(), expected))
+
+    def require_token(request: Request) -> None:
+        if not authorized(request.headers.get("authorization")):
+            raise HTTPException(401, "missing or wrong token: send Authorization: Bearer <token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return Response(orjson.dumps({"detail": error.detail}), status_code=error.status_code,
+                        media_type="application/json", headers=getattr(error, "headers", None))
+
+    @app.get("/healthz")
+    async def healthz():
+        if service.failed is not None:
+            return json_response({"status": "failed", "error": service.failed}, 503)
+        return json_response({"status": "ok", "wearers": len(service.pool)})
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        require_token(request)
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # the three hot endpoints are plain Starlette routes: FastAPI's parameter machinery would cost
+    # more than the rest of the request (they parse their JSON themselves, with field-level messages)
+    async def push(request: Request):
+        require_token(request)
+        wearer_id = check_wearer_id(request.path_params["wearer_id"])
+        runs = merged_runs(parse_readings(await read_json(request, service.max_body_bytes)))
+        (answer,) = await service.submit([Work(wearer_id, runs)])
+        return json_response(answer)
+
+    async def push_many(request: Request):
+        require_token(request)
+        body = await read_json(request, service.max_body_bytes)
+        if not isinstance(body, dict):
+            raise BadInput('body: expected {"<wearer_id>": {readings}, ...}')
+        works = []
+        for wearer_id, readings in body.items():
+            check_wearer_id(wearer_id)
+            works.append(Work(wearer_id, merged_runs(parse_readings(readings, f"{wearer_id}."))))
+        answers = await service.submit(works) if works else []
+        return json_response({work.wearer_id: answer for work, answer in zip(works, answers)})
+
+    async def flush(request: Request):
+        require_token(request)
+        wearer_id = check_wearer_id(request.path_params["wearer_id"])
+        now = parse_flush(await read_json(request, service.max_body_bytes))
+        (answer,) = await service.submit([Work(wearer_id, [], now)])
+        return json_response(answer)
+
+    for path, endpoint in (("/v1/wearers/{wearer_id}/readings", push), ("/v1/readings", push_many),
+                           ("/v1/wearers/{wearer_id}/flush", flush)):
+        app.add_route(path, endpoint, methods=["POST"])
+        plain_routes[endpoint] = path
+
+    @app.get("/v1/wearers")
+    def wearers(request: Request):
+        require_token(request)
+        counts = service.store.epoch_counts()
+        return json_response({"wearers": [{"wearer_id": w, "epochs": counts.get(w, (0, None))[0],
+                                           "last_epoch_start": counts.get(w, (0, None))[1]}
+                                          for w in sorted(set(service.pool.stagers) | set(counts))]})
+
+    @app.get("/v1/wearers/{wearer_id}/epochs")
+    def epochs(wearer_id: str, request: Request, since: str | None = None):
+        require_token(request)
+        check_wearer_id(wearer_id)
+        since_s = -math.inf if since is None else parse_time(_number_or_text(since), "since")
+        return json_response({"epochs": [epoch_json(e) for e in service.store.epochs(wearer_id, since_s)]})
+
+    @app.get("/v1/wearers/{wearer_id}/summary")
+    def summary(wearer_id: str, request: Request):
+        require_token(request)
+        check_wearer_id(wearer_id)
+        return json_response(service.summary(wearer_id))
+
+    @app.websocket("/v1/wearers/{wearer_id}/live")
+    async def live(websocket: WebSocket, wearer_id: str):
+        header = websocket.headers.get("authorization")
+        query_token = websocket.query_params.get("token")
+        if not (authorized(header) or (query_token is not None and authorized(f"Bearer {query_token}"))):
+            await websocket.close(code=1008, reason="missing or wrong token")
+            return
+        if not WEARER_ID.fullmatch(wearer_id):
+            await websocket.close(code=1008, reason="bad wearer id")
+            return
+        try:
+            since = websocket.query_params.get("since")
+            since_s = None if since is None else parse_time(_number_or_text(since), "since")
+        except BadInput as error:
+            await websocket.close(code=1008, reason=str(error.detail)[:120])
+            return
+        await websocket.accept()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=100_000)
+        service.subscribers.setdefault(wearer_id, set()).add(queue)
+        try:
+            last = -math.inf
+            if since_s is not None:  # the backlog first; subscribed already, so nothing falls in between
+                for row in await asyncio.to_thread(service.store.epochs, wearer_id, since_s):
+                    await websocket.send_text(orjson.dumps(epoch_json(row)).decode())
+                    last = row.epoch_start
+            while True:
+                epoch = await queue.get()
+                if epoch is None:
+                    await websocket.close(code=1013, reason="too slow: reconnect with ?since=")
+                    return
+                if epoch["epoch_start"] > last:
+                    await websocket.send_text(orjson.dumps(epoch).decode())
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            service.subscribers.get(wearer_id, set()).discard(queue)
+
+    return app
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# ----------------------------------------------------------------------------- command line
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                        help=f"a causal checkpoint (default: the shipped {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--db", default="sleep.db", help="SQLite database (created if missing)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                        help=f"require Authorization: Bearer <token> on the API (default: ${TOKEN_ENV})")
+    parser.add_argument("--max-delay", type=float, default=0.0,
+                        help="seconds to wait past an epoch's end for late readings (default 0)")
+    parser.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default 8 MB)")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not is_loopback(args.host) and not args.token:
+        parser.error(f"--host {args.host} is reachable from other machines: set --token (or ${TOKEN_ENV})")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is not a port number")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        service = Service(args.checkpoint, args.db, max_delay_s=args.max_delay,
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    except (OSError, ValueError, KeyError) as error:
+        print(f"serve.py: {error}", file=sys.stderr)
+        return 2
+    app = create_app(service, args.token)
+    print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (database {args.db})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The service's database (SQLite, WAL): every accepted push and flush, every staged epoch.
+
+Tables:
+- events(wearer_id, seq, kind, received_s, data): each wearer's pushes in the order the stream
+  processed them, one row per run of one signal (kind heart_rate, counts, motion, steps; data:
+  float64 rows [t, value...] little-endian) or per flush (kind flush; data: [now]). Replaying a
+  wearer's events through a fresh stream rebuilds its state exactly (the stream is deterministic).
+- wearers(wearer_id, night_seq, next_seq): night_seq is the first event of the wearer's current
+  night, so a restart replays only that night.
+- epochs(wearer_id, epoch_start, stage, p_wake, p_light, p_deep, p_rem): every staged epoch, once
+  (the primary key refuses a second copy); stage -1 and NULL probabilities for "no data".
+
+One writer (the service's batcher, `commit`: one transaction per batch, before any response);
+readers open their own connection per thread (WAL: they never block the writer).
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    wearer_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, received_s REAL NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (wearer_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS wearers (
+    wearer_id TEXT PRIMARY KEY, night_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS epochs (
+    wearer_id TEXT NOT NULL, epoch_start REAL NOT NULL, stage INTEGER NOT NULL,
+    p_wake REAL, p_light REAL, p_deep REAL, p_rem REAL, PRIMARY KEY (wearer_id, epoch_start)) WITHOUT ROWID;
+"""
+
+
+class Event(NamedTuple):
+    """One stored push run or flush of a wearer."""
+    wearer_id: str
+    seq: int
+    kind: str
+    rows: np.ndarray   # (n, 1 + values): t, value...; a flush: [[now]]
+
+
+class EpochRow(NamedTuple):
+    wearer_id: str
+    epoch_start: float
+    stage: int
+    probabilities: tuple[float, float, float, float] | None
+
+
+class WearerRow(NamedTuple):
+    wearer_id: str
+    night_seq: int
+    next_seq: int
+
+
+class ServiceStore:
+    """The database at `path` (created with its tables if missing)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # the writer is used by one thread at a time (the batcher's), not always the same one
+        self._writer = self._connect(check_same_thread=False)
+        self._writer.executescript(SCHEMA)
+        self._local = threading.local()
+
+    def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
+        try:
+            connection = sqlite3.connect(self.path, check_same_thread=check_same_thread, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as error:
+            raise ValueError(f"cannot open the database {self.path}: {error}") from None
+        # NORMAL in WAL mode: a commit survives the process being killed (the OS has the write);
+        # only a power cut can lose the last transactions
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=10000")
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+        return connection
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # ------------------------------------------------------------------ writing (the batcher only)
+
+    def commit(self, events: Iterable[Event], epochs: Iterable[EpochRow], wearers: Iterable[WearerRow]) -> None:
+        """Store one batch in one transaction: all of it or (after a crash) none of it."""
+        received = time.time()
+        db = self._writer
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                           [(e.wearer_id, e.seq, e.kind, received,
+                             np.ascontiguousarray(e.rows, dtype="<f8").tobytes()) for e in events])
+            db.executemany("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(e.wearer_id, e.epoch_start, e.stage, *(e.probabilities or (None,) * 4))
+                            for e in epochs])
+            db.executemany("INSERT INTO wearers VALUES (?, ?, ?) ON CONFLICT(wearer_id) DO UPDATE SET "
+                           "night_seq = excluded.night_seq, next_seq = excluded.next_seq", list(wearers))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ reading (any thread)
+
+    def wearers(self) -> list[WearerRow]:
+        return [WearerRow(*row) for row in self._reader().execute(
+            "SELECT wearer_id, night_seq, next_seq FROM wearers ORDER BY wearer_id")]
+
+    def events(self, wearer_id: str, from_seq: int = 0) -> Iterator[Event]:
+        """The wearer's events from from_seq on, in order."""
+        widths = {"heart_rate": 2, "counts": 2, "steps": 2, "motion": 4, "flush": 1}
+        for seq, kind, data in self._reader().execute(
+                "SELECT seq, kind, data FROM events WHERE wearer_id = ? AND seq >= ? ORDER BY seq",
+                (wearer_id, from_seq)):
+            yield Event(wearer_id, seq, kind, np.frombuffer(data, dtype="<f8").reshape(-1, widths[kind]))
+
+    def epochs(self, wearer_id: str, since_s: float = -np.inf, until_s: float = np.inf) -> list[EpochRow]:
+        """The wearer's stored epochs starting at or after since_s (and before until_s), in time order."""
+        rows = self._reader().execute(
+            "SELECT epoch_start, stage, p_wake, p_light, p_deep, p_rem FROM epochs "
+            "WHERE wearer_id = ? AND epoch_start >= ? AND epoch_start < ? ORDER BY epoch_start",
+            (wearer_id, max(since_s, -1e300), min(until_s, 1e300)))
+        return [EpochRow(wearer_id, start, stage, None if p[0] is None else tuple(p)) for start, stage, *p in rows]
+
+    def epoch_counts(self) -> dict[str, tuple[int, float]]:
+        """Per wearer: (stored epochs, start of the last one)."""
+        return {w: (n, last) for w, n, last in self._reader().execute(
+            "SELECT wearer_id, COUNT(*), MAX(epoch_start) FROM epochs GROUP BY wearer_id")}

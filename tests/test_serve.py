@@ -1,0 +1,396 @@
+"""serve.py: the API contract and its errors, equality with `--realtime`, restart after a crash (a real
+server process killed with SIGKILL), the WebSocket feed and the token."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import data_loader as dl
+import realtime
+import serve
+from checkpoint import load_model_from_checkpoint
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's note on httpx versions
+    from fastapi.testclient import TestClient
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = serve.DEFAULT_CHECKPOINT
+BASE_S = 1_767_225_600.0  # 2026-01-01T00:00Z, a multiple of 30 s
+SUBJECT = "46343"
+API_NAMES = {"heart_rate": "heart_rate", "counts": "counts", "motion": "acceleration", "steps": "steps"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def night_pushes(small_data_dir):
+    """A real night as API pushes (times shifted into 2026), its start and end, and its Night."""
+    night = dl.load_night(small_data_dir, SUBJECT, cache_dir=None)
+    start, end = float(night.epoch_start_s[0]), float(night.epoch_start_s[-1] + 30)
+    readings = realtime.recorded_readings(small_data_dir, SUBJECT)
+    rng = np.random.default_rng(3)
+    pushes, t = [], start
+    while t < end:  # pushes of 1-12 epochs' readings, every signal in each
+        hi = min(t + 30.0 * rng.integers(1, 13), end)
+        body = {}
+        for kind, rows in readings.items():
+            part = rows[(rows[:, 0] >= t) & (rows[:, 0] < hi)]
+            if len(part):
+                body[API_NAMES[kind]] = [[BASE_S + r[0], *r[1:]] for r in part.tolist()]
+        pushes.append(body)
+        t = hi
+    return pushes, BASE_S + start, BASE_S + end, night
+
+
+def make_service(db: Path, **kwargs) -> serve.Service:
+    return serve.Service(CHECKPOINT, db, **kwargs)
+
+
+def run_night(client, wearer: str, pushes, start: float, end: float) -> list[dict]:
+    """Open the night at its first epoch, push everything, close it at its end: every epoch answered."""
+    epochs = client.post(f"/v1/wearers/{wearer}/flush", json={"now": start}).json()["epochs"]
+    for body in pushes:
+        response = client.post(f"/v1/wearers/{wearer}/readings", json=body)
+        assert response.status_code == 200, response.text
+        epochs += response.json()["epochs"]
+    epochs += client.post(f"/v1/wearers/{wearer}/flush", json={"now": end}).json()["epochs"]
+    return epochs
+
+
+def assert_same_epochs(a: list[dict], b: list[dict]) -> None:
+    """The same epochs and stages; probabilities equal up to float rounding (the model call's batch size
+    differs between runs: ~1e-7)."""
+    assert [(e["epoch_start"], e["stage"], e["stage_name"]) for e in a] == \
+        [(e["epoch_start"], e["stage"], e["stage_name"]) for e in b]
+    np.testing.assert_allclose(np.array([e["probabilities"] or [np.nan] * 4 for e in a], dtype=float),
+                               np.array([e["probabilities"] or [np.nan] * 4 for e in b], dtype=float), atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """python serve.py in its own process, as a user runs it."""
+
+    def __init__(self, db: Path, token: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, str(ROOT / "serve.py"), "--port", str(self.port), "--db", str(db)]
+        env = {k: v for k, v in os.environ.items() if k != serve.TOKEN_ENV}
+        if token:
+            command += ["--token", token]
+        self.log = db.with_suffix(f".{self.port}.log")
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("serve.py did not come up within 120 s:\n" + self.log.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(night_pushes, tmp_path_factory):
+    """The night through one in-process service that never stops."""
+    pushes, start, end, _ = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path_factory.mktemp("db") / "a.db"))) as client:
+        return run_night(client, "w1", pushes, start, end)
+
+
+# ----------------------------------------------------------------------------- the contract
+
+def test_replaying_a_night_through_the_api_gives_the_realtime_stages(night_pushes, uninterrupted, small_data_dir):
+    """Equal to `inference_hybrid.py --realtime` (realtime.replay_nights) on the same night."""
+    pushes, start, end, night = night_pushes
+    model, scaler, ckpt = load_model_from_checkpoint(CHECKPOINT)
+    expected = realtime.replay_nights(model, scaler, ckpt, small_data_dir, [night])
+    epochs = uninterrupted
+    assert [e["epoch_start"] for e in epochs] == list(BASE_S + night.epoch_start_s)
+    assert [e["stage"] for e in epochs] == expected["pred"].tolist()
+    probabilities = np.array([e["probabilities"] for e in epochs], dtype=float)
+    np.testing.assert_allclose(probabilities, expected[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(),
+                               atol=1e-5)
+    assert all(e["stage_name"] == serve.STAGE_NAMES[e["stage"]] for e in epochs)
+
+
+def test_push_answers_and_stores(tmp_path, night_pushes, uninterrupted):
+    pushes, start, end, night = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        epochs = run_night(client, "w1", pushes[:5], start, start + 600)
+        assert [e["epoch_start"] for e in epochs] == [start + 30 * k for k in range(20)]
+        stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
+        assert stored == epochs
+        assert client.get("/v1/wearers/w1/epochs", params={"since": start + 300}).json()["epochs"] == epochs[10:]
+        iso = datetime.fromtimestamp(start + 300, timezone.utc).isoformat()
+        assert client.get("/v1/wearers/w1/epochs", params={"since": iso}).json()["epochs"] == epochs[10:]
+        assert client.get("/v1/wearers").json()["wearers"] == [
+            {"wearer_id": "w1", "epochs": 20, "last_epoch_start": start + 570}]
+        summary = client.get("/v1/wearers/w1/summary").json()
+        assert summary["epochs"] == 20 and summary["night_start"] == start
+        assert summary["metrics"]["time_in_bed_min"] == 10.0
+        sleep_min = sum(e["stage"] >= 1 for e in epochs) / 2
+        assert summary["metrics"]["total_sleep_time_min"] == sleep_min
+        assert client.get("/v1/wearers/nobody/summary").json()["epochs"] == 0
+        metrics = client.get("/metrics").text
+        accepted = sum(len(rows) for body in pushes[:5] for rows in body.values())
+        assert f"sleep_staging_readings_accepted_total {float(accepted)}" in metrics
+        assert "sleep_staging_wearers 1.0" in metrics
+        assert 'sleep_staging_request_seconds_count{route="/v1/wearers/{wearer_id}/readings"} 5.0' in metrics
+        assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_stream_rules_are_counted_in_stats(tmp_path):
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        t = BASE_S
+        first = client.post("/v1/wearers/w/readings", json={"heart_rate": [[t + 5, 60], [t + 35, 61]]}).json()
+        assert first["stats"]["accepted"] == 2 and len(first["epochs"]) == 1
+        again = client.post("/v1/wearers/w/readings", json={
+            "heart_rate": [[t + 10, 62],          # late: epoch 0 closed
+                           [t + 35, 70],          # duplicate timestamp
+                           [t + 40, 400]],        # out of range
+            "counts": [[t + 45, -1], [t + 50, 3]]}).json()
+        stats = again["stats"]
+        assert (stats["late"], stats["duplicates"], stats["out_of_range"], stats["accepted"]) == (1, 1, 2, 1)
+        metrics = client.get("/metrics").text
+        assert 'sleep_staging_readings_dropped_total{reason="out_of_range"} 2.0' in metrics
+        # the watch off for 20 minutes: the stretch is "no data", not a guess
+        gap = client.post("/v1/wearers/w/readings", json={"heart_rate": [[t + 1500, 60]]}).json()["epochs"]
+        assert gap[-1] == {"epoch_start": t + 1470, "stage": -1, "stage_name": "no data", "probabilities": None}
+
+
+def test_many_wearers_in_one_request_equal_separate_requests(tmp_path, night_pushes):
+    pushes, start, _, _ = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path / "a.db"))) as client:
+        for w in ("a", "b"):
+            client.post(f"/v1/wearers/{w}/flush", json={"now": start + (0 if w == "a" else 30)})
+        together = {"a": [], "b": []}
+        for body in pushes[:8]:
+            answer = client.post("/v1/readings", json={"a": body, "b": body}).json()
+            for w in together:
+                together[w] += answer[w]["epochs"]
+    with TestClient(serve.create_app(make_service(tmp_path / "b.db"))) as client:
+        client.post("/v1/wearers/a/flush", json={"now": start})
+        alone = []
+        for body in pushes[:8]:
+            alone += client.post("/v1/wearers/a/readings", json=body).json()["epochs"]
+    assert_same_epochs(together["a"], alone)
+    assert len(alone) > 10
+    assert together["b"][0]["epoch_start"] == start + 30  # b's night opened an epoch later
+
+
+def test_iso_times_equal_unix_seconds(tmp_path):
+    t = BASE_S + 7
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        as_numbers = client.post("/v1/wearers/n/readings", json={"heart_rate": [[t, 60], [t + 40, 62]]}).json()
+        iso = [datetime.fromtimestamp(x, timezone.utc).isoformat().replace("+00:00", "Z") for x in (t, t + 40)]
+        as_text = client.post("/v1/wearers/s/readings", json={"heart_rate": [[iso[0], 60], [iso[1], 62]]}).json()
+    assert as_text["stats"] == as_numbers["stats"] and len(as_numbers["epochs"]) == 1
+    assert_same_epochs(as_text["epochs"], as_numbers["epochs"])
+
+
+BAD = [  # (body bytes or JSON, expected status, words the message must contain)
+    (b'{"heart_rate": [[1767225600, 60]', 400, ["malformed JSON"]),
+    (b'{"heart_rate": [[1767225600, NaN]]}', 400, ["malformed JSON"]),
+    ([1, 2], 422, ["body", "JSON object"]),
+    ({"heart_rate": [[1767225600, 60], [1767225605]]}, 422, ["heart_rate[1]", "[t, bpm]"]),
+    ({"heart_rate": [[1767225600, "60"]]}, 422, ["heart_rate[0][1]", "bpm", "'60'"]),
+    ({"heart_rate": [[1767225600, True]]}, 422, ["heart_rate[0][1]"]),
+    ({"heart_rate": [[1767225600, None]]}, 422, ["heart_rate[0][1]", "null"]),
+    ({"acceleration": [[1767225600, 0.1, 0.2]]}, 422, ["acceleration[0]", "[t, x, y, z]"]),
+    ({"heart_rate": {"t": 1}}, 422, ["heart_rate", "list"]),
+    ({"heart_rate": [[1767225600000, 60]]}, 422, ["heart_rate[0][0]", "milliseconds"]),
+    ({"heart_rate": [[-5, 60]]}, 422, ["heart_rate[0][0]"]),
+    ({"heart_rate": [["2026-01-01T00:00:00", 60]]}, 422, ["heart_rate[0][0]", "UTC offset"]),
+    ({"heart_rate": [["yesterday", 60]]}, 422, ["heart_rate[0][0]", "ISO-8601"]),
+    ({"heart_rate": [[1767225600, 60]], "spo2": []}, 422, ["spo2", "unknown field"]),
+    (b'{"counts": [[1767225600, 1e400]]}', 400, ["malformed JSON"]),
+]
+
+
+@pytest.mark.parametrize("body, status, words", BAD, ids=range(len(BAD)))
+def test_bad_input_is_a_4xx_naming_the_field(tmp_path, body, status, words):
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db")), raise_server_exceptions=True) as client:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        response = client.post("/v1/wearers/w/readings", **kwargs)
+        assert response.status_code == status, response.text
+        detail = response.json()["detail"]
+        assert all(w in detail for w in words), detail
+        # the same body for a wearer inside a gateway request names the wearer too
+        if not isinstance(body, bytes) and isinstance(body, dict):
+            response = client.post("/v1/readings", json={"watch-1": body})
+            assert response.status_code == status and "watch-1." in response.json()["detail"]
+        # nothing was stored or ingested
+        assert client.get("/v1/wearers").json()["wearers"] == []
+
+
+def test_other_bad_requests(tmp_path):
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db", max_body_bytes=1000))) as client:
+        big = {"heart_rate": [[BASE_S + i, 60] for i in range(200)]}
+        response = client.post("/v1/wearers/w/readings", json=big)
+        assert response.status_code == 413 and "1000 bytes" in response.json()["detail"]
+        for wearer in ("a b", "x" * 65, "é", "a%2Fb"):
+            response = client.post(f"/v1/wearers/{wearer}/readings", json={})
+            assert response.status_code in (404, 422), wearer
+            if response.status_code == 422:
+                assert "wearer id" in response.json()["detail"]
+        response = client.post("/v1/readings", json={"bad id": {}})
+        assert response.status_code == 422 and "'bad id'" in response.json()["detail"]
+        assert client.post("/v1/wearers/w/flush", json={}).status_code == 422
+        response = client.post("/v1/wearers/w/flush", json={"now": 1.0e9, "then": 1})
+        assert response.status_code == 422 and "then" in response.json()["detail"]
+        response = client.get("/v1/wearers/w/epochs", params={"since": "soon"})
+        assert response.status_code == 422 and "since" in response.json()["detail"]
+
+
+def test_the_token_guards_the_api_but_not_the_page(tmp_path):
+    service = make_service(tmp_path / "s.db")
+    with TestClient(serve.create_app(service, token="s3cret")) as client:
+        assert client.post("/v1/wearers/w/readings", json={}).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert client.get("/v1/wearers", headers=wrong).status_code == 401
+        assert client.get("/metrics").status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/wearers/w/readings", json={}, headers=good).status_code == 200
+        assert client.get("/v1/wearers", headers=good).status_code == 200
+        assert client.get("/healthz").status_code == 200
+        page = client.get("/")
+        assert page.status_code == 200 and "<canvas" in page.text and "http" not in page.text.split("<script>")[0]
+        from starlette.websockets import WebSocketDisconnect
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/wearers/w/live") as ws:
+                ws.receive_text()
+        with client.websocket_connect("/v1/wearers/w/live?token=s3cret") as ws:
+            client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S, 60], [BASE_S + 31, 60]]},
+                        headers=good)
+            assert ws.receive_json()["epoch_start"] == BASE_S
+
+
+def test_refuses_a_public_address_without_a_token(capsys, monkeypatch):
+    monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main(["--host", "0.0.0.0"])
+    assert exit_info.value.code == 2 and "--token" in capsys.readouterr().err
+    assert serve.is_loopback("127.0.0.1") and serve.is_loopback("::1") and serve.is_loopback("localhost")
+    assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("192.168.1.4")
+
+
+def test_live_feed_sends_the_backlog_then_each_epoch(tmp_path, night_pushes):
+    pushes, start, _, _ = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        client.post("/v1/wearers/w/flush", json={"now": start})
+        first = []
+        for body in pushes[:3]:
+            first += client.post("/v1/wearers/w/readings", json=body).json()["epochs"]
+        with client.websocket_connect(f"/v1/wearers/w/live?since={start}") as ws:
+            backlog = [ws.receive_json() for _ in first]
+            assert backlog == first
+            later = client.post("/v1/wearers/w/readings", json=pushes[3]).json()["epochs"]
+            assert later and [ws.receive_json() for _ in later] == later
+
+
+def test_grouping_a_push_by_epoch_gives_the_time_ordered_result(small_data_dir):
+    """serve.merged_runs takes a push's readings epoch by epoch; the stream gives what time order gives."""
+    model, scaler, ckpt = load_model_from_checkpoint(CHECKPOINT)
+    readings = realtime.recorded_readings(small_data_dir, SUBJECT)
+    out = []
+    for grid in (None, 0.0):
+        stager = realtime.StreamingStager(model, scaler, ckpt, start_s=0.0, max_delay_s=40.0, record_features=True)
+        epochs = []
+        for kind, rows in realtime.time_ordered_runs(readings, epoch_grid_s=grid):
+            epochs += stager.push(kind, rows[:, 0], *rows[:, 1:].T)
+        out.append((epochs, stager.stats, np.stack(stager.feature_rows)))
+    (a, stats_a, rows_a), (b, stats_b, rows_b) = out
+    assert len(a) == len(b) > 500 and stats_a == stats_b
+    assert [e.epoch_start_s for e in a] == [e.epoch_start_s for e in b]
+    np.testing.assert_array_equal(rows_a, rows_b)
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+def test_restart_rebuilds_each_stream_from_the_database(tmp_path, night_pushes, uninterrupted):
+    """In process: stop after some pushes (another wearer across a 7 h gap: a new night), start a new
+    service on the same database, continue; the answers equal an uninterrupted run."""
+    pushes, start, end, _ = night_pushes
+    half = len(pushes) // 2
+    db = tmp_path / "s.db"
+    gap = 7 * 3600.0
+    shifted = [{k: [[r[0] + gap, *r[1:]] for r in rows] for k, rows in body.items()} for body in pushes]
+    with TestClient(serve.create_app(make_service(db))) as client:
+        epochs = client.post("/v1/wearers/w1/flush", json={"now": start}).json()["epochs"]
+        for body in pushes[:half]:
+            epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+        other = []
+        for body in pushes[:3] + shifted[:half]:  # a short night, 7 h off, then half of the next
+            other += client.post("/v1/wearers/w2/readings", json=body).json()["epochs"]
+    with TestClient(serve.create_app(make_service(db))) as client:
+        assert client.get("/healthz").json()["wearers"] == 2
+        for body in pushes[half:]:
+            epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+        epochs += client.post("/v1/wearers/w1/flush", json={"now": end}).json()["epochs"]
+        for body in shifted[half:]:
+            other += client.post("/v1/wearers/w2/readings", json=body).json()["epochs"]
+        stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
+    assert epochs == stored
+    assert_same_epochs(epochs, uninterrupted)
+    with TestClient(serve.create_app(make_service(tmp_path / "fresh.db"))) as client:
+        expected = []
+        for body in pushes[:3] + shifted:
+            expected += client.post("/v1/wearers/w2/readings", json=body).json()["epochs"]
+    assert_same_epochs(other, expected)
+
+
+def test_sigkill_mid_night_loses_nothing(tmp_path, night_pushes, uninterrupted):
+    """A real server process killed with SIGKILL between pushes; the restarted one continues the night."""
+    pushes, start, end, _ = night_pushes
+    db = tmp_path / "crash.db"
+    kill_after = len(pushes) // 3
+    server = ServerProcess(db)
+    epochs = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            epochs += client.post("/v1/wearers/w1/flush", json={"now": start}).json()["epochs"]
+            for body in pushes[:kill_after]:
+                epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+    finally:
+        server.stop(signal.SIGKILL)
+    assert server.process.returncode == -signal.SIGKILL
+    server = ServerProcess(db)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for body in pushes[kill_after:]:
+                epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+            epochs += client.post("/v1/wearers/w1/flush", json={"now": end}).json()["epochs"]
+            stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
+    finally:
+        server.stop()
+    starts = [e["epoch_start"] for e in epochs]
+    assert len(starts) == len(set(starts)) == len(uninterrupted)  # none missing, none twice
+    assert_same_epochs(epochs, uninterrupted)
+    assert stored == epochs
+    assert "Traceback" not in server.log.read_text()
