@@ -45,15 +45,17 @@ COPY . .
 # the checkpoint folders (train.py / train_hybrid.py default to checkpoints/<arch>_<mode>/).
 # Files written by the training scripts are mode 0600, so everything copied in is made
 # world-readable: otherwise the user could not read the shipped checkpoints.
-RUN mkdir -p /app/out /app/runs /app/checkpoints \
+RUN mkdir -p /app/out /app/runs /app/checkpoints /app/db \
  && find /app \( ! -perm -o=r -o \( -type d ! -perm -o=x \) \) -exec chmod a+rX {} + \
  && find /app/checkpoints -type d -exec chown app:app {} + \
- && chown app:app /app/out /app/runs
+ && chown app:app /app/out /app/runs /app/db
 # numeric, so the runtime (and Kubernetes' runAsNonRoot) can tell it is not root
 USER 1000:1000
 
-# /app/data: the bundled data (a host mount replaces it); /app/out, /app/runs: outputs.
-# /app/checkpoints is deliberately not a volume: the shipped checkpoints must stay visible.
-VOLUME ["/app/data", "/app/out", "/app/runs"]
+# /app/data: the bundled data (a host mount replaces it); /app/out, /app/runs: outputs; /app/db: the
+# service's database. /app/checkpoints is deliberately not a volume: the shipped checkpoints must stay visible.
+VOLUME ["/app/data", "/app/out", "/app/runs", "/app/db"]
+# serve.py's port (docker-compose --profile serve up serve)
+EXPOSE 8000
 
 CMD ["python", "inference_hybrid.py"]

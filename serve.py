@@ -263,6 +263,9 @@ class Service:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        for queues in self.subscribers.values():  # end the live feeds
+            for queue in queues:
+                queue.put_nowait(None)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -546,8 +549,8 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
                     last = row.epoch_start
             while True:
                 epoch = await queue.get()
-                if epoch is None:
-                    await websocket.close(code=1013, reason="too slow: reconnect with ?since=")
+                if epoch is None:  # too slow a reader, or the server stopping
+                    await websocket.close(code=1013, reason="try again later, with ?since=")
                     return
                 if epoch["epoch_start"] > last:
                     await websocket.send_text(orjson.dumps(epoch).decode())
@@ -612,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(service, args.token)
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (database {args.db})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=5)  # live pages keep their WebSockets open
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -394,3 +395,74 @@ def test_sigkill_mid_night_loses_nothing(tmp_path, night_pushes, uninterrupted):
     assert_same_epochs(epochs, uninterrupted)
     assert stored == epochs
     assert "Traceback" not in server.log.read_text()
+
+
+# ----------------------------------------------------------------------------- the live page, in a browser
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_pushes):
+    """The page (token passed in the URL) shows the stored epochs, "no data" for the watch-off stretch,
+    and new epochs as they close. SCREENSHOT_OUT=path saves what it shows (docs/img/live_page.png)."""
+    from playwright.sync_api import sync_playwright
+    pushes, start, _, _ = night_pushes
+    # the watch off for ~25 minutes after the first third of the night
+    cut = len(pushes) // 3
+    resume = next(i for i in range(cut, len(pushes))
+                  if min(r[0] for rows in pushes[i].values() for r in rows) > min(
+                      r[0] for rows in pushes[cut].values() for r in rows) + 1500)
+    shown = pushes[:cut] + pushes[resume:resume + len(pushes) // 3]
+    server = ServerProcess(tmp_path / "page.db", token="tok")
+    headers = {"Authorization": "Bearer tok"}
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers=headers) as client:
+            epochs = client.post("/v1/wearers/night-1/flush", json={"now": start}).json()["epochs"]
+            for body in shown:
+                epochs += client.post("/v1/wearers/night-1/readings", json=body).json()["epochs"]
+            n_no_data = sum(e["stage"] < 0 for e in epochs)
+            assert n_no_data >= 20
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                page = browser.new_page(viewport={"width": 1100, "height": 720})
+                errors = []
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(f"{server.url}/?wearer=night-1#token=tok")
+                page.wait_for_function(f"document.getElementById('epoch-count').textContent === '{len(epochs)}'",
+                                       timeout=30_000)
+                assert page.inner_text("#no-data") == f"{n_no_data / 2:g} min"
+                last = epochs[-1]
+                assert page.inner_text("#last-stage").startswith(last["stage_name"])
+                assert "night-1" in page.inner_text("#wearer")
+                # live: the next pushes' epochs appear without a reload
+                more = []
+                for body in pushes[resume + len(pushes) // 3:][:4]:
+                    more += client.post("/v1/wearers/night-1/readings", json=body).json()["epochs"]
+                assert more
+                page.wait_for_function("document.getElementById('epoch-count').textContent === "
+                                       f"'{len(epochs) + len(more)}'", timeout=30_000)
+                assert page.inner_text("#status") == "watching night-1"
+                assert not errors, errors
+                if os.environ.get("SCREENSHOT_OUT"):
+                    page.screenshot(path=os.environ["SCREENSHOT_OUT"])
+                browser.close()
+    finally:
+        server.stop()
+
+
+def test_compose_serve_service_fits_the_script():
+    import yaml
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["serve"]
+    assert service["profiles"] == ["serve"]
+    command = service["command"].split()
+    assert command[:2] == ["python", "serve.py"]
+    args = serve.build_parser().parse_args(command[2:])  # SystemExit on an unknown flag
+    assert args.host == "0.0.0.0" and serve.TOKEN_ENV in service["environment"]  # so a token is required
+    assert service["ports"] == [f"127.0.0.1:${{SERVE_PORT:-8000}}:{args.port}"]
+    volume, target = service["volumes"][0].split(":")
+    assert volume in compose["volumes"] and args.db.startswith(target + "/")
+    assert f"127.0.0.1:{args.port}/healthz" in " ".join(service["healthcheck"]["test"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert target in dockerfile.split("VOLUME")[-1].splitlines()[0] and f"EXPOSE {args.port}" in dockerfile
