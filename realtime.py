@@ -327,13 +327,18 @@ class StreamingStager:
         """Valid readings without a jump; clock_before[i]: the clock when reading i arrives."""
         stats = self.stats
         epoch = np.floor((t - self.start_s) / EPOCH_S).astype(np.int64)
-        with np.errstate(invalid="ignore"):
-            closed = np.floor((clock_before - self.max_delay_s - self.start_s) / EPOCH_S)
-        closed = np.maximum(np.nan_to_num(closed, neginf=0.0), self.n_closed).astype(np.int64)
-        before = epoch < 0
-        late = ~before & (epoch < closed)
-        stats["before_start"] += int(before.sum())
-        stats["late"] += int(late.sum())
+        if t[0] >= max(clock_before[0], self.start_s) and (len(t) == 1 or bool((t[1:] >= t[:-1]).all())):
+            # in time order from the clock on (the usual live push): none is before the start or late, as
+            # an epoch closes only once the clock passes its end
+            before = late = np.zeros(len(t), dtype=bool)
+        else:
+            with np.errstate(invalid="ignore"):
+                closed = np.floor((clock_before - self.max_delay_s - self.start_s) / EPOCH_S)
+            closed = np.maximum(np.nan_to_num(closed, neginf=0.0), self.n_closed).astype(np.int64)
+            before = epoch < 0
+            late = ~before & (epoch < closed)
+            stats["before_start"] += int(before.sum())
+            stats["late"] += int(late.sum())
         if kind == "steps":  # the steps span counts every valid reading, as offline the whole file
             lo, hi = float(t.min()), float(t.max())
             self._steps_span = [lo, hi] if self._steps_span is None else [min(self._steps_span[0], lo),
@@ -356,9 +361,13 @@ class StreamingStager:
 
     def _store(self, kind: str, t: np.ndarray, v: np.ndarray, epoch: np.ndarray) -> None:
         buffers = self._buffers[kind]
-        first = np.zeros(len(t), dtype=bool)
-        first[np.unique(t, return_index=True)[1]] = True  # within the call, the first of equal timestamps
-        for e in np.unique(epoch):
+        if epoch[0] == epoch[-1] and (len(t) == 1 or bool((t[1:] > t[:-1]).all())):
+            first, epochs = np.ones(len(t), dtype=bool), epoch[:1]  # one epoch, no timestamp twice
+        else:
+            first = np.zeros(len(t), dtype=bool)
+            first[np.unique(t, return_index=True)[1]] = True  # within the call, the first of equal timestamps
+            epochs = np.unique(epoch)
+        for e in epochs:
             sel = epoch == e
             buffer = buffers.get(int(e))
             if buffer is None:
