@@ -27,6 +27,7 @@ import asyncio
 import gc
 import json
 import os
+import shlex
 import socket
 import sqlite3
 import subprocess
@@ -83,9 +84,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, db: Path, checkpoint: str) -> subprocess.Popen:
+def start_server(port: int, db: Path, checkpoint: str, extra_args: list[str]) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), "--db", str(db),
-                                "--checkpoint", checkpoint], cwd=ROOT, stdout=subprocess.DEVNULL)
+                                "--checkpoint", checkpoint, *extra_args], cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
@@ -231,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--data-dir", default=str(dl.DEFAULT_DATA_DIR))
     parser.add_argument("--fast-path-rounds", type=int, default=10)
+    parser.add_argument("--serve-args", default="", help='extra serve.py flags, e.g. "--threads 2"')
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if args.wearers < 1 or args.seconds <= 0 or args.batch_wearers < 1:
         parser.error("--wearers, --seconds and --batch-wearers must be positive")
     data_dir = Path(args.data_dir)
     nights = night_bodies(data_dir)
-    report: dict = {"wearers": args.wearers, "checkpoint": args.checkpoint}
+    report: dict = {"wearers": args.wearers, "checkpoint": args.checkpoint, "serve_args": args.serve_args}
 
     # the in-process fast path first, on its own (nothing else running)
     model, scaler, checkpoint = load_model_from_checkpoint(args.checkpoint)
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             db = Path(tmp) / f"{mode}.db"
             port = free_port()
-            server = start_server(port, db, args.checkpoint)
+            server = start_server(port, db, args.checkpoint, shlex.split(args.serve_args))
             try:
                 wearers = [f"load-{mode}-{w:05d}" for w in range(args.wearers)]
                 speedup = args.speedup_single if mode == "single" else args.speedup_batch

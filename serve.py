@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import hmac
 import ipaddress
@@ -49,6 +50,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 import data_loader as dl
 import features
 from checkpoint import ARCHITECTURES, load_model_from_checkpoint
+from evaluation import single_thread
 from realtime import KINDS, StagedEpoch, StagerPool, new_stats, stage_pending, time_ordered_runs
 from serve_store import EpochRow, Event, ServiceStore, WearerRow
 from sleep_metrics import sleep_metrics
@@ -229,7 +231,7 @@ class Service:
                  max_body_bytes: int = 8 << 20, batch_interval_s: float = 0.02):
         self.checkpoint_path = str(checkpoint)
         model, scaler, ckpt = load_model_from_checkpoint(checkpoint)
-        self.pool = StagerPool(model, scaler, ckpt, start_s=None, max_delay_s=max_delay_s)
+        self.pool = StagerPool(model, scaler, ckpt, batch_size=128, start_s=None, max_delay_s=max_delay_s)
         self.store = ServiceStore(db)
         self.max_body_bytes, self.batch_interval_s = max_body_bytes, batch_interval_s
         self.metrics = Metrics()
@@ -242,6 +244,7 @@ class Service:
         self.failed: str | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._checkpointer: asyncio.Task | None = None
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -270,17 +273,27 @@ class Service:
         gc.freeze()
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
+        self._checkpointer = asyncio.create_task(self._checkpoint_every(5.0))
+
+    async def _checkpoint_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await asyncio.to_thread(self.store.checkpoint)
+            except Exception as error:  # the log just grows until the next try
+                log.warning("WAL checkpoint failed: %s", error)
 
     async def stop(self) -> None:
         for queues in self.subscribers.values():  # end the live feeds
             for queue in queues:
                 queue.put_nowait(None)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._checkpointer):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         self.store.close()
 
     async def submit(self, works: list[Work]) -> list[dict]:
@@ -349,8 +362,11 @@ class Service:
     async def _stage_and_store(self, jobs: list[Job], events: list[Event], owners: list, pending: list,
                                wearer_rows: list[WearerRow]) -> None:
         pool = self.pool
-        staged = stage_pending(pool.model, pool.scaler, int(pool.checkpoint["target_pos"]), pending,
-                               pool.batch_size) if pending else []
+        # a small batch runs on one torch thread (idle intra-op threads would spin on the cores the web
+        # server needs); a large one is split across threads (evaluation.in_parallel)
+        with single_thread() if len(pending) < 2 * pool.batch_size else contextlib.nullcontext():
+            staged = stage_pending(pool.model, pool.scaler, int(pool.checkpoint["target_pos"]), pending,
+                                   pool.batch_size) if pending else []
         by_wearer: dict[str, list[StagedEpoch]] = {}
         for wearer, epoch in zip(owners, staged):
             by_wearer.setdefault(wearer, []).append(epoch)
@@ -613,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="at most one model call per this many ms (default 20): bigger batches, less CPU, "
                              "up to that much added latency")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for the model call (default 1: the batches are small, and idle intra-op "
-                             "threads spin on cores the web server needs)")
+                        help="torch threads for batches of 256+ epochs (default 1; 2 helps gateways that send "
+                             "hundreds of wearers per request, but adds tail latency to many small requests)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 

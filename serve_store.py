@@ -66,6 +66,9 @@ class ServiceStore:
         # the writer is used by one thread at a time (the batcher's), not always the same one
         self._writer = self._connect(check_same_thread=False)
         self._writer.executescript(SCHEMA)
+        # the writer never checkpoints (copying the WAL into the database file would stall the commit
+        # that happens to trigger it); checkpoint() does it from another connection, off the event loop
+        self._writer.execute("PRAGMA wal_autocheckpoint=0")
         self._local = threading.local()
 
     def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -109,6 +112,10 @@ class ServiceStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file without blocking the writer (PASSIVE)."""
+        self._reader().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # ------------------------------------------------------------------ reading (any thread)
 
