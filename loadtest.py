@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     recorded = [recorded_night(data_dir, n) for n in dl.load_nights(data_dir, cache_dir=None)]
     fast = bench_batched(model, scaler, checkpoint, recorded, args.wearers, args.fast_path_rounds, 2, [1])
     report["in_process"] = {"stager_batch_wearer_epochs_per_s": fast["vectorised"]["wearer_epochs_per_s"],
-                            "stager_pool_wearer_epochs_per_s": fast["pool"]["wearer_epochs_per_s"]}
+                            "stager_pool_wearer_epochs_per_s": fast["pool"]["wearer_epochs_per_s"],
+                            "model_call_only_wearer_epochs_per_s": fast["model_only"]["wearer_epochs_per_s"]}
 
     modes = ["single", "batch"] if args.mode == "both" else [args.mode]
     gc.collect()

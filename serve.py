@@ -629,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="at most one model call per this many ms (default 20): bigger batches, less CPU, "
                              "up to that much added latency")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for batches of 256+ epochs (default 1; 2 helps gateways that send "
-                             "hundreds of wearers per request, but adds tail latency to many small requests)")
+                        help="torch threads for batches of 256+ epochs (default 1; smaller batches always use one: "
+                             "idle intra-op threads spin on the cores the web server needs)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
