@@ -29,21 +29,25 @@ import contextlib
 import gc
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, Response
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -51,7 +55,7 @@ import data_loader as dl
 import features
 from checkpoint import ARCHITECTURES, load_model_from_checkpoint
 from evaluation import single_thread
-from realtime import KINDS, StagedEpoch, StagerPool, new_stats, stage_pending, time_ordered_runs
+from realtime import KINDS, StagedEpoch, StagerPool, StreamingStager, new_stats, stage_pending, time_ordered_runs
 from serve_store import EpochRow, Event, ServiceStore, WearerRow
 from sleep_metrics import sleep_metrics
 
@@ -63,6 +67,7 @@ WEARER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SIGNALS = {"heart_rate": ("heart_rate", ("bpm",)), "counts": ("counts", ("count",)),
            "acceleration": ("motion", ("x", "y", "z")), "steps": ("steps", ("steps",))}  # API name: (stream kind, values)
 MIN_TIME_S, MAX_TIME_S = 0.0, 1e10   # Unix seconds, 1970 to 2286: milliseconds (~1.7e12) are refused
+MAX_AHEAD_S = 24 * 3600.0            # and anything more than a day ahead of this server's clock
 STAGE_NAMES = {-1: "no data", **dict(enumerate(dl.STAGE_NAMES))}
 DROP_REASONS = ("late", "before_start", "duplicates", "non_finite", "out_of_range", "ignored_counts")
 TOKEN_ENV = "SLEEP_STAGING_TOKEN"
@@ -92,6 +97,8 @@ def parse_time(value: Any, where: str) -> float:
     if not MIN_TIME_S <= seconds <= MAX_TIME_S:
         hint = " (milliseconds? send seconds)" if seconds > MAX_TIME_S else ""
         raise BadInput(f"{where}: {value!r} is not a plausible time in Unix seconds{hint}")
+    if seconds > time.time() + MAX_AHEAD_S:  # would start a night in the future and stall the wearer's stream
+        raise BadInput(f"{where}: {value!r} is more than {MAX_AHEAD_S / 3600:g} h ahead of this server's clock")
     return seconds
 
 
@@ -109,7 +116,7 @@ def check_wearer_id(wearer_id: str) -> str:
 def parse_readings(body: Any, where: str = "") -> list[tuple[str, np.ndarray]]:
     """A readings body → [(stream kind, rows (n, 1 + values): t, value...)], one entry per signal given."""
     if not isinstance(body, dict):
-        raise BadInput(f"{where or 'body'}: expected a JSON object with any of {', '.join(SIGNALS)}")
+        raise BadInput(f"{where.rstrip('.') or 'body'}: expected a JSON object with any of {', '.join(SIGNALS)}")
     out = []
     for name, value in body.items():
         if name not in SIGNALS:
@@ -142,10 +149,35 @@ def parse_flush(body: Any) -> float:
     return parse_time(body["now"], "now")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number in JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float")
+    return value
+
+
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, refusing bodies over max_bytes before reading them whole."""
+    """The request's JSON body (Content-Type application/json), refusing bodies over max_bytes before
+    reading them whole, and objects with a key twice (the standard library parser: it can say so)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        # also keeps other web sites' pages from posting readings (a form post cannot send this type)
+        raise BadInput(f"Content-Type must be application/json, got {content_type or 'none'!r}", 415)
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+    if declared is not None and not declared.isdigit():
+        raise BadInput(f"Content-Length {declared[:20]!r} is not a number", 400)
+    if declared is not None and int(declared) > max_bytes:
         raise BadInput(f"body of {declared} bytes is over the limit of {max_bytes} bytes", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -154,15 +186,16 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             raise BadInput(f"body is over the limit of {max_bytes} bytes", 413)
         chunks.append(chunk)
     try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError as error:
+        return json.loads(b"".join(chunks), object_pairs_hook=_object, parse_constant=_no_constant,
+                          parse_float=_finite)
+    except ValueError as error:  # JSONDecodeError, bad UTF-8, a duplicate key, NaN, 1e400
         raise BadInput(f"malformed JSON: {error}", 400) from None
 
 
 # ----------------------------------------------------------------------------- the service
 
 class Work(NamedTuple):
-    """One wearer's part of a request: readings runs in time order, or a flush."""
+    """One wearer's part of a request: its readings by signal (parse_readings), or a flush."""
     wearer_id: str
     runs: list[tuple[str, np.ndarray]]
     flush_s: float | None = None
@@ -172,6 +205,16 @@ class Job(NamedTuple):
     """A request waiting for the batcher: per work, (wearer, epochs it closed, its stats)."""
     results: list[tuple[str, int, dict]]
     future: asyncio.Future
+
+
+LIVE_QUEUE = 1000  # epochs a live client may fall behind before it is dropped (it resumes with ?since=)
+
+
+def end_feed(queue: asyncio.Queue) -> None:
+    """End a live feed: drop what it holds, then the end marker."""
+    while not queue.empty():
+        queue.get_nowait()
+    queue.put_nowait(None)
 
 
 def epoch_json(epoch: StagedEpoch | EpochRow) -> dict:
@@ -186,12 +229,20 @@ def epoch_json(epoch: StagedEpoch | EpochRow) -> dict:
             "probabilities": probabilities}
 
 
-def merged_runs(runs: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-    """All signals of one push in timestamp order (stable; grouped by epoch, which gives the same), as runs of
-    one signal each."""
-    # the service's epochs are on the 30 s grid; a push within one epoch (the usual one) needs no merge
+def merged_runs(runs: list[tuple[str, np.ndarray]], stager: StreamingStager) -> list[tuple[str, np.ndarray]]:
+    """All signals of one push in timestamp order (stable), as runs of one signal each, for this stager.
+
+    When no reading can start a new night (none more than max_gap_s after the stager's clock), the runs
+    are grouped by epoch instead, which gives the same result in fewer stream calls
+    (realtime.time_ordered_runs); the service's epochs are on the 30 s grid."""
     times = [t for _, rows in runs for t in rows[:, 0].tolist()]
-    if times and math.floor(min(times) / features.EPOCH_S) == math.floor(max(times) / features.EPOCH_S):
+    if not times:
+        return []
+    known = [x for x in (stager.clock, stager.start_s) if x is not None]
+    reference = max(known) if known else math.floor(min(times) / features.EPOCH_S) * features.EPOCH_S
+    if max(times) - reference > stager.max_gap_s:
+        return list(time_ordered_runs(dict(runs)))
+    if math.floor(min(times) / features.EPOCH_S) == math.floor(max(times) / features.EPOCH_S):  # the usual push
         out = []
         for kind, rows in sorted(runs, key=lambda run: KINDS.index(run[0])):
             t = rows[:, 0].tolist()
@@ -228,7 +279,7 @@ class Service:
     """The wearers' streams (one StagerPool), the database and the batcher that joins them."""
 
     def __init__(self, checkpoint: str | Path, db: str | Path, *, max_delay_s: float = 0.0,
-                 max_body_bytes: int = 8 << 20, batch_interval_s: float = 0.02):
+                 max_body_bytes: int = 8 << 20, batch_interval_s: float = 0.02, on_failure=None):
         self.checkpoint_path = str(checkpoint)
         model, scaler, ckpt = load_model_from_checkpoint(checkpoint)
         self.pool = StagerPool(model, scaler, ckpt, batch_size=128, start_s=None, max_delay_s=max_delay_s)
@@ -242,21 +293,29 @@ class Service:
         self._events: list[Event] = []
         self._touched: set[str] = set()
         self.failed: str | None = None
+        self.on_failure = on_failure
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._checkpointer: asyncio.Task | None = None
         self.rebuild()
 
     def rebuild(self) -> None:
-        """Each stored wearer's stream, replayed from the first event of its current night."""
-        for wearer in self.store.wearers():
+        """Each stored wearer's stream, replayed from the first event of its current night (no model call:
+        those epochs were staged and stored before the restart)."""
+        wearers, started, n_events = self.store.wearers(), time.perf_counter(), 0
+        for i, wearer in enumerate(wearers):
             for event in self.store.events(wearer.wearer_id, wearer.night_seq):
                 self._apply(event.wearer_id, event.kind, event.rows)
+                n_events += 1
             self.next_seq[wearer.wearer_id], self.night_seq[wearer.wearer_id] = wearer.next_seq, wearer.night_seq
-        self.pool.take_pending()  # those epochs were staged and stored before the restart
+            if (i + 1) % 100 == 0:
+                self.pool.take_pending()
+                log.info("rebuilding streams: %d of %d wearers", i + 1, len(wearers))
+        self.pool.take_pending()
         self.metrics.wearers.set(len(self.pool))
-        if len(self.pool):
-            log.info("rebuilt %d wearers' streams from %s", len(self.pool), self.store.path)
+        if wearers:
+            log.info("rebuilt %d wearers' streams (%d stored events) from %s in %.1f s", len(wearers), n_events,
+                     self.store.path, time.perf_counter() - started)
 
     def _apply(self, wearer_id: str, kind: str, rows: np.ndarray) -> None:
         if kind == "flush":
@@ -286,7 +345,10 @@ class Service:
     async def stop(self) -> None:
         for queues in self.subscribers.values():  # end the live feeds
             for queue in queues:
-                queue.put_nowait(None)
+                end_feed(queue)
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.set_exception(HTTPException(503, "the service is shutting down"))
         for task in (self._task, self._checkpointer):
             if task is not None:
                 task.cancel()
@@ -302,7 +364,11 @@ class Service:
         if self.failed is not None:
             raise HTTPException(503, f"the service stopped accepting readings after a storage failure "
                                      f"({self.failed}); restart it: it rebuilds from the database")
-        results = [self._ingest(work) for work in works]
+        try:
+            results = [self._ingest(work) for work in works]
+        except Exception as error:  # a stream half-updated: only a rebuild from the database is sure
+            self._fail(error)
+            raise HTTPException(503, f"staging failed: {self.failed}") from None
         future = asyncio.get_running_loop().create_future()
         self._jobs.append(Job(results, future))
         self._wake.set()
@@ -313,7 +379,7 @@ class Service:
         stager = self.pool[wearer]
         before_stats, before_waiting = dict(stager.stats), stager.n_waiting
         first_seq = seq = self.next_seq.get(wearer, 0)
-        for kind, rows in work.runs:
+        for kind, rows in merged_runs(work.runs, stager):
             self._apply(wearer, kind, rows)
             self._events.append(Event(wearer, seq, kind, rows))
             seq += 1
@@ -345,19 +411,26 @@ class Service:
             if not jobs:
                 continue
             t0 = time.perf_counter()
-            owners, pending = self.pool.take_pending()
-            wearer_rows = [WearerRow(w, self.night_seq[w], self.next_seq[w]) for w in touched]
             try:
+                owners, pending = self.pool.take_pending()
+                wearer_rows = [WearerRow(w, self.night_seq[w], self.next_seq[w]) for w in touched]
                 await self._stage_and_store(jobs, events, owners, pending, wearer_rows)
                 self.metrics.batch_seconds.observe(time.perf_counter() - t0)
             except Exception as error:
-                # the streams in memory are now ahead of the database: refuse further readings until a
-                # restart rebuilds them from what was stored (healthz turns 503, so a supervisor restarts)
-                self.failed = f"{type(error).__name__}: {error}"
-                log.critical("storing a batch of %d requests failed: %s", len(jobs), self.failed)
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(HTTPException(503, f"storing failed: {self.failed}"))
+                self._fail(error, jobs)
+
+    def _fail(self, error: Exception, jobs: list[Job] = ()) -> None:
+        """The streams in memory are now ahead of the database: refuse further readings and let a restart
+        rebuild them from what was stored (on_failure: serve.py ends the process; /healthz says 503)."""
+        if self.failed is None:
+            self.failed = f"{type(error).__name__}: {error}"
+            log.critical("staging or storing failed, no more readings accepted: %s", self.failed)
+        for job in [*jobs, *self._jobs]:
+            if not job.future.done():
+                job.future.set_exception(HTTPException(503, f"staging or storing failed: {self.failed}"))
+        self._jobs = []
+        if self.on_failure is not None:
+            self.on_failure()
 
     async def _stage_and_store(self, jobs: list[Job], events: list[Event], owners: list, pending: list,
                                wearer_rows: list[WearerRow]) -> None:
@@ -413,10 +486,20 @@ class Service:
                 for epoch in epochs:
                     try:
                         queue.put_nowait(epoch_json(epoch))
-                    except asyncio.QueueFull:  # a client that stopped reading: drop it
-                        self.subscribers[wearer].discard(queue)
-                        queue.put_nowait(None) if queue.empty() else None
+                    except asyncio.QueueFull:  # a client that stopped reading: end its feed
+                        self.unsubscribe(wearer, queue)
+                        end_feed(queue)
                         break
+
+    def subscribe(self, wearer_id: str, queue: asyncio.Queue) -> None:
+        self.subscribers.setdefault(wearer_id, set()).add(queue)
+
+    def unsubscribe(self, wearer_id: str, queue: asyncio.Queue) -> None:
+        queues = self.subscribers.get(wearer_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self.subscribers[wearer_id]
 
     # ------------------------------------------------------------------ reading back
 
@@ -459,8 +542,9 @@ class Timing:
             self.histogram.labels(path).observe(time.perf_counter() - start)
 
 
-def create_app(service: Service, token: str | None = None) -> FastAPI:
-    """The FastAPI app around a service; with a token, every API and WebSocket request needs it."""
+def create_app(service: Service, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The FastAPI app around a service; with a token, every API and WebSocket request needs it.
+    allowed_hosts: the Host headers served (others get 400), against DNS rebinding when there is no token."""
 
     async def lifespan(app: FastAPI):
         await service.start()
@@ -470,6 +554,8 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     app = FastAPI(title="sleep-staging", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     plain_routes: dict = {}
     app.add_middleware(Timing, histogram=service.metrics.latency, paths=plain_routes)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     expected = f"Bearer {token}".encode() if token else None
 
     def authorized(header: str | None) -> bool:
@@ -505,7 +591,7 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     async def push(request: Request):
         require_token(request)
         wearer_id = check_wearer_id(request.path_params["wearer_id"])
-        runs = merged_runs(parse_readings(await read_json(request, service.max_body_bytes)))
+        runs = parse_readings(await read_json(request, service.max_body_bytes))
         (answer,) = await service.submit([Work(wearer_id, runs)])
         return json_response(answer)
 
@@ -517,7 +603,7 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         works = []
         for wearer_id, readings in body.items():
             check_wearer_id(wearer_id)
-            works.append(Work(wearer_id, merged_runs(parse_readings(readings, f"{wearer_id}."))))
+            works.append(Work(wearer_id, parse_readings(readings, f"{wearer_id}.")))
         answers = await service.submit(works) if works else []
         return json_response({work.wearer_id: answer for work, answer in zip(works, answers)})
 
@@ -570,9 +656,23 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         except BadInput as error:
             await websocket.close(code=1008, reason=str(error.detail)[:120])
             return
+        origin = websocket.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != websocket.headers.get("host"):
+            await websocket.close(code=1008, reason="cross-origin live feeds are refused")  # another site's page
+            return
         await websocket.accept()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=100_000)
-        service.subscribers.setdefault(wearer_id, set()).add(queue)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=LIVE_QUEUE)
+        service.subscribe(wearer_id, queue)
+
+        async def watch_for_close() -> None:  # a client that goes away ends its feed now, not at the next epoch
+            try:
+                while (await websocket.receive())["type"] != "websocket.disconnect":
+                    pass
+            except (WebSocketDisconnect, RuntimeError):
+                pass
+            end_feed(queue)
+
+        watcher = asyncio.create_task(watch_for_close())
         try:
             last = -math.inf
             if since_s is not None:  # the backlog first; subscribed already, so nothing falls in between
@@ -581,15 +681,17 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
                     last = row.epoch_start
             while True:
                 epoch = await queue.get()
-                if epoch is None:  # too slow a reader, or the server stopping
-                    await websocket.close(code=1013, reason="try again later, with ?since=")
+                if epoch is None:  # gone, too slow a reader, or the server stopping
+                    if not watcher.done():
+                        await websocket.close(code=1013, reason="try again later, with ?since=")
                     return
                 if epoch["epoch_start"] > last:
                     await websocket.send_text(orjson.dumps(epoch).decode())
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            service.subscribers.get(wearer_id, set()).discard(queue)
+            watcher.cancel()
+            service.unsubscribe(wearer_id, queue)
 
     return app
 
@@ -646,13 +748,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
+    def end_process() -> None:  # a supervisor (Docker's restart policy, systemd) starts it again
+        print("serve.py: stopping after a staging or storage failure; restart it to rebuild the streams from "
+              f"{args.db}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     try:
         service = Service(args.checkpoint, args.db, max_delay_s=args.max_delay,
-                          max_body_bytes=int(args.max_body_mb * (1 << 20)), batch_interval_s=args.batch_ms / 1000.0)
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)), batch_interval_s=args.batch_ms / 1000.0,
+                          on_failure=end_process)
     except (OSError, ValueError, KeyError) as error:
         print(f"serve.py: {error}", file=sys.stderr)
         return 2
-    app = create_app(service, args.token)
+    # without a token, answer only to this machine's names: a web page elsewhere cannot rebind a DNS name to us
+    hosts = None if args.token else sorted({"127.0.0.1", "localhost", args.host})
+    app = create_app(service, args.token, hosts)
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (database {args.db})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5)  # live pages keep their WebSockets open

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -231,13 +232,16 @@ BAD = [  # (body bytes or JSON, expected status, words the message must contain)
     ({"heart_rate": [["yesterday", 60]]}, 422, ["heart_rate[0][0]", "ISO-8601"]),
     ({"heart_rate": [[1767225600, 60]], "spo2": []}, 422, ["spo2", "unknown field"]),
     (b'{"counts": [[1767225600, 1e400]]}', 400, ["malformed JSON"]),
+    (b'{"heart_rate": [], "counts": [], "heart_rate": []}', 400, ["malformed JSON", "'heart_rate' appears twice"]),
+    ({"heart_rate": [[time.time() + 3 * 86400, 60]]}, 422, ["heart_rate[0][0]", "ahead of this server's clock"]),
 ]
 
 
 @pytest.mark.parametrize("body, status, words", BAD, ids=range(len(BAD)))
 def test_bad_input_is_a_4xx_naming_the_field(tmp_path, body, status, words):
     with TestClient(serve.create_app(make_service(tmp_path / "s.db")), raise_server_exceptions=True) as client:
-        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        kwargs = ({"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes)
+                  else {"json": body})
         response = client.post("/v1/wearers/w/readings", **kwargs)
         assert response.status_code == status, response.text
         detail = response.json()["detail"]
@@ -267,6 +271,12 @@ def test_other_bad_requests(tmp_path):
         assert response.status_code == 422 and "then" in response.json()["detail"]
         response = client.get("/v1/wearers/w/epochs", params={"since": "soon"})
         assert response.status_code == 422 and "since" in response.json()["detail"]
+        # a form post (what another web site's page can send without asking) is refused
+        response = client.post("/v1/wearers/w/readings", content=b'{"heart_rate": []}',
+                               headers={"Content-Type": "text/plain"})
+        assert response.status_code == 415 and "application/json" in response.json()["detail"]
+        response = client.post("/v1/readings", json={"watch-1": [1]})
+        assert response.status_code == 422 and response.json()["detail"].startswith("watch-1: expected a JSON object")
 
 
 def test_the_token_guards_the_api_but_not_the_page(tmp_path):
@@ -466,3 +476,61 @@ def test_compose_serve_service_fits_the_script():
     assert f"127.0.0.1:{args.port}/healthz" in " ".join(service["healthcheck"]["test"])
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert target in dockerfile.split("VOLUME")[-1].splitlines()[0] and f"EXPOSE {args.port}" in dockerfile
+
+
+def test_a_push_that_crosses_a_six_hour_gap_is_taken_in_time_order(tmp_path):
+    """Grouping a push by epoch is only done where no reading can start a new night; here one can."""
+    model, scaler, ckpt = load_model_from_checkpoint(CHECKPOINT)
+    c = BASE_S + 10.0
+    pushes = [{"heart_rate": [[c, 60.0]]},
+              {"counts": [[c + 6 * 3600 - 1, 3.0]], "heart_rate": [[c + 6 * 3600 + 2, 61.0]]},  # one epoch
+              {"heart_rate": [[c + 6 * 3600 + 40, 62.0]]}]
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        answers = [client.post("/v1/wearers/w/readings", json=body).json() for body in pushes]
+    stager = realtime.StreamingStager(model, scaler, ckpt, start_s=None)
+    expected = []
+    for body in pushes:
+        readings = {serve.SIGNALS[name][0]: np.array(rows) for name, rows in body.items()}
+        for kind, rows in realtime.time_ordered_runs(readings):  # one signal run at a time, in time order
+            expected += stager.push(kind, rows[:, 0], *rows[:, 1:].T)
+    assert sum(a["stats"]["new_nights"] for a in answers) == stager.stats["new_nights"] == 0
+    assert [e["epoch_start"] for a in answers for e in a["epochs"]] == [e.epoch_start_s for e in expected]
+    assert len(expected) == 6 * 120 + 1
+
+
+def test_a_storage_failure_stops_taking_readings(tmp_path, monkeypatch):
+    ended = []
+    service = make_service(tmp_path / "s.db", on_failure=lambda: ended.append(True))
+    with TestClient(serve.create_app(service)) as client:
+        assert client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S, 60]]}).status_code == 200
+
+        def full(*args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(service.store, "commit", full)
+        response = client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S + 31, 60]]})
+        assert response.status_code == 503 and "disk is full" in response.json()["detail"]
+        assert ended == [True]
+        health = client.get("/healthz")
+        assert health.status_code == 503 and "disk is full" in health.json()["error"]
+        response = client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S + 62, 60]]})
+        assert response.status_code == 503 and "restart it" in response.json()["detail"]
+    # what was stored before the failure is what a restart rebuilds from
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        answer = client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S + 31, 60]]}).json()
+        assert [e["epoch_start"] for e in answer["epochs"]] == [BASE_S] and answer["stats"]["accepted"] == 1
+
+
+def test_other_sites_and_host_names_are_refused(tmp_path):
+    from starlette.websockets import WebSocketDisconnect
+    service = make_service(tmp_path / "s.db")
+    with TestClient(serve.create_app(service, allowed_hosts=["127.0.0.1", "localhost"])) as client:
+        assert client.get("/healthz").status_code == 400  # Host: testserver (a rebound DNS name, say)
+        assert client.get("http://127.0.0.1/healthz").status_code == 200
+    with TestClient(serve.create_app(make_service(tmp_path / "t.db"))) as client:
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/wearers/w/live", headers={"Origin": "http://evil.example"}) as ws:
+                ws.receive_text()
+        with client.websocket_connect("/v1/wearers/w/live", headers={"Origin": "http://testserver"}) as ws:
+            client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S, 60], [BASE_S + 31, 60]]})
+            assert ws.receive_json()["epoch_start"] == BASE_S
