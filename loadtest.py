@@ -19,6 +19,8 @@ readings sent and acknowledged (the pushes' stats.accepted), epochs lost (expect
 answered) and duplicated (answered twice), checked again against the database, and the
 in-process fast path's rate (stager_batch.StagerBatch, and realtime.StagerPool) on the same
 machine in the same run: the ratio of the two is the figure that travels between machines.
+After each mode it restarts the server on that database and times it until it listens again (the
+rebuild replays every wearer's night so far).
 """
 from __future__ import annotations
 
@@ -271,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                 server.terminate()
                 server.wait(timeout=60)
             result.update(check_database(db, result.pop("_expected"), result.pop("_start")))
+            # a restart on this database: start-up plus replaying every wearer's night so far
+            started = time.perf_counter()
+            server = start_server(free_port(), db, args.checkpoint, shlex.split(args.serve_args))
+            result["restart_to_listening_s"] = time.perf_counter() - started
+            server.terminate()
+            server.wait(timeout=60)
             result["ratio_to_stager_batch"] = (result["wearer_epochs_per_s"]
                                                / report["in_process"]["stager_batch_wearer_epochs_per_s"])
             result["ratio_to_stager_pool"] = (result["wearer_epochs_per_s"]
