@@ -114,7 +114,12 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(timeout=60)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # never leave a server behind
+                self.process.kill()
+                self.process.wait(timeout=30)
+                raise AssertionError("serve.py did not stop within 30 s of SIGTERM:\n" + self.log.read_text())
 
 
 @pytest.fixture(scope="module")
