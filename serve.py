@@ -327,7 +327,7 @@ class Service:
 
     async def start(self) -> None:
         # Everything loaded so far (torch, pandas, the model, the rebuilt streams) lives as long as the
-        # process: keep it out of the collector's full passes, which otherwise stall the loop for ~0.2 s
+        # process: keep it out of the collector's full passes, which otherwise stall the loop (docs/service.md)
         gc.collect()
         gc.freeze()
         self._wake = asyncio.Event()
