@@ -31,7 +31,6 @@ import json
 import os
 import shlex
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import data_loader as dl
 from benchmark import bench_batched, recorded_night
 from checkpoint import load_model_from_checkpoint
 from serve import DEFAULT_CHECKPOINT
+from serve_store import ServiceStore
 
 ROOT = Path(__file__).resolve().parent
 BASE_S = 1_767_225_600.0   # 2026-01-01T00:00:00Z, a multiple of 30 s: the nights keep their epoch grid
@@ -211,11 +211,10 @@ async def run_mode(url: str, mode: str, wearers: list[str], nights, seconds: flo
 
 
 def check_database(db: Path, expected: dict[str, int], start: dict[str, float]) -> dict:
-    """Epochs lost and duplicated as the database holds them (the primary key refuses duplicates)."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
-        stored = {}
-        for wearer, epoch_start in connection.execute("SELECT wearer_id, epoch_start FROM epochs"):
-            stored.setdefault(wearer, []).append(epoch_start)
+    """Epochs lost and unexpected as the database holds them (its primary key refuses duplicates)."""
+    store = ServiceStore(db)
+    stored = {w: [e.epoch_start for e in store.epochs(w)] for w in store.epoch_counts()}
+    store.close()
     lost = sum(len(np.setdiff1d(start[w] + 30.0 * np.arange(n), stored.get(w, []))) for w, n in expected.items())
     extra = sum(len(np.setdiff1d(stored.get(w, []), start[w] + 30.0 * np.arange(n))) for w, n in expected.items())
     return {"db_epochs_lost": int(lost), "db_epochs_unexpected": int(extra)}

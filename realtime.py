@@ -608,11 +608,11 @@ def time_ordered_runs(readings: dict[str, np.ndarray], lo_s: float = -math.inf, 
 
     Pushing the runs in this order is what a live stream of these readings looks like.
     epoch_grid_s: the start of any epoch of the stager they are pushed into. Then readings are merged
-    by epoch instead (within an epoch, one run per signal, each in time order): the stager gives
-    exactly the same result, as an epoch closes only once the clock passes its end (later epochs'
-    readings), a clock jump starts the new night at the same epoch, and the order of readings inside
-    an open epoch does not matter; but it takes two or three pushes per epoch instead of one per
-    alternation of the signals.
+    by epoch instead (within an epoch, one run per signal, each in time order), in two or three pushes
+    per epoch instead of one per alternation of the signals. The stager gives exactly the same result
+    as long as no reading can start a new night (none more than max_gap_s after its clock): an epoch
+    closes only once the clock passes its end (later epochs' readings), and the order of readings
+    inside an open epoch does not matter. A jump, though, is found at whichever reading comes first.
     """
     kinds = [k for k in KINDS if k in readings and len(readings[k])]
     if not kinds:

@@ -55,7 +55,7 @@ import data_loader as dl
 import features
 from checkpoint import ARCHITECTURES, load_model_from_checkpoint
 from evaluation import single_thread
-from realtime import KINDS, StagedEpoch, StagerPool, StreamingStager, new_stats, stage_pending, time_ordered_runs
+from realtime import StagedEpoch, StagerPool, StreamingStager, new_stats, stage_pending, time_ordered_runs
 from serve_store import EpochRow, Event, ServiceStore, WearerRow
 from sleep_metrics import sleep_metrics
 
@@ -240,15 +240,8 @@ def merged_runs(runs: list[tuple[str, np.ndarray]], stager: StreamingStager) -> 
         return []
     known = [x for x in (stager.clock, stager.start_s) if x is not None]
     reference = max(known) if known else math.floor(min(times) / features.EPOCH_S) * features.EPOCH_S
-    if max(times) - reference > stager.max_gap_s:
-        return list(time_ordered_runs(dict(runs)))
-    if math.floor(min(times) / features.EPOCH_S) == math.floor(max(times) / features.EPOCH_S):  # the usual push
-        out = []
-        for kind, rows in sorted(runs, key=lambda run: KINDS.index(run[0])):
-            t = rows[:, 0].tolist()
-            out.append((kind, rows if t == sorted(t) else rows[np.argsort(rows[:, 0], kind="stable")]))
-        return out
-    return list(time_ordered_runs(dict(runs), epoch_grid_s=0.0))
+    grouped = max(times) - reference <= stager.max_gap_s
+    return list(time_ordered_runs(dict(runs), epoch_grid_s=0.0 if grouped else None))
 
 
 class Metrics:
@@ -280,7 +273,6 @@ class Service:
 
     def __init__(self, checkpoint: str | Path, db: str | Path, *, max_delay_s: float = 0.0,
                  max_body_bytes: int = 8 << 20, batch_interval_s: float = 0.02, on_failure=None):
-        self.checkpoint_path = str(checkpoint)
         model, scaler, ckpt = load_model_from_checkpoint(checkpoint)
         self.pool = StagerPool(model, scaler, ckpt, batch_size=128, start_s=None, max_delay_s=max_delay_s)
         self.store = ServiceStore(db)

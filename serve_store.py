@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
+from realtime import N_VALUES
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     wearer_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, received_s REAL NOT NULL,
@@ -125,11 +127,11 @@ class ServiceStore:
 
     def events(self, wearer_id: str, from_seq: int = 0) -> Iterator[Event]:
         """The wearer's events from from_seq on, in order."""
-        widths = {"heart_rate": 2, "counts": 2, "steps": 2, "motion": 4, "flush": 1}
         for seq, kind, data in self._reader().execute(
                 "SELECT seq, kind, data FROM events WHERE wearer_id = ? AND seq >= ? ORDER BY seq",
                 (wearer_id, from_seq)):
-            yield Event(wearer_id, seq, kind, np.frombuffer(data, dtype="<f8").reshape(-1, widths[kind]))
+            width = 1 if kind == "flush" else 1 + N_VALUES[kind]  # t, then the signal's values
+            yield Event(wearer_id, seq, kind, np.frombuffer(data, dtype="<f8").reshape(-1, width))
 
     def epochs(self, wearer_id: str, since_s: float = -np.inf, until_s: float = np.inf) -> list[EpochRow]:
         """The wearer's stored epochs starting at or after since_s (and before until_s), in time order."""

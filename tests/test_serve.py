@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import data_loader as dl
 import realtime
 import serve
+from loadtest import free_port
 from checkpoint import load_model_from_checkpoint
 
 with warnings.catch_warnings():
@@ -79,12 +79,6 @@ def assert_same_epochs(a: list[dict], b: list[dict]) -> None:
         [(e["epoch_start"], e["stage"], e["stage_name"]) for e in b]
     np.testing.assert_allclose(np.array([e["probabilities"] or [np.nan] * 4 for e in a], dtype=float),
                                np.array([e["probabilities"] or [np.nan] * 4 for e in b], dtype=float), atol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
