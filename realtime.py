@@ -617,6 +617,14 @@ def time_ordered_runs(readings: dict[str, np.ndarray], lo_s: float = -math.inf, 
     kinds = [k for k in KINDS if k in readings and len(readings[k])]
     if not kinds:
         return
+    if epoch_grid_s is not None and lo_s == -math.inf and hi_s == math.inf:
+        span = [(float(readings[k][:, 0].min()), float(readings[k][:, 0].max())) for k in kinds]
+        first, last = (math.floor((x - epoch_grid_s) / EPOCH_S) for x in (min(a for a, _ in span), max(b for _, b in span)))
+        if first == last:  # one epoch (a live push): one run per signal, no merge needed
+            for k in kinds:
+                rows = readings[k]
+                yield k, rows if (np.diff(rows[:, 0]) >= 0).all() else rows[np.argsort(rows[:, 0], kind="stable")]
+            return
     t = np.concatenate([readings[k][:, 0] for k in kinds])
     code = np.concatenate([np.full(len(readings[k]), i) for i, k in enumerate(kinds)])
     row = np.concatenate([np.arange(len(readings[k])) for k in kinds])

@@ -337,6 +337,12 @@ def test_grouping_a_push_by_epoch_gives_the_time_ordered_result(small_data_dir):
         out.append((epochs, stager.stats, np.stack(stager.feature_rows)))
     (a, stats_a, rows_a), (b, stats_b, rows_b) = out
     assert len(a) == len(b) > 500 and stats_a == stats_b
+    # a push inside one epoch: one run per signal, each in stable time order
+    one = {"counts": np.array([[45.0, 1], [31.0, 2]]), "heart_rate": np.array([[40.0, 60], [33.0, 61], [40.0, 62]])}
+    runs = list(realtime.time_ordered_runs(one, epoch_grid_s=0.0))
+    assert [k for k, _ in runs] == ["heart_rate", "counts"]
+    np.testing.assert_array_equal(runs[0][1], [[33.0, 61], [40.0, 60], [40.0, 62]])
+    np.testing.assert_array_equal(runs[1][1], [[31.0, 2], [45.0, 1]])
     assert [e.epoch_start_s for e in a] == [e.epoch_start_s for e in b]
     np.testing.assert_array_equal(rows_a, rows_b)
 
