@@ -42,7 +42,7 @@ APPLE_STAGES = {"HKCategoryValueSleepAnalysisAwake": 0, "HKCategoryValueSleepAna
                 "HKCategoryValueSleepAnalysisAsleepDeep": 2, "HKCategoryValueSleepAnalysisAsleepREM": 3,
                 "HKCategoryValueSleepAnalysisInBed": -1, "HKCategoryValueSleepAnalysisAsleepUnspecified": -1,
                 "HKCategoryValueSleepAnalysisAsleep": -1}
-NIGHT_FROM_H, NIGHT_TO_H = 18, 12  # night D: local 18:00 on D to 12:00 on D + 1
+NIGHT_FROM_H, NIGHT_TO_H = 18, user_data.NIGHT_ENDS_H  # night D: local 18:00 on D to 12:00 on D + 1
 MIN_READINGS = 10                  # a night needs this many heart-rate readings between 00:00 and CORE_TO_H,
 CORE_TO_H = 6                      # spanning at least CORE_MIN_SPAN_S
 CORE_MIN_SPAN_S = 3600.0
@@ -86,7 +86,7 @@ def _open(path: Path) -> tuple[io.BufferedIOBase, int, zipfile.ZipFile | None]:
         raise dl.DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if head[:2] == b"PK":
         raise dl.DataError(f"{path}: a damaged or truncated zip (no central directory)")
-    if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if not user_data.looks_like_xml(head):
         raise dl.DataError(f"{path}: neither a zip nor an XML file")
     return open(path, "rb"), path.stat().st_size, None
 
@@ -236,9 +236,9 @@ class HealthNight:
 
 def night_of(t_utc: np.ndarray, offset_s: np.ndarray) -> np.ndarray:
     """Night (days since 1970, the evening's date) of each reading from its own local time; -1 by day."""
-    shifted = t_utc + offset_s - NIGHT_TO_H * 3600.0
-    day = np.floor(shifted / 86400.0)
-    by_night = shifted - day * 86400.0 >= (NIGHT_FROM_H - NIGHT_TO_H) * 3600.0
+    local = t_utc + offset_s
+    day = user_data.night_day(local)
+    by_night = local - day * 86400.0 >= NIGHT_FROM_H * 3600.0
     return np.where(by_night, day, -1).astype(np.int64)
 
 

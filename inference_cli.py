@@ -43,7 +43,9 @@ def build_parser(arch: str, default_checkpoint: Path, realtime_checkpoint: Path)
                              "data's test subjects, which the shipped model never saw)")
     parser.add_argument("--subjects", nargs="*", default=None, help="only these subject ids")
     parser.add_argument("--predictions-out", default=None, help="CSV, one row per epoch")
-    parser.add_argument("--plots-dir", default="out/plots", help="hypnogram and confusion PNGs ('' for none)")
+    parser.add_argument("--plots-dir", default="out/plots",
+                        help="hypnogram and confusion PNGs ('' for none): <arch>_*.png, or <arch>_realtime_*, "
+                             "<arch>_causal_*, <arch>_smoothed_*.png for those modes")
     parser.add_argument("--workers", type=int, default=1,
                         help="score nights in K processes (same rows, same order as K=1)")
     parser.add_argument("--realtime", action="store_true",
@@ -67,8 +69,10 @@ def build_parser(arch: str, default_checkpoint: Path, realtime_checkpoint: Path)
                              "per subject, agreement table (bias, SD, limits of agreement, MAE), Bland-Altman PNG")
     report = parser.add_argument_group("sleep report on your own recordings (user_data.py)")
     report.add_argument("--hr", metavar="FILE", default=None,
-                        help="heart-rate CSV/TSV with header (time column: timestamp/time/t/seconds/datetime, in "
-                             "seconds or ISO-8601; heart_rate/hr/bpm), or headerless t,bpm: stage this night")
+                        help="heart-rate CSV/TSV with header (time column: timestamp/time/t/seconds/datetime..., "
+                             "in seconds or ISO-8601; heart_rate/hr/bpm/pulse..., a unit in brackets allowed: "
+                             "'Heart Rate (bpm)'), or headerless t,bpm: stage this night (at least "
+                             f"{user_data.MIN_REPORT_MIN:g} min with data; docs/reports.md)")
     report.add_argument("--motion", metavar="FILE", default=None,
                         help="raw acceleration x,y,z (g) or activity counts count/counts/activity: stage this night "
                              "(with --hr, or on its own)")
@@ -241,15 +245,26 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
         print(f"wrote {len(frame)} rows to {args.predictions_out}")
     if args.plots_dir:
         plots = Path(args.plots_dir)
+        stem = plot_stem(arch, args.realtime, checkpoint, mode)
         for subject, rows in frame.groupby("subject", sort=False):
-            plot_hypnogram(rows, plots / f"{arch}_hypnogram_{subject}.png", f"{arch} [{mode}] subject {subject}")
+            plot_hypnogram(rows, plots / f"{stem}_hypnogram_{subject}.png", f"{arch} [{mode}] subject {subject}")
         if metrics:
-            plot_confusion(metrics["confusion"], plots / f"{arch}_confusion.png",
+            plot_confusion(metrics["confusion"], plots / f"{stem}_confusion.png",
                            f"{arch} [{mode}]: kappa {metrics['kappa']:.2f}")
         if comparison is not None:
-            sm.plot_bland_altman(comparison, plots / f"{arch}_bland_altman.png")
-        print(f"plots in {plots}/")
+            sm.plot_bland_altman(comparison, plots / f"{stem}_bland_altman.png")
+        print(f"plots in {plots}/ ({stem}_*.png)")
     return 0
+
+
+def plot_stem(arch: str, streamed: bool, checkpoint: dict, mode: str) -> str:
+    """The plots' file-name prefix: the plain offline evaluation's is the architecture; a streamed
+    run, a causal checkpoint or whole-night smoothing gets its own, so runs never overwrite each other."""
+    if streamed:
+        return f"{arch}_realtime"
+    if checkpoint["causal"]:
+        return f"{arch}_causal"
+    return f"{arch}_smoothed" if "night-smoothed" in mode else arch
 
 
 def health_report(arch: str, args: argparse.Namespace, model: torch.nn.Module, scaler: dl.FeatureScaler,
@@ -295,11 +310,16 @@ def user_report(arch: str, args: argparse.Namespace, model: torch.nn.Module, sca
         print(f"error: {exc}", file=sys.stderr)
         return 1
     frame = user_data.predict_recording(model, scaler, checkpoint, recording, smooth=args.smooth)
+    try:
+        user_data.check_enough_data(frame, recording)
+    except dl.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     mode = describe_mode(checkpoint, args.smooth)
     summary = user_data.night_summary(frame, recording, args.checkpoint, mode)
     out_dir = Path(args.out_dir or "out/report")
     tst = summary["metrics"]["total_sleep_time_min"]
-    title = (f"{arch} [{mode}] {recording.night.subject_id}: total sleep {int(tst // 60)} h {tst % 60:.0f} min, "
+    title = (f"{arch} [{mode}] {summary['night']}: total sleep {int(tst // 60)} h {tst % 60:.0f} min, "
              f"efficiency {summary['metrics']['sleep_efficiency_pct'] or 0:.0f}%")
     paths = user_data.write_report(frame, summary, recording, out_dir, title)
     print(user_data.format_summary(summary))

@@ -3,30 +3,33 @@
     python inference_hybrid.py --hr hr.csv --motion counts.csv [--steps steps.csv] [--out-dir out/report]
 
 Input files have a header row naming their columns (case-insensitive; spaces and hyphens count as
-underscores; comma, tab, semicolon or space separated; plain or gzip):
+underscores; a unit may follow in brackets, "Heart Rate (bpm)"; comma, tab, semicolon or space
+separated, the last three also with decimal commas "97,5"; plain or gzip):
 
-- time, one of `timestamp`, `time`, `t`, `seconds`, `datetime`: seconds (any origin, the same in
-  every file) or ISO-8601 date-times, with a UTC offset (`2024-03-01T23:05:10Z`,
+- time (TIME_COLUMNS: `timestamp`, `time`, `t`, `seconds`, `datetime`, ...): seconds (any origin,
+  the same in every file) or ISO-8601 date-times, with a UTC offset (`2024-03-01T23:05:10Z`,
   `2024-03-01 23:05:10+01:00`) or without (wall-clock time, taken as given);
-- heart rate: `heart_rate`, `hr` or `bpm` (beats per minute);
-- motion: raw acceleration `x`, `y`, `z` (g, ~50 Hz), or activity counts `count`, `counts` or
-  `activity` (15 s Walch counts, as in the PhysioNet counts files);
-- steps: `steps` or `step_count` (steps since the previous reading).
+- heart rate (HR_COLUMNS: `heart_rate`, `hr`, `bpm`, `pulse`, ...; beats per minute);
+- motion: raw acceleration `x`, `y`, `z` (g, ~50 Hz), or activity counts (COUNT_COLUMNS: `count`,
+  `counts`, `activity`, ...; 15 s Walch counts, as in the PhysioNet counts files);
+- steps (STEPS_COLUMNS: `steps`, `step_count`; steps since the previous reading).
 
 A file may hold several of these (one export with time, heart rate and x, y, z can be passed as
-both --hr and --motion); a column with another name is an error listing the accepted names.
-Headerless PhysioNet files (`t,bpm`, `t x y z`, `t,count`, `t,steps`) are read as data_loader
-reads them.
+both --hr and --motion); a column with another name, or a unit not in the *_UNITS lists, is an
+error listing what is accepted. Headerless PhysioNet files (`t,bpm`, `t x y z`, `t,count`,
+`t,steps`) are read as data_loader reads them; a zip, an XML (an Apple Health export: use
+--apple-health) or another binary file is refused as such.
 
 Rules: the data_loader input rules apply (non-finite and empty values, heart rate outside 25-250
 bpm, |acceleration| > 16 g, negative counts or steps are dropped and counted; rows are sorted,
 duplicate timestamps keep the first row); text where a number or a time belongs, a row with a
 wrong number of fields, an unknown column, seconds mixed with date-times (in a file or across
-files), or a recording longer than MAX_SPAN_H hours is an error naming the file (and line, value).
-Epoch 0 starts at the earliest heart-rate or motion reading floored to 30 s (date-times: 30 s of
-UTC, i.e. :00 or :30 of the clock); the night ends with the epoch holding the last heart-rate or
-motion reading. Times become seconds since the start of epoch 0. There are no labels:
-true_stage is -1 throughout.
+files), or a recording longer than MAX_SPAN_H hours is an error naming the file (and line, value),
+and so is a report on fewer than MIN_REPORT_MIN minutes with data (check_enough_data). Epoch 0
+starts at the earliest heart-rate or motion reading floored to 30 s (date-times: 30 s of UTC, i.e.
+:00 or :30 of the clock); the night ends with the epoch holding the last heart-rate or motion
+reading. Times become seconds since the start of epoch 0. There are no labels: true_stage is -1
+throughout.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ import csv
 import json
 import math
 import re
+import zipfile
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +51,32 @@ import evaluation
 import sleep_metrics as sm
 from checkpoint import atomic_write
 
-TIME_COLUMNS = ("timestamp", "time", "t", "seconds", "datetime")
-HR_COLUMNS = ("heart_rate", "hr", "bpm")
+# Column names as written in common exports (normalised: lower case, spaces and hyphens as
+# underscores); a unit may follow in brackets: "Heart Rate (bpm)", "Time [s]".
+TIME_COLUMNS = ("timestamp", "time", "t", "seconds", "datetime", "date_time", "date", "time_stamp", "start",
+                "start_time", "start_date", "startdate")
+HR_COLUMNS = ("heart_rate", "hr", "bpm", "heartrate", "pulse", "pulse_rate")
 ACCELERATION_COLUMNS = ("x", "y", "z")
-COUNT_COLUMNS = ("count", "counts", "activity")
-STEPS_COLUMNS = ("steps", "step_count")
+COUNT_COLUMNS = ("count", "counts", "activity", "activity_count", "activity_counts")
+STEPS_COLUMNS = ("steps", "step_count", "step")
 KNOWN_COLUMNS = TIME_COLUMNS + HR_COLUMNS + ACCELERATION_COLUMNS + COUNT_COLUMNS + STEPS_COLUMNS
+# Units accepted in brackets after a name (lower case, blanks collapsed). Any other unit is refused:
+# a value in ms, mg or m/s² read as s or g would give a wrong night without a word.
+TIME_UNITS = ("s", "sec", "secs", "second", "seconds", "utc", "gmt", "local", "local time", "iso", "iso 8601",
+              "iso8601")
+HR_UNITS = ("bpm", "beats/min", "beats per minute", "count/min", "counts/min", "1/min", "/min", "min-1", "min^-1")
+ACCELERATION_UNITS = ("g",)
+COUNT_UNITS = ("count", "counts")
+STEPS_UNITS = ("steps", "step", "count", "counts")
 ACCEPTED = ("time: " + ", ".join(TIME_COLUMNS) + "; heart rate: " + ", ".join(HR_COLUMNS)
             + "; motion: x, y, z (raw g) or " + ", ".join(COUNT_COLUMNS) + " (15 s counts); steps: "
-            + ", ".join(STEPS_COLUMNS))
+            + ", ".join(STEPS_COLUMNS) + "; a unit may follow in brackets, e.g. 'Heart Rate (bpm)', 'Time [s]', 'x (g)'")
 ROLES = ("heart_rate", "motion", "steps")
 MAX_SPAN_H = 48.0  # one report is one night; a longer span is a multi-day export (or times in ms)
+# Below this many minutes with data (staged epochs) a report is refused: efficiency and stage shares
+# of a few minutes would look as certain as a night's and mean nothing (less than one sleep cycle).
+MIN_REPORT_MIN = 60.0
+NIGHT_ENDS_H = 12  # a night is named after its evening: the morning until noon belongs to the day before
 NS_PER_S = 1_000_000_000
 EPOCH_NS = dl.EPOCH_S * NS_PER_S
 _TZ_SUFFIX = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?\s*(?:z|[+-]\d{2}(?::?\d{2})?)$", re.IGNORECASE)
@@ -85,6 +104,13 @@ class UserRecording:
     inputs: dict[str, str]
     notes: dict[str, dict]        # per signal: rows dropped or repaired
 
+    def label(self) -> str:
+        """What the night is called in titles: its evening's date, or the file for times in seconds."""
+        if self.start_clock is None:
+            return f"night in {Path(next(iter(self.inputs.values()))).name}"
+        wall_clock_s = self.start_clock.replace(tzinfo=timezone.utc).timestamp()
+        return f"night of {date(1970, 1, 1) + timedelta(days=int(night_day(wall_clock_s)))}"
+
     def clock_times(self) -> list[str] | None:
         """ISO-8601 start of every epoch (date-time inputs only)."""
         if self.start_clock is None:
@@ -92,10 +118,50 @@ class UserRecording:
         return [(self.start_clock + timedelta(seconds=float(s))).isoformat() for s in self.night.epoch_start_s]
 
 
+def night_day(local_s):
+    """Days since 1970 of the night a local clock time (seconds since 1970 on that clock) belongs to:
+    its evening's date, mornings until NIGHT_ENDS_H counting to the day before."""
+    return np.floor((np.asarray(local_s, np.float64) - NIGHT_ENDS_H * 3600.0) / 86400.0)
+
+
 # ----------------------------------------------------------------------------- reading one file
 
 def _normalise(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().strip("\ufeff").strip().strip("\"'").strip().lower())
+
+
+_UNIT_SUFFIX = re.compile(r"^(.*?)\s*[(\[]\s*([^()\[\]]*?)\s*[)\]]$")
+_UNITS = ((TIME_COLUMNS, TIME_UNITS, "time"), (HR_COLUMNS, HR_UNITS, "heart rate"),
+          (ACCELERATION_COLUMNS, ACCELERATION_UNITS, "acceleration"), (COUNT_COLUMNS, COUNT_UNITS, "activity counts"),
+          (STEPS_COLUMNS, STEPS_UNITS, "steps"))
+
+
+def _column_names(fields: list[str], path: Path, header_line: int) -> list[str]:
+    """Each header field's normalised name, its unit in brackets (if any) checked and dropped."""
+    names, unknown = [], []
+    for field_text in fields:
+        text = field_text.strip().strip("\ufeff").strip().strip("\"'").strip()
+        match = _UNIT_SUFFIX.match(text)
+        name, unit = (_normalise(match.group(1)), re.sub(r"\s+", " ", match.group(2).lower())) if match and \
+            match.group(1).strip() else (_normalise(text), "")
+        names.append(name)
+        if name not in KNOWN_COLUMNS:
+            unknown.append(field_text)
+            continue
+        columns, units, what = next(group for group in _UNITS if name in group[0])
+        if unit and unit not in units:
+            raise dl.DataError(f"{path}, line {header_line}: column {text!r}: unit {unit!r} is not taken for {what} "
+                               f"(accepted: {', '.join(units)}); convert the column or drop the unit")
+    if unknown:
+        shown = [_shorten(f) for f in unknown[:6]] + (["..."] if len(unknown) > 6 else [])
+        raise dl.DataError(f"{path}, line {header_line}: unknown column(s) {shown}; accepted column names "
+                           f"(case-insensitive): {ACCEPTED}")
+    return names
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    """A header field as shown in an error: a file that is not a CSV can have a 'field' of kilobytes."""
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _first_data_line(path: Path) -> tuple[int, str]:
@@ -108,6 +174,40 @@ def _first_data_line(path: Path) -> tuple[int, str]:
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # e.g. a truncated or damaged .gz
         raise dl.DataError(f"{path}: cannot read as text or gzip: {exc}") from exc
     raise dl.DataError(f"{path}: empty file (no header, no data rows)")
+
+
+def looks_like_xml(head: bytes) -> bool:
+    """Whether a file's first bytes open an XML document (after a UTF-8 byte-order mark and blanks, or UTF-16)."""
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") or head.startswith((b"\xff\xfe", b"\xfe\xff"))
+
+
+FLAGS = {"heart_rate": "--hr", "motion": "--motion", "steps": "--steps"}
+
+
+def _refuse_non_text(path: Path, role: str) -> None:
+    """A zip, an XML or another binary file given where a CSV belongs: say what it is, not its bytes."""
+    if dl.is_gzip(path):  # gzip: a compressed CSV, read as text (a damaged one fails there, naming the file)
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    instead = f"read it with --apple-health {path} instead of {FLAGS[role]}"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                health = any(m.rsplit("/", 1)[-1] == "export.xml" for m in archive.namelist())
+        except (zipfile.BadZipFile, OSError, EOFError):
+            health = False
+        raise dl.DataError(f"{path}: " + (f"an Apple Health export (a zip holding export.xml), not a CSV: {instead}"
+                                         if health else "a zip archive, not a CSV/TSV text file: unpack the CSV "
+                                         "inside and pass that (an Apple Health export.zip goes to --apple-health)"))
+    if looks_like_xml(head):
+        health = b"HealthData" in head or "HealthData".encode("utf-16-le") in head
+        raise dl.DataError(f"{path}: " + (f"an Apple Health export (XML), not a CSV: {instead}" if health else
+                                         "an XML file, not a CSV/TSV text file (an Apple Health export.xml goes to "
+                                         "--apple-health)"))
+    if b"\x00" in head:
+        raise dl.DataError(f"{path}: a binary file, not a CSV/TSV text file; give a CSV with a header row such as "
+                           "'timestamp,heart_rate' (an Apple Health export goes to --apple-health)")
 
 
 def _separator(line: str) -> str:
@@ -161,7 +261,8 @@ def _field_count_error(path: Path, header_line: int, sep: str, n_fields: int) ->
 def _pick(names: list[str], options: tuple[str, ...], what: str, path: Path, header_line: int) -> str | None:
     present = [n for n in options if n in names]
     if len(present) > 1:
-        raise dl.DataError(f"{path}, line {header_line}: several {what} columns {present}; keep one")
+        joined = " (a date and a time in separate columns: join them into one date-time)" if what == "time" else ""
+        raise dl.DataError(f"{path}, line {header_line}: several {what} columns {present}; keep one{joined}")
     return present[0] if present else None
 
 
@@ -172,16 +273,13 @@ def read_user_signal(path: str | Path, role: str) -> UserSignal:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if not path.is_file():
         raise dl.DataError(f"{path}: no such file")
+    _refuse_non_text(path, role)
     header_line, first = _first_data_line(path)
     sep = _separator(first)
     fields = _split(first, sep)
     if all(_is_number(f) for f in fields):
         return _read_headerless(path, role, len(fields))
-    names = [_normalise(f) for f in fields]
-    unknown = [f for f, n in zip(fields, names) if n not in KNOWN_COLUMNS]
-    if unknown:
-        raise dl.DataError(f"{path}, line {header_line}: unknown column(s) {unknown}; accepted column names "
-                           f"(case-insensitive): {ACCEPTED}")
+    names = _column_names(fields, path, header_line)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise dl.DataError(f"{path}, line {header_line}: column(s) {repeated} appear more than once")
@@ -231,22 +329,48 @@ def read_user_signal(path: str | Path, role: str) -> UserSignal:
     if empty.all():
         raise dl.DataError(f"{path}: no data row has both a time and a value")
     report: dict = {}
-    values = np.column_stack([_numbers(path, header_line, col, columns[col]) for col in value_cols])
-    t, time_format, offset = _times(path, header_line, time_col, columns[time_col], ~empty)
+    values = np.column_stack([_numbers(path, header_line, col, columns[col], sep) for col in value_cols])
+    t, time_format, offset = _times(path, header_line, time_col, columns[time_col], ~empty, sep)
     return _clean(UserSignal(kind, path, t, values, time_format, offset, report), empty)
 
 
-def _numbers(path: Path, header_line: int, name: str, text: np.ndarray) -> np.ndarray:
-    numbers = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(dtype=np.float64)
+_DECIMAL_COMMA = re.compile(r"^\s*([-+]?\d*),(\d+)\s*$")
+
+
+def _to_float(text: np.ndarray, sep: str) -> np.ndarray:
+    """Numbers as float64 (NaN where not a number). Outside comma-separated files a single comma
+    between digits is a decimal comma ("97,5"), as European spreadsheets write semicolon files; in a
+    comma-separated file it could as well be a thousands separator, so it stays an error there."""
+    series = pd.Series(text)
+    numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+    if sep != ",":
+        retry = np.flatnonzero(np.isnan(numbers) & series.str.contains(",", regex=False).to_numpy(dtype=bool))
+        if retry.size:  # the slow path only for the cells that need it
+            fixed = series.iloc[retry].str.replace(_DECIMAL_COMMA, r"\1.\2", regex=True)
+            numbers[retry] = pd.to_numeric(fixed, errors="coerce").to_numpy(dtype=np.float64)
+    return numbers
+
+
+def _not_a_number(value: str, sep: str) -> str:
+    """Why a cell is not a number, with what would be read."""
+    if "," in value and sep == ",":
+        return ("is not a number (a decimal comma is read in semicolon- or tab-separated files only; in a "
+                "comma-separated file write 97.5)")
+    return "is not a number (accepted: 97, 97.5" + (", 97,5" if sep != "," else "") + ", or empty/NaN for missing)"
+
+
+def _numbers(path: Path, header_line: int, name: str, text: np.ndarray, sep: str) -> np.ndarray:
+    numbers = _to_float(text, sep)
     bad = np.flatnonzero(np.isnan(numbers) & (text != "") & ~pd.Series(text).str.strip().str.lower().isin(
         ["nan", "na", "n/a", "null", "none"]).to_numpy())
     if bad.size:
         line_no, line = _data_line_numbers(path, header_line, bad[:1])[int(bad[0])]
-        raise dl.DataError(f"{path}, line {line_no}: {name} {text[bad[0]]!r} is not a number: {line[:80]!r}")
+        raise dl.DataError(f"{path}, line {line_no}: {name} {text[bad[0]]!r} {_not_a_number(str(text[bad[0]]), sep)}: "
+                           f"{line[:80]!r}")
     return numbers
 
 
-def _times(path: Path, header_line: int, name: str, text: np.ndarray, present: np.ndarray
+def _times(path: Path, header_line: int, name: str, text: np.ndarray, present: np.ndarray, sep: str
            ) -> tuple[np.ndarray, str, timedelta | None]:
     """Times as float seconds or int64 ns (date-times); the format comes from the first row."""
     series = pd.Series(text).str.strip()
@@ -256,8 +380,8 @@ def _times(path: Path, header_line: int, name: str, text: np.ndarray, present: n
         line_no, line = _data_line_numbers(path, header_line, np.array([row]))[row]
         raise dl.DataError(f"{path}, line {line_no}: {name} {text[row]!r} {why}: {line[:80]!r}")
 
-    if _is_number(first):
-        seconds = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+    if _is_number(first) or (sep != "," and _DECIMAL_COMMA.match(first)):
+        seconds = _to_float(series.to_numpy(dtype=object), sep)
         bad = np.flatnonzero(present & np.isnan(seconds))
         if bad.size:
             fail(int(bad[0]), "is not a number of seconds (the column holds seconds, as its first row)")
@@ -420,6 +544,7 @@ def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path
     end_s = float(night.epoch_start_s[-1] + dl.EPOCH_S)
     summary = {
         "subject": night.subject_id,
+        "night": recording.label(),
         "inputs": recording.inputs,
         "checkpoint": str(checkpoint_path),
         "mode": mode,
@@ -451,6 +576,21 @@ def json_safe(value):
     return value
 
 
+MOTION_SOURCES = {"raw": "motion: raw acceleration", "counts": "motion: activity counts",
+                  None: "no motion (staged from heart rate alone)"}
+
+
+def check_enough_data(frame: pd.DataFrame, recording: UserRecording) -> None:
+    """Refuse a report on less than MIN_REPORT_MIN minutes with data (a DataError naming the files)."""
+    staged_min = float((frame["pred"].to_numpy() >= 0).sum() * sm.EPOCH_MIN)
+    if staged_min < MIN_REPORT_MIN:
+        raise dl.DataError(
+            f"{', '.join(recording.inputs.values())}: only {staged_min:g} min with heart rate or motion "
+            f"(of {len(frame) * sm.EPOCH_MIN:g} min from the first reading to the last); a sleep report needs at "
+            f"least {MIN_REPORT_MIN:g} min with data: efficiency and stage shares of less would mean nothing. "
+            "Give a whole night's recording")
+
+
 def format_summary(summary: dict) -> str:
     """The printed night summary (also summary.txt)."""
     m = summary["metrics"]
@@ -463,8 +603,8 @@ def format_summary(summary: dict) -> str:
     when = (f"{summary['start']} to {summary['end']}" if summary["time_format"] != "seconds"
             else f"{summary['start']:g} s to {summary['end']:g} s of the files' time base")
     lines = [
-        f"Night summary: {summary['subject']} ({summary['epochs']} epochs of 30 s, {when})",
-        f"  model: {summary['checkpoint']} [{summary['mode']}]; motion from {summary['motion_source'] or 'no file'}; "
+        f"Night summary: {summary.get('night') or summary['subject']} ({summary['epochs']} epochs of 30 s, {when})",
+        f"  model: {summary['checkpoint']} [{summary['mode']}]; {MOTION_SOURCES[summary['motion_source']]}; "
         f"heart rate in {summary['heart_rate_coverage_pct']:.0f}% of epochs, motion in "
         f"{summary['motion_coverage_pct']:.0f}%",
         f"  time in bed          {minutes(m['time_in_bed_min'])}" + (

@@ -191,8 +191,8 @@ def bad_case(tmp_path, name):
     good_hr = write(tmp_path / "hr.csv", ["timestamp", "heart_rate"], hr)
     good_counts = write(tmp_path / "counts.csv", ["timestamp", "counts"], counts)
     if name == "unknown column":
-        return write(tmp_path / "bad.csv", ["timestamp", "pulse"], hr), good_counts, \
-            [r"bad\.csv, line 1: unknown column\(s\) \['pulse'\]", "heart_rate, hr, bpm", "timestamp, time, t"]
+        return write(tmp_path / "bad.csv", ["timestamp", "spo2"], hr), good_counts, \
+            [r"bad\.csv, line 1: unknown column\(s\) \['spo2'\]", "heart_rate, hr, bpm", "timestamp, time, t"]
     if name == "two heart-rate columns":
         return write(tmp_path / "bad.csv", ["t", "hr", "bpm"], np.column_stack([hr, hr[:, 1]])), good_counts, \
             [r"bad\.csv, line 1: several heart-rate columns \['hr', 'bpm'\]; keep one"]
@@ -287,8 +287,109 @@ def test_cli_bad_input_is_an_error_message_and_exit_code(tmp_path, offline_ckpt,
     assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(hr), "--motion", str(motion),
                                                     "--out-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "unknown column(s) ['pulse']" in err and "accepted column names" in err
+    assert err.startswith("error: ") and "unknown column(s) ['spo2']" in err and "accepted column names" in err
     assert not (tmp_path / "out").exists()
+
+
+def comma_decimals(path, sep):
+    """The file rewritten as a European spreadsheet writes it: another separator, decimal commas."""
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0].replace(",", sep)] + [line.replace(",", sep).replace(".", ",")
+                                                               for line in lines[1:]]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("hr_header,count_header,sep", [
+    (["Time", "Heart Rate (bpm)"], ["Time", "Activity Count"], ","),
+    (["Timestamp [s]", "HR (count/min)"], ["time (s)", "Counts [counts]"], ","),
+    (["Time", "Heart Rate (bpm)"], ["Time", "Counts"], ";"),       # decimal commas in a semicolon file
+    (["seconds", "Pulse (beats/min)"], ["t", "activity"], "\t"),  # ... and in a tab-separated one
+    (["Start", "heartRate"], ["start time", "count"], ","),
+])
+def test_common_export_spellings_and_decimal_commas_give_the_same_night(tmp_path, hr_header, count_header, sep):
+    hr, counts = hr_rows(), count_rows()
+    hr_path = write(tmp_path / "hr.csv", hr_header, hr)
+    count_path = write(tmp_path / "counts.csv", count_header, counts)
+    if sep != ",":
+        comma_decimals(hr_path, sep), comma_decimals(count_path, sep)
+        assert "," in hr_path.read_text().splitlines()[1]  # the times and values have decimal commas now
+    rec = user_data.load_recording(hr_path, count_path)
+    assert rec.time_format == "seconds" and rec.origin_s == 999_990.0
+    assert_same_night(rec.night, expected_night(hr, counts=counts))
+
+
+def test_iso_times_with_decimal_comma_values_in_a_semicolon_file(tmp_path):
+    hr = hr_rows(600.0)
+    path = tmp_path / "hr.csv"
+    path.write_text("Time;Heart Rate (bpm)\n" + "".join(f"{iso(CET)(t)};{str(v).replace('.', ',')}\n" for t, v in hr))
+    signal = user_data.read_user_signal(path, "heart_rate")
+    np.testing.assert_allclose(signal.values[:, 0], hr[:, 1])
+    assert signal.time_format == "iso" and len(signal.time) == len(hr)
+
+
+@pytest.mark.parametrize("text,patterns", [
+    ("Time (ms),hr\n0,60\n", [r"line 1: column 'Time \(ms\)': unit 'ms' is not taken for time \(accepted: s, sec"]),
+    ("t,hr\n0,60\n", None),  # the control: the same file without a unit is fine
+    ("t,Heart Rate (Hz)\n0,1\n", [r"unit 'hz' is not taken for heart rate \(accepted: bpm, beats/min"]),
+    ("Date,Time,HR\n2024-03-01,23:00:00,60\n",
+     [r"several time columns \['time', 'date'\]; keep one \(a date and a time in separate columns: join them"]),
+    ('Time,HR\n0,"97,5"\n5,96\n',
+     [r"line 2: hr '97,5' is not a number \(a decimal comma is read in semicolon- or tab-separated files only"]),
+    ("Time;HR\n0;1.097,5\n", [r"line 2: hr '1\.097,5' is not a number \(accepted: 97, 97\.5, 97,5"]),
+    ("Time,Heart Rate (bpm),SpO2 (%)\n0,60,97\n", [r"unknown column\(s\) \['SpO2 \(%\)'\]", "accepted column names",
+                                                   r"a unit may follow in brackets, e\.g\. 'Heart Rate \(bpm\)'"]),
+])
+def test_ambiguous_columns_and_numbers_are_refused_saying_what_is_accepted(tmp_path, text, patterns):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    if patterns is None:
+        assert user_data.read_user_signal(path, "heart_rate").values[0, 0] == 60
+        return
+    with pytest.raises(dl.DataError) as info:
+        user_data.read_user_signal(path, "heart_rate")
+    assert str(info.value).startswith(f"{path}")
+    for pattern in patterns:
+        assert re.search(pattern, str(info.value)), (pattern, str(info.value))
+
+
+def test_archive_xml_or_binary_given_as_a_csv_says_what_it_is(tmp_path, offline_ckpt, capsys):
+    import zipfile
+    import synthetic
+    health_zip = tmp_path / "export.zip"
+    synthetic.write_health_export(health_zip, n_nights=1)
+    health_xml = tmp_path / "export.xml"
+    synthetic.write_health_export(health_xml, n_nights=1, as_zip=False)
+    other_zip = tmp_path / "data.zip"
+    with zipfile.ZipFile(other_zip, "w") as archive:
+        archive.writestr("hr.csv", "t,hr\n0,60\n")
+    other_xml = tmp_path / "page.xml"
+    other_xml.write_text("<?xml version='1.0'?>\n<html><body>heart, rate</body></html>\n")
+    binary = tmp_path / "hr.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    cases = [(health_zip, "an Apple Health export (a zip holding export.xml), not a CSV: read it with "
+                          f"--apple-health {health_zip} instead of --hr"),
+             (health_xml, f"an Apple Health export (XML), not a CSV: read it with --apple-health {health_xml} "
+                          "instead of --hr"),
+             (other_zip, "a zip archive, not a CSV/TSV text file: unpack the CSV inside"),
+             (other_xml, "an XML file, not a CSV/TSV text file (an Apple Health export.xml goes to --apple-health)"),
+             (binary, "a binary file, not a CSV/TSV text file")]
+    for path, message in cases:
+        assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {path}: {message}" + err[len(f"error: {path}: {message}"):]
+        assert len(err) < 300 and "\\x" not in err and "unknown column" not in err  # no bytes of the file
+    with pytest.raises(dl.DataError, match="instead of --motion"):
+        user_data.read_user_signal(health_zip, "motion")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_columns_are_shown_shortened(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("t,hr," + ",".join("q" * 300 + str(i) for i in range(10)) + "\n" + "0,60" + ",1" * 10 + "\n")
+    with pytest.raises(dl.DataError) as info:
+        user_data.read_user_signal(path, "heart_rate")
+    assert "'" + "q" * 40 + "...'" in str(info.value) and "'...'" in str(info.value)
+    assert len(str(info.value)) < 1000
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -360,11 +461,76 @@ def test_sparse_heart_rate_alone_with_a_watch_off_hour_reports_no_data_there(tmp
     assert summary["heart_rate_coverage_pct"] < 15 and summary["motion_coverage_pct"] == 0
 
 
+@pytest.mark.parametrize("minutes,step_s,refused", [(5.0, 300.0, True), (55.0, 60.0, True), (65.0, 60.0, False)])
+def test_a_recording_with_too_little_data_is_refused(tmp_path, offline_ckpt, capsys, minutes, step_s, refused):
+    # 2 readings 5 min apart gave "efficiency 100%, 45.5% Deep"; below MIN_REPORT_MIN nothing is reported
+    hr = hr_rows(minutes * 60.0 + 1.0, step=step_s)
+    path = write(tmp_path / "hr.csv", ["timestamp", "heart_rate"], hr, time_fmt=iso(CET))
+    code = inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    if not refused:
+        assert code == 0 and (tmp_path / "r" / "summary.json").is_file()
+        return
+    assert code == 1 and not (tmp_path / "r").exists() and "efficiency" not in captured.out
+    assert captured.err.startswith(f"error: {path}: only ")
+    assert f"a sleep report needs at least {user_data.MIN_REPORT_MIN:g} min with data" in captured.err
+    assert user_data.MIN_REPORT_MIN == 60
+
+
+def test_a_watch_off_stretch_counts_against_the_minimum(tmp_path, offline_ckpt, capsys):
+    # 2 h from the first reading to the last, but readings only in its first and last 20 min
+    hr = hr_rows(2 * 3600.0, step=60.0)
+    hr = hr[(hr[:, 0] < T0 + 1200) | (hr[:, 0] > T0 + 6000)]
+    path = write(tmp_path / "hr.csv", ["t", "hr"], hr)
+    assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"only \d+(\.\d)? min with heart rate or motion \(of 119\.5 min", err), err
+
+
+@pytest.mark.parametrize("start,label", [
+    (datetime(2024, 3, 1, 22, 0, tzinfo=CET), "night of 2024-03-01"),
+    (datetime(2024, 3, 2, 0, 30, tzinfo=CET), "night of 2024-03-01"),   # after midnight: still that evening's night
+    (datetime(2024, 3, 2, 0, 30), "night of 2024-03-01"),                # wall-clock times without offset
+    (None, "night in recording_hr.csv"),                                  # seconds: no date to name it by
+])
+def test_report_is_titled_by_its_night_not_by_the_file(tmp_path, offline_ckpt, capsys, monkeypatch, start, label):
+    titles = []
+    plot = evaluation.plot_hypnogram
+    monkeypatch.setattr(evaluation, "plot_hypnogram", lambda frame, path, title="", **kw: (titles.append(title),
+                                                                                          plot(frame, path, title, **kw)))
+    hr = hr_rows(2 * 3600.0, step=60.0)
+    if start is None:
+        fmt = None
+    else:
+        def fmt(t):
+            moment = start + timedelta(seconds=t - 999_990.0)
+            return moment.isoformat()
+    path = write(tmp_path / "recording_hr.csv", ["timestamp", "heart_rate"], hr, time_fmt=fmt)
+    assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert titles and titles[0].split("] ", 1)[1].startswith(f"{label}: total sleep ")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["night"] == label and summary["subject"] == "recording_hr"
+    assert out.startswith(f"Night summary: {label} (")
+
+
+def test_heart_rate_alone_says_no_motion_plainly(tmp_path, offline_ckpt, capsys):
+    path = write(tmp_path / "hr.csv", ["t", "hr"], hr_rows(2 * 3600.0, step=60.0))
+    assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\]; no motion \(staged from heart rate alone\); heart rate in \d+% of epochs", out), out
+    assert "motion from" not in out and "no file" not in out
+    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(2 * 3600.0))
+    assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--motion", str(counts),
+                                                    "--out-dir", str(tmp_path / "r2")]) == 0
+    assert "; motion: activity counts; " in capsys.readouterr().out
+
+
 def test_motion_alone_gives_a_report(tmp_path, offline_ckpt):
-    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(1800.0))
+    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(3600.0))
     assert inference_cli.main("hybrid", offline_ckpt, ["--motion", str(counts), "--out-dir", str(tmp_path / "r")]) == 0
     frame = pd.read_csv(tmp_path / "r" / "stages.csv")
-    assert len(frame) == 61 and frame["pred"].between(0, 3).all() and frame["subject"].iloc[0] == "counts"
+    assert len(frame) == 121 and frame["pred"].between(0, 3).all() and frame["subject"].iloc[0] == "counts"
 
 
 def test_hypnogram_without_psg_and_with_clock_axis(tmp_path):
@@ -405,23 +571,53 @@ def test_real_night_exported_to_user_csv_gives_the_offline_evaluation_stages(sma
     assert report["clock_time"].iloc[0] == "2024-03-01T22:00:00+01:00"
 
 
-def test_a_causal_checkpoint_works_too(tmp_path):
+def untrained_causal_checkpoint(path):
+    """(model, scaler, names) of an untrained tiny causal hybrid saved at path."""
     from checkpoint import build_model, make_checkpoint, save_checkpoint
     torch.manual_seed(0)
     names = features.DEFAULT_FEATURES
     model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(names), "causal": True}).eval()
     scaler = dl.FeatureScaler(np.zeros(len(names), np.float32), np.ones(len(names), np.float32))
     save_checkpoint(make_checkpoint(model, "hybrid", features=list(names), seq_len=25, target_pos=24, scaler=scaler),
-                    tmp_path / "causal.pth")
-    hr = write(tmp_path / "hr.csv", ["t", "hr"], hr_rows(1800.0))
-    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(1800.0))
+                    path)
+    return model, scaler, names
+
+
+def test_a_causal_checkpoint_works_too(tmp_path):
+    model, scaler, names = untrained_causal_checkpoint(tmp_path / "causal.pth")
+    hr = write(tmp_path / "hr.csv", ["t", "hr"], hr_rows(3600.0))
+    counts = write(tmp_path / "counts.csv", ["t", "counts"], count_rows(3600.0))
     assert inference_cli.main("hybrid", tmp_path / "unused.pth", ["--checkpoint", str(tmp_path / "causal.pth"), "--hr", str(hr),
                                                                "--motion", str(counts), "--out-dir", str(tmp_path / "r")]) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["mode"].startswith("causal") and summary["epochs"] == 61 and summary["start"] == 999_990.0
+    assert summary["mode"].startswith("causal") and summary["epochs"] == 121 and summary["start"] == 999_990.0
     frame = pd.read_csv(tmp_path / "r" / "stages.csv")
     assert list(frame.columns) == evaluation.PREDICTION_COLUMNS  # seconds: no clock_time column
     night = user_data.load_recording(hr, counts).night
     expected = evaluation.predict_nights(model, scaler, {"causal": True, "features": list(names), "seq_len": 25,
                                                           "target_pos": 24}, [night])
     np.testing.assert_array_equal(frame["pred"], expected["pred"])
+
+
+def test_evaluation_plots_of_each_mode_keep_their_own_names(tmp_path, small_data_dir, offline_ckpt, capsys):
+    # --realtime, a causal checkpoint and --smooth used to write the plain evaluation's hybrid_*.png
+    untrained_causal_checkpoint(tmp_path / "causal.pth")
+    plots = tmp_path / "plots"
+    common = ["--data-dir", str(small_data_dir), "--subjects", "46343", "--plots-dir", str(plots)]
+    runs = {"hybrid": [], "hybrid_smoothed": ["--smooth"],
+            "hybrid_causal": ["--checkpoint", str(tmp_path / "causal.pth")],
+            "hybrid_realtime": ["--checkpoint", str(tmp_path / "causal.pth"), "--realtime", "--sleep-metrics"]}
+    written = {}
+    for stem, argv in runs.items():
+        before = {p.name: p.read_bytes() for p in plots.glob("*.png")} if plots.exists() else {}
+        assert inference_cli.main("hybrid", offline_ckpt, common + argv) == 0
+        assert f"({stem}_*.png)" in capsys.readouterr().out
+        now = {p.name: p.read_bytes() for p in plots.glob("*.png")}
+        assert all(now[name] == data for name, data in before.items())  # nothing earlier overwritten
+        written[stem] = sorted(set(now) - set(before))
+    assert load_model_from_checkpoint(offline_ckpt)[2].get("transitions") is not None  # so --smooth smooths
+    for stem, names in written.items():
+        expected = {f"{stem}_hypnogram_46343.png", f"{stem}_confusion.png"}
+        if stem == "hybrid_realtime":
+            expected.add("hybrid_realtime_bland_altman.png")
+        assert set(names) == expected, (stem, names)
