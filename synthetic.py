@@ -582,9 +582,14 @@ HEALTH_HEADER = """<?xml version="1.0" encoding="UTF-8"?>
 DST_SWITCH_UTC_S = 1774746000.0  # 2026-03-29 01:00 UTC: central Europe moves from +0100 to +0200
 
 
+def health_offset_s(t_utc: float) -> float:
+    """The synthetic export's UTC offset at t_utc: central European time, +0100, +0200 from DST_SWITCH_UTC_S."""
+    return 7200.0 if t_utc >= DST_SWITCH_UTC_S else 3600.0
+
+
 def health_time(t_utc: float) -> str:
-    """Unix seconds as a Health export date in central European time (+0100, +0200 from DST_SWITCH_UTC_S)."""
-    offset = 7200 if t_utc >= DST_SWITCH_UTC_S else 3600
+    """Unix seconds as a Health export date in central European time (health_offset_s)."""
+    offset = int(health_offset_s(t_utc))
     local = np.datetime64(int(t_utc + offset), "s").astype(object)
     return f"{local:%Y-%m-%d %H:%M:%S} +0{offset // 3600}00"
 
@@ -604,20 +609,29 @@ def write_health_export(path: str | Path, first_night_utc_s: float = 1774638000.
                         repeat: int = 1) -> dict:
     """A synthetic Health export: heart rate (every hr_period_s at night, every 10 min by day, with
     motion-context metadata), step counts, in-bed records each night and Apple's stages on
-    apple_stage_nights; night watch_off_night has the watch off 01:00-02:30 local. The first night
-    starts at first_night_utc_s (default 2026-03-27 20:00 +0100), so night 2 crosses the change to
-    summer time. repeat > 1 writes the nights' records that many times over (a large file for
-    parse-speed runs; later copies fall on the same nights). Returns the truth: per night, the
-    in-bed span and Apple's stage per 30 s epoch."""
+    apple_stage_nights (0-based); night watch_off_night (0-based) has the watch off 01:00-02:30
+    local. The wearer lives by the local clock: every evening starts at the local time of
+    first_night_utc_s (default 2026-03-27 20:00 +0100), in bed 22:30 for 8 h. With the defaults
+    the second night (2026-03-28) crosses the change to summer time (in bed 22:30 +0100 to 07:30
+    +0200) and the third (2026-03-29) has the watch off. repeat > 1 writes the nights' records
+    that many times over (a large file for parse-speed runs; later copies fall on the same nights).
+    Returns the truth: per night, the in-bed span, Apple's stage per 30 s epoch and the watch-off
+    span (UTC seconds, None on other nights)."""
     rng = np.random.default_rng(seed)
     truth, lines = {"nights": []}, []
+
+    def evening_of(k: int) -> float:  # the same local clock time every day, across the change of offset
+        t = first_night_utc_s + 86400.0 * k
+        return t - (health_offset_s(t) - health_offset_s(first_night_utc_s))
+
     for k in range(n_nights):
-        evening = first_night_utc_s + 86400.0 * k                     # 20:00 local (19:00 after DST: same UTC)
-        bed, rise = evening + 2.5 * 3600, evening + 10.5 * 3600        # in bed 22:30 to 06:30
+        evening = evening_of(k)                                        # 20:00 local
+        bed, rise = evening + 2.5 * 3600, evening + 10.5 * 3600        # in bed 22:30 for 8 h
+        off_from, off_to = evening + 5 * 3600, evening + 6.5 * 3600    # watch off 01:00-02:30 (watch_off_night)
         t = evening - 12 * 3600.0
-        while t < evening + 12 * 3600:                                 # heart rate: by day every 10 min
+        while t < evening_of(k + 1) - 12 * 3600:                       # heart rate: by day every 10 min
             asleep = bed <= t < rise
-            off = watch_off_night == k and evening + 5 * 3600 <= t < evening + 6.5 * 3600
+            off = watch_off_night == k and off_from <= t < off_to
             if not off:
                 bpm = (56 + 6 * np.sin((t - bed) / 2400) if asleep else 78) + rng.normal(0, 2)
                 lines.append((t, _record("HKQuantityTypeIdentifierHeartRate", "count/min", t, t, f"{bpm:.0f}",
@@ -639,7 +653,8 @@ def write_health_export(path: str | Path, first_night_utc_s: float = 1774638000.
                 lines.append((t, _record("HKCategoryTypeIdentifierSleepAnalysis", "", t, end, names[stage])))
                 stages[int((t - bed) // 30):int((end - bed) // 30)] = stage
                 t = end
-        truth["nights"].append({"bed_s": bed, "rise_s": rise, "apple_stage": stages})
+        truth["nights"].append({"bed_s": bed, "rise_s": rise, "apple_stage": stages,
+                                "watch_off_s": (off_from, off_to) if watch_off_night == k else None})
     lines.sort(key=lambda item: item[0])  # Health exports list records by type, then time: either parses
     body = "".join(text for _, text in lines)
     text = HEALTH_HEADER + body * repeat + "</HealthData>\n"

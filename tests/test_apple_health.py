@@ -16,6 +16,7 @@ import features
 import inference_cli
 import synthetic
 from checkpoint import build_model, make_checkpoint, save_checkpoint
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def test_nights_are_found_by_local_evening_across_daylight_saving(export):
     for night, expected in zip(found, truth["nights"]):  # in-bed records give the span
         assert night.start_s == expected["bed_s"] and len(night.night) == (expected["rise_s"] - expected["bed_s"]) / 30 + 1
     assert [n.start_clock.utcoffset().total_seconds() for n in found] == [3600, 3600, 7200, 7200]
-    assert [n.start_clock.strftime("%H:%M") for n in found] == ["22:30", "22:30", "23:30", "23:30"]
+    # the wearer keeps to the local clock: in bed at 22:30 before and after the change to summer time
+    assert [n.start_clock.strftime("%H:%M") for n in found] == ["22:30", "22:30", "22:30", "22:30"]
     with_stages = [n for n in found if n.apple_stage is not None]
     assert [n.day.isoformat() for n in with_stages] == ["2026-03-28", "2026-03-30"]
     expected = truth["nights"][1]["apple_stage"]
@@ -96,6 +98,39 @@ def test_the_command_writes_a_report_per_night_nights_csv_and_a_diary(export, of
     assert inference_cli.main("hybrid", offline_ckpt, ["--apple-health", str(path), "--night", "2026-01-01",
                                                        "--out-dir", str(one)]) == 1
     assert "no heart-rate records" in (err := capsys.readouterr().err) and "between the dates asked for" in err
+
+
+ORDINALS = {"first": 0, "second": 1, "third": 2, "fourth": 3}
+
+
+def test_the_documented_synthetic_export_is_the_generated_one(export):
+    # docs/apple_health.md describes the diary's export: which night crosses the change to summer
+    # time and when the watch is off; both are read back from the export the program writes
+    text = " ".join((ROOT / "docs" / "apple_health.md").read_text().split())
+    match = re.search(r"(\w+) nights; the (\w+) \((\d{4}-\d\d-\d\d)\) crosses the change to summer time, the (\w+) "
+                      r"\((\d{4}-\d\d-\d\d)\) has the watch off from (\d\d:\d\d) to (\d\d:\d\d)", text)
+    assert match, "docs/apple_health.md no longer describes the synthetic export in the expected words"
+    count, dst_ordinal, dst_day, off_ordinal, off_day, off_from, off_to = match.groups()
+    path, truth = export
+    hr = apple_health.read_export(path).heart_rate
+    found = list(apple_health.nights(apple_health.read_export(path)))
+    days = [n.day.isoformat() for n in found]
+    assert {"four": 4}[count] == len(found) == len(truth["nights"])
+    assert days[ORDINALS[dst_ordinal]] == dst_day and days[ORDINALS[off_ordinal]] == off_day
+    night_of = apple_health.night_of(hr[:, 0], hr[:, 2])
+    crossing = [day for day in days if len(set(hr[night_of == (np.datetime64(day) - np.datetime64("1970-01-01"))
+                                                 .astype(int), 2])) == 2]
+    assert crossing == [dst_day]  # the only night whose readings carry both offsets
+    readings = hr[night_of == (np.datetime64(off_day) - np.datetime64("1970-01-01")).astype(int)]
+    gaps = np.diff(readings[:, 0])
+    assert (gaps > 30 * 60).sum() == 1  # one long gap: the watch off
+    i = int(gaps.argmax())
+    local = [(readings[j, 0] + readings[j, 2]) % 86400 / 60 for j in (i, i + 1)]  # minutes since local midnight
+    documented = [int(hh) * 60 + int(mm) for hh, mm in (off_from.split(":"), off_to.split(":"))]
+    # the last reading before and the first after lie within one reading interval (5 min) of the span
+    assert documented[0] - 6 <= local[0] <= documented[0] and documented[1] <= local[1] <= documented[1] + 6
+    off = truth["nights"][ORDINALS[off_ordinal]]["watch_off_s"]
+    assert [(t + readings[i, 2]) % 86400 / 60 for t in off] == documented  # and so says the truth
 
 
 @pytest.mark.parametrize("argv, message", [
