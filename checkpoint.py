@@ -60,12 +60,12 @@ class Ensemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.config = members[0].config
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _log_mean_probs([member(x) for member in self.members])
+    def forward(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        return _log_mean_probs([member(x, lags) for member in self.members])
 
-    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x)[:, -1] (eval mode), through each member's own last-position path."""
-        return _log_mean_probs([member.forward_last(x) for member in self.members])
+    def forward_last(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        """forward(x, lags)[:, -1] (eval mode), through each member's own last-position path."""
+        return _log_mean_probs([member.forward_last(x, lags) for member in self.members])
 
 
 def _log_mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:

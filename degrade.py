@@ -53,10 +53,12 @@ VALIDATION_CONDITIONS = ("as recorded", "heart rate every 60 s", "heart rate eve
                          "heart rate only", "motion only")
 
 
-def draw_condition(rng: np.random.Generator, night: dl.Night) -> Condition:
-    """A training condition: heart-rate interval uniform over TRAIN_HR_PERIODS_S, then the motion
-    channel dropped, or else (on a night with motion) the heart rate dropped, and a watch-off
-    stretch of 10 min to 3 h at a random place."""
+def draw_condition(rng: np.random.Generator, night: dl.Night, p_recorded: float = 0.0) -> Condition:
+    """A training condition: with probability p_recorded the recording as it is; else heart-rate
+    interval uniform over TRAIN_HR_PERIODS_S, then the motion channel dropped, or else (on a night
+    with motion) the heart rate dropped, and a watch-off stretch of 10 min to 3 h at a random place."""
+    if p_recorded > 0 and rng.random() < p_recorded:
+        return Condition("drawn")
     period = TRAIN_HR_PERIODS_S[rng.integers(len(TRAIN_HR_PERIODS_S))]
     has_motion = bool((~np.isnan(night.activity_count)).any())
     drop_motion = bool(rng.random() < TRAIN_P_DROP_MOTION)

@@ -28,6 +28,9 @@ from smoothing import smooth_night
 
 PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake", "p_light", "p_deep", "p_rem"]
 SPLIT_ABOVE = 64         # predict_windows: more windows than this go to the model in power-of-two calls
+# the stage palette of every picture: the PNG hypnograms and the service's live page (serve.py sends it)
+STAGE_COLORS = {"Wake": "#d62728", "Light": "#9ecae1", "Deep": "#08519c", "REM": "#2ca02c"}
+NO_DATA_COLOR = "#cccccc"  # no stage: the watch off
 T, R = TypeVar("T"), TypeVar("R")
 
 
@@ -35,8 +38,9 @@ T, R = TypeVar("T"), TypeVar("R")
 
 @torch.inference_mode()
 def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
-                    batch_size: int = 1024) -> np.ndarray:
-    """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos.
+                    batch_size: int = 1024, lags: np.ndarray | None = None) -> np.ndarray:
+    """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos
+    (lags: of the epoch lags[i] before window i's last, by a model with a lookahead; the revision).
 
     The one model call: whole nights (predict_night), streams and batches gather windows and come here. Up to
     SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
@@ -56,20 +60,40 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
         return np.zeros((0, 4))
     device = next(model.parameters()).device
     last_only = target_pos in (-1, windows.shape[1] - 1) and hasattr(model, "forward_last")
+    if lags is not None and not last_only:
+        raise ValueError("lags (the revision) are read at a window's last position: a causal model with forward_last")
 
-    def predict_part(part: np.ndarray) -> np.ndarray:
+    def predict_part(part: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+        part, part_lags = part
         out, start = [], 0
         while start < len(part):
             rest = len(part) - start
             size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
             batch = torch.from_numpy(np.ascontiguousarray(part[start:start + size])).to(device)
-            logits = model.forward_last(batch) if last_only else model(batch)[:, target_pos]
+            if part_lags is not None:
+                logits = model.forward_last(batch, lags=True)[torch.arange(len(batch)),
+                                                              torch.from_numpy(part_lags[start:start + size])]
+            else:
+                logits = model.forward_last(batch) if last_only else model(batch)[:, target_pos]
             out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
             start += size
         return np.concatenate(out)
 
-    parts = [windows[part] for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
+    parts = [(windows[part], None if lags is None else np.asarray(lags, np.int64)[part])
+             for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
     return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
+
+
+@torch.inference_mode()
+def predict_whole_night(model: torch.nn.Module, x_scaled: np.ndarray) -> np.ndarray:
+    """Stage probabilities (n_epochs, 4) of a whole-night model: the night as one sequence."""
+    if model.training:
+        model.eval()
+    if len(x_scaled) == 0:
+        return np.zeros((0, 4))
+    device = next(model.parameters()).device
+    logits = model(torch.from_numpy(np.asarray(x_scaled, np.float32)[None]).to(device))[0]
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 
 
 def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:
@@ -132,13 +156,29 @@ def single_thread():
 
 # ----------------------------------------------------------------------------- nights
 
+def revision_windows(n_epochs: int, lookahead: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each epoch t of a night: the epoch whose window revises it (t + lookahead, or the night's
+    last epoch: what a stream has when the night ends) and its lag in that window."""
+    epoch = np.arange(n_epochs)
+    end = np.minimum(epoch + lookahead, n_epochs - 1)
+    return end, end - epoch
+
+
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
                   transitions: np.ndarray | None = None, no_data: np.ndarray | None = None,
-                  batch_size: int = 1024) -> np.ndarray:
-    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window, NaN where
-    `no_data` (features.no_data), then smoothed over the whole night when a transition matrix is
-    given (offline checkpoints)."""
-    probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
+                  batch_size: int = 1024, revised: bool = False) -> np.ndarray:
+    """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window (seq_len 0:
+    every epoch of the whole night from one pass; revised: a causal model's revision of each epoch,
+    from the window `lookahead` epochs later), NaN where `no_data` (features.no_data), then smoothed
+    over the whole night when a transition matrix is given (offline checkpoints)."""
+    if seq_len == 0:
+        probs = predict_whole_night(model, x_scaled)
+    elif revised:
+        end, lags = revision_windows(len(x_scaled), model.config.lookahead)
+        probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos)[end], target_pos,
+                                batch_size, lags)
+    else:
+        probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
     if no_data is not None:
         probs[no_data] = np.nan
     return probs if transitions is None else smooth_night(probs, transitions)
@@ -213,16 +253,16 @@ def format_report(metrics: dict, y_true: np.ndarray, y_pred: np.ndarray) -> str:
 
 
 def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
-                   nights: list[dl.Night], smooth: bool = True) -> pd.DataFrame:
+                   nights: list[dl.Night], smooth: bool = True, revised: bool = False) -> pd.DataFrame:
     """One row per epoch of every night, in PREDICTION_COLUMNS; smooth=False skips an offline
-    checkpoint's whole-night smoothing."""
+    checkpoint's whole-night smoothing; revised: a causal model's revised stages (predict_night)."""
     transitions = checkpoint.get("transitions") if smooth else None
     frames = []
     for night in nights:
         x = scaler.transform(features.night_features(night, causal=checkpoint["causal"],
                                                      features=tuple(checkpoint["features"])))
         probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"], transitions,
-                              features.no_data(night, checkpoint["causal"]))
+                              features.no_data(night, checkpoint["causal"]), revised=revised)
         frames.append(prediction_frame(night, probs))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 
@@ -306,14 +346,14 @@ def plot_hypnogram(frame: pd.DataFrame, path: str | Path, title: str = "", start
         edges = np.flatnonzero(np.diff(np.concatenate([[0], no_data.astype(int), [0]])))
         for i, (a, b) in enumerate(zip(edges[::2], edges[1::2])):
             for ax in (ax_stage, ax_prob):
-                ax.axvspan(hours[a], hours[b - 1] + features.EPOCH_S / 3600.0, color="0.8", zorder=0,
+                ax.axvspan(hours[a], hours[b - 1] + features.EPOCH_S / 3600.0, color=NO_DATA_COLOR, zorder=0,
                            label="no data" if i == 0 and ax is ax_stage else None)
     ax_stage.set_yticks([0, 1, 2, 3], ["Wake", "REM", "Light", "Deep"])
     ax_stage.invert_yaxis()
     ax_stage.legend(loc="upper right", fontsize=8)
     ax_stage.set_title(title)
     probs = np.nan_to_num(frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy(dtype=float)).T
-    ax_prob.stackplot(hours, probs, labels=dl.STAGE_NAMES, colors=["#d62728", "#9ecae1", "#08519c", "#2ca02c"])
+    ax_prob.stackplot(hours, probs, labels=dl.STAGE_NAMES, colors=[STAGE_COLORS[s] for s in dl.STAGE_NAMES])
     ax_prob.set_ylabel("probability")
     if start_clock is None:
         ax_prob.set_xlabel("hours since recording start")

@@ -22,11 +22,18 @@ class LSTMConfig:
     n_heads: int = 4
     dropout: float = 0.25
     causal: bool = False   # True: one-directional LSTM and masked attention (real-time use)
+    lookahead: int = 0     # the revision: position t also stages epochs t-1 .. t-lookahead (see forward)
 
 
 def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     """Boolean attention mask: True where position i may NOT look at position j (j > i)."""
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+
+def lag_logits(logits: torch.Tensor, n_classes: int, lags: bool) -> torch.Tensor:
+    """A head's output (..., n_classes * (1 + lookahead)): lag 0 (the epoch itself), or every lag
+    (..., 1 + lookahead, n_classes)."""
+    return logits.unflatten(-1, (-1, n_classes)) if lags else logits[..., :n_classes]
 
 
 class SleepLSTM(nn.Module):
@@ -44,10 +51,11 @@ class SleepLSTM(nn.Module):
         self.attention_norm = nn.LayerNorm(h)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Sequential(nn.Linear(h, h // 2), nn.GELU(), nn.Dropout(config.dropout),
-                                  nn.Linear(h // 2, config.n_classes))
+                                  nn.Linear(h // 2, config.n_classes * (1 + config.lookahead)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, seq_len, n_features) -> (batch, seq_len, n_classes) logits."""
+    def forward(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        """(batch, seq_len, n_features) -> (batch, seq_len, n_classes) logits; with lags,
+        (batch, seq_len, 1 + lookahead, n_classes): [:, t, j] stages epoch t - j from inputs up to t."""
         h = self.input_proj(x)
         for lstm, norm in zip(self.lstms, self.lstm_norms):
             out, _ = lstm(h)
@@ -55,10 +63,11 @@ class SleepLSTM(nn.Module):
         mask = causal_mask(x.shape[1], x.device) if self.config.causal else None
         attended, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
         h = self.attention_norm(h + self.dropout(attended))
-        return self.head(h)
+        return lag_logits(self.head(h), self.config.n_classes, lags)
 
-    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits.
+    def forward_last(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        """forward(x, lags)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits
+        (with lags: (batch, 1 + lookahead, n_classes)).
 
         Only the last position's query is attended and classified (keys and values still come from
         every position). The last query may look at every position, causal or not: no mask.
@@ -69,4 +78,4 @@ class SleepLSTM(nn.Module):
             h = norm(h + out)
         last = h[:, -1:]
         attended, _ = self.attention(last, h, h, need_weights=False)
-        return self.head(self.attention_norm(last + attended))[:, 0]
+        return lag_logits(self.head(self.attention_norm(last + attended))[:, 0], self.config.n_classes, lags)

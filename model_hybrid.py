@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import causal_mask
+from model import causal_mask, lag_logits
 
 
 @dataclass
@@ -28,20 +28,33 @@ class HybridConfig:
     n_heads: int = 4
     ff_mult: int = 2
     dropout: float = 0.2
-    max_len: int = 512      # longest window the positional encoding covers
+    max_len: int = 512      # positions whose encoding is precomputed (longer sequences compute theirs)
     causal: bool = False
+    pool: int = 1           # offline: the Transformer sees means of `pool` epochs (a whole night is ~1,000 epochs)
+    dilated: int = 0        # offline: residual conv blocks after the first two, dilations 2, 4, 8, ...
+    lookahead: int = 0      # the revision: position t also stages epochs t-1 .. t-lookahead (model.lag_logits)
+
+
+def sinusoid(length: int, channels: int) -> torch.Tensor:
+    """Sinusoidal positional encoding (length, channels)."""
+    position = torch.arange(length).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, channels, 2) * (-math.log(10000.0) / channels))
+    pe = torch.zeros(length, channels)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
+    return pe
 
 
 class ConvBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, causal: bool, dropout: float):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, causal: bool, dropout: float, dilation: int = 1):
         super().__init__()
-        self.causal, self.kernel_size = causal, kernel_size
-        self.conv = nn.Conv1d(c_in, c_out, kernel_size)
+        self.causal, self.kernel_size, self.dilation = causal, kernel_size, dilation
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size, dilation=dilation)
         self.norm = nn.LayerNorm(c_out)  # per epoch, so it cannot leak the future (BatchNorm/GroupNorm would)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L)
-        pad = (self.kernel_size - 1, 0) if self.causal else ((self.kernel_size - 1) // 2, self.kernel_size // 2)
+        span = (self.kernel_size - 1) * self.dilation
+        pad = (span, 0) if self.causal else (span // 2, span - span // 2)
         h = self.conv(F.pad(x, pad, mode="replicate"))
         return self.dropout(F.gelu(self.norm(h.transpose(1, 2)).transpose(1, 2)))
 
@@ -69,31 +82,49 @@ class SleepHybrid(nn.Module):
         c = config.channels
         self.conv1 = ConvBlock(config.n_features, c, config.kernel_size, config.causal, config.dropout)
         self.conv2 = ConvBlock(c, c, config.kernel_size, config.causal, config.dropout)
-        position = torch.arange(config.max_len).unsqueeze(1)
-        freq = torch.exp(torch.arange(0, c, 2) * (-math.log(10000.0) / c))
-        pe = torch.zeros(config.max_len, c)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
-        self.register_buffer("positional", pe, persistent=False)
+        if config.causal and (config.pool > 1 or config.dilated):
+            raise ValueError("pool and dilated blocks are for offline models (the stream's fast path has neither)")
+        self.dilated = nn.ModuleList(ConvBlock(c, c, config.kernel_size, False, config.dropout, 2 ** (i + 1))
+                                     for i in range(config.dilated))
+        self.register_buffer("positional", sinusoid(config.max_len, c), persistent=False)
         layer = nn.TransformerEncoderLayer(c, config.n_heads, c * config.ff_mult, config.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        # n_layers 0: the convolutions alone (nn.TransformerEncoder needs a layer)
+        self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False) if config.n_layers else None
         self.norm = nn.LayerNorm(c)
         self.head = nn.Sequential(nn.Linear(2 * c, c), nn.GELU(), nn.Dropout(config.dropout),
-                                  nn.Linear(c, config.n_classes))
+                                  nn.Linear(c, config.n_classes * (1 + config.lookahead)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, seq_len, n_features) -> (batch, seq_len, n_classes) logits."""
-        length = x.shape[1]
-        h = self.conv2(self.conv1(x.transpose(1, 2))).transpose(1, 2)
-        h = h + self.positional[:length]
-        mask = causal_mask(length, x.device) if self.config.causal else None
-        h = self.norm(self.encoder(h, mask=mask, is_causal=self.config.causal))
+    def position(self, length: int) -> torch.Tensor:
+        return self.positional[:length] if length <= len(self.positional) else sinusoid(length, self.config.channels).to(self.positional)
+
+    def encode(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.encoder is None:
+            return h
+        return self.encoder(h, mask=mask, is_causal=mask is not None)
+
+    def forward(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        """(batch, seq_len, n_features) -> (batch, seq_len, n_classes) logits; with lags,
+        (batch, seq_len, 1 + lookahead, n_classes): [:, t, j] stages epoch t - j from inputs up to t."""
+        length, pool = x.shape[1], self.config.pool
+        h = self.conv2(self.conv1(x.transpose(1, 2)))
+        for block in self.dilated:
+            h = h + block(h)
+        h = h.transpose(1, 2)
+        if pool > 1:  # tokens of `pool` epochs; each epoch then adds its token's output to its own features
+            tokens = F.avg_pool1d(F.pad(h.transpose(1, 2), (0, -length % pool), mode="replicate"), pool).transpose(1, 2)
+            tokens = self.encode(tokens + self.position(tokens.shape[1]))
+            h = self.norm(h + tokens.repeat_interleave(pool, dim=1)[:, :length])
+        else:
+            h = h + self.position(length)
+            mask = causal_mask(length, x.device) if self.config.causal else None
+            h = self.norm(self.encode(h, mask))
         if self.config.causal:  # running mean: the pooled summary only covers the past
             steps = torch.arange(1, length + 1, device=x.device, dtype=h.dtype).view(1, -1, 1)
             pooled = h.cumsum(dim=1) / steps
         else:
             pooled = h.mean(dim=1, keepdim=True).expand_as(h)
-        return self.head(torch.cat([h, pooled], dim=-1))
+        return lag_logits(self.head(torch.cat([h, pooled], dim=-1)), self.config.n_classes, lags)
 
     # ------------------------------------------------------------------ inference: the last position only
     # Real-time staging reads only the last epoch of each window. These methods compute forward(x)[:, -1]
@@ -113,22 +144,25 @@ class SleepHybrid(nn.Module):
         the L - receptive_field positions whose inputs all lie in x (no padding involved)."""
         return self.conv2.forward_channels_last(self.conv1.forward_channels_last(x, pad), pad)
 
-    def encode_last(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of the last position (B, n_classes) from the conv outputs h (B, L, channels)."""
+    def encode_last(self, h: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        """Logits of the last position (B, n_classes) from the conv outputs h (B, L, channels)
+        (with lags: (B, 1 + lookahead, n_classes)); pool 1 only, as the real-time models have."""
         length = h.shape[1]
-        h = h + self.positional[:length]
+        h = h + self.position(length)
         mask = None
         if self.config.causal:  # additive: -inf where position i may not look at j > i
             mask = torch.full((length, length), float("-inf"), device=h.device).triu_(1)
-        for layer in self.encoder.layers:
+        for layer in (self.encoder.layers if self.encoder is not None else ()):
             h = _encoder_layer(layer, h, mask)
         h = self.norm(h)
         # the running mean at the last position (causal) and the window mean (offline) are the same mean
-        return self.head(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1))
+        return lag_logits(self.head(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1)), self.config.n_classes, lags)
 
-    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits."""
-        return self.encode_last(self.embed(x))
+    def forward_last(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
+        """forward(x, lags)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits."""
+        if self.config.pool > 1:
+            return self.forward(x, lags)[:, -1]
+        return self.encode_last(self.embed(x), lags)
 
 
 def _encoder_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -53,14 +53,15 @@ GAP = "2 h watch off"
 SPARSE = "heart rate every 300 s, no motion"
 
 
-def script_recipe(arch: str) -> tuple[dict, training.TrainConfig]:
-    """The training script's MODEL (as a dict) and TRAIN config."""
+def script_recipe(arch: str, causal: bool) -> tuple[dict, training.TrainConfig]:
+    """The training script's MODEL (as a dict) and TRAIN config of one mode."""
     if arch == "hybrid":
         import train_hybrid as script
     else:
         import train as script
-    model = {k: v for k, v in vars(script.MODEL).items() if k not in ("n_features", "causal", "dropout")}
-    return model, script.TRAIN
+    if causal:
+        return training.script_config(script.CAUSAL_MODEL), script.CAUSAL_TRAIN
+    return training.script_config(script.MODEL), script.TRAIN
 
 
 def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str], held_ids: list[str],
@@ -77,22 +78,30 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
             out[variant] = {c.name: pd.concat([prediction_frame(nights[s], baseline.predict(reference, degrade.degrade(
                 nights[s], c))) for s in held_ids], ignore_index=True) for c in conditions}
         return out
-    model_config, defaults = script_recipe(arch)
+    model_config, defaults = script_recipe(arch, causal)
+    defaults = training.TrainConfig(**training.override_model_config(vars(defaults), args.train))
+    model_config = training.override_model_config({**model_config, **overrides}, args.model)
     cfg = replace(defaults, causal=causal, data_dir=args.data_dir, seed=args.seed, degrade=args.degrade,
                   epochs=args.epochs if args.epochs is not None else defaults.epochs,
                   ensemble=args.ensemble if args.ensemble is not None else defaults.ensemble)
+    if not cfg.smoothed:  # no matrix: the recipe is its unsmoothed self
+        variants = {recipe: False}
+    revisions = {variant: False for variant in variants}
+    if model_config.get("lookahead", 0) > 0:  # a causal model's revised stage beside its immediate one
+        revisions[f"{recipe} revised"] = True
+        variants[f"{recipe} revised"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dl.DataWarning)
         store = feature_store.build_feature_store(args.data_dir, causal=causal, features=cfg.features)
-    inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + fold, val_frac=0.12, test_frac=0.0)
+    inner_train, inner_val = training.fit_split(fit_ids, cfg, fold)
     data = training.prepare(store, inner_train, cfg)
-    model, _ = training.train_model(arch, {**model_config, **overrides}, cfg, data, inner_train, inner_val, None,
+    model, _ = training.train_model(arch, model_config, cfg, data, inner_train, inner_val, None,
                                     training.Dist(), torch.device("cpu"), quiet=True)
     contract = {"causal": causal, "features": list(cfg.features), "seq_len": cfg.seq_len,
                 "target_pos": cfg.target_pos, "transitions": data.transitions}
     degraded = {c.name: [degrade.degrade(nights[s], c) for s in held_ids] for c in conditions}
-    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth) for name, held in degraded.items()}
-            for variant, smooth in variants.items()}
+    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth, revisions[variant])
+                      for name, held in degraded.items()} for variant, smooth in variants.items()}
 
 
 def summarize(frames: dict[str, list[pd.DataFrame]], nights: dict[str, dl.Night]) -> dict:
@@ -105,7 +114,8 @@ def summarize(frames: dict[str, list[pd.DataFrame]], nights: dict[str, dl.Night]
         outside = pooled[~gap]
         kappas = [compute_metrics(f["true_stage"].to_numpy(), f["pred"].to_numpy())["kappa"] for f in per_fold]
         metrics = compute_metrics(outside["true_stage"].to_numpy(), outside["pred"].to_numpy())
-        row = {"kappa": metrics["kappa"], "macro_f1": metrics["macro_f1"], "kappa_fold_mean": float(np.mean(kappas)),
+        row = {"kappa": metrics["kappa"], "macro_f1": metrics["macro_f1"], "recall_light": metrics["recall_light"],
+               "recall_rem": metrics["recall_rem"], "kappa_fold_mean": float(np.mean(kappas)),
                "kappa_fold_sd": float(np.std(kappas, ddof=1)) if len(kappas) > 1 else 0.0,
                "no_data_pct_of_scored": 100.0 * metrics["n_no_data"] / max(metrics["n_no_data"] + metrics["n_epochs"], 1)}
         if gap.any():
@@ -151,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' training epochs")
     parser.add_argument("--ensemble", type=int, default=None, help="override the recipes' ensemble size")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--train", default="", metavar="KEY=VALUE,...",
+                        help="override the deep recipes' TrainConfig (screening), e.g. epochs=20,p_recorded=0.5")
+    parser.add_argument("--model", default="", metavar="KEY=VALUE,...",
+                        help="override the deep recipes' MODEL config (screening), e.g. channels=32")
+    parser.add_argument("--tag", default="", help="appended to each recipe's name in the results, e.g. a screen's name")
     parser.add_argument("--degrade", action=argparse.BooleanOptionalAction, default=True,
                         help="train the deep recipes on drawn real-world conditions (--no-degrade: as recorded; ablation)")
     parser.add_argument("--json-out", default="runs/robustness/summary.json")
@@ -185,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in chosen:
             fit_ids, held_ids = folds[k]
             for variant, per_condition in stage_held_out(recipe, nights, fit_ids, held_ids, k, args).items():
+                variant = variant.replace(recipe, recipe + (f"[{args.tag}]" if args.tag else ""))
                 for name, frame in per_condition.items():
                     frames.setdefault(variant, {}).setdefault(name, []).append(frame.assign(fold=k))
                 print(f"{variant} fold {k}: " + "  ".join(

@@ -47,7 +47,9 @@ SELECT_METRICS = ("kappa", "macro_f1", "accuracy", "rem_accuracy")
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 25
+    seq_len: int = 25               # window of epochs; 0: the whole night in one pass (offline, sequence to sequence)
+    crop_epochs: tuple[int, int] = (240, 960)  # seq_len 0: training crops of this many epochs (drawn per pass)
+    crops_per_night: int = 3        # seq_len 0: crops of each training night per pass
     batch_size: int = 96
     epochs: int = 100
     lr: float = 8e-4
@@ -64,6 +66,9 @@ class TrainConfig:
     smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
     degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
+    p_recorded: float = 0.0         # with degrade: share of training nights drawn as recorded
+    validate: bool = True           # False: no validation subjects; train every given subject for `epochs`
+                                    # passes and keep the last (passes chosen by cross-validation)
     stride: int = 5                 # epochs between training windows
     causal: bool = False            # True: real-time model, the window ends at the predicted epoch
     patience: int = 12              # epochs without validation improvement before stopping
@@ -73,7 +78,7 @@ class TrainConfig:
     fold: int | None = None         # with cv: train only this fold
     cv: int = 0                     # k-fold cross-validation by subject over the non-test subjects
     data_dir: str = str(dl.DEFAULT_DATA_DIR)
-    out_dir: str = ""
+    out_dir: str = ""               # "": runs/<arch>_<mode>/; the shipped checkpoints/ only when named
     resume: bool = False
     device: str = "auto"
     bf16: bool = False
@@ -87,7 +92,7 @@ class TrainConfig:
 
     @property
     def target_pos(self) -> int:
-        return self.seq_len - 1 if self.causal else self.seq_len // 2
+        return max(self.seq_len - 1 if self.causal else self.seq_len // 2, 0)
 
 
 # ----------------------------------------------------------------------------- distributed plumbing
@@ -164,6 +169,7 @@ class Prepared:
     transitions: np.ndarray | None = None
     data_dir: str | None = None
     causal: bool = False
+    p_recorded: float = 0.0
     nights: dict[str, dl.Night] = field(default_factory=dict)
     degraded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -203,7 +209,8 @@ class Prepared:
         rng = np.random.default_rng(seed)
         for s in subjects:
             night = self.night(s)
-            self.degraded[s] = self._under(degrade.degrade(night, degrade.draw_condition(rng, night), rng))
+            condition = degrade.draw_condition(rng, night, self.p_recorded)
+            self.degraded[s] = self._under(degrade.degrade(night, condition, rng))
 
     def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:
         """Keys of the subjects' nights under each named condition (degrade.CONDITIONS), registered once;
@@ -234,7 +241,7 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
     scaler = dl.FeatureScaler.fit(
         features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
         for s in train_ids for condition in degrade.CONDITIONS.values())
-    return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, nights)
+    return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, cfg.p_recorded, nights)
 
 
 class WindowDataset(Dataset):
@@ -268,13 +275,42 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int):
         night, k = int(self.window_night[i]), int(self.window_k[i])
+        n = int(self.lengths[night])
+        return self.read(night, int(np.clip(k * self.stride - self.offset, 0, max(n - self.seq_len, 0))))
+
+    def read(self, night: int, start: int):
+        """(features, labels) of seq_len epochs of a night from `start`; past its end the last epoch
+        repeats, labelled -1."""
         subject_id, n = self.subjects[night], int(self.lengths[night])
-        start = int(np.clip(k * self.stride - self.offset, 0, max(n - self.seq_len, 0)))
         idx = start + np.arange(self.seq_len)
         valid = idx < n
         idx = np.minimum(idx, n - 1)
         labels = np.where(valid, self.data.y(subject_id, idx), -1)
         return torch.from_numpy(self.data.x(subject_id, idx)), torch.from_numpy(labels)
+
+
+class CropDataset(WindowDataset):
+    """Training crops for whole-night models (seq_len 0): crops_per_night per night and pass, all of one
+    length drawn per pass from crop_epochs (so a batch stacks), each at a random start. The model
+    labels every epoch of a crop; at inference it reads the whole night."""
+
+    def __init__(self, data: Prepared, subjects: list[str], crop_epochs: tuple[int, int], crops_per_night: int,
+                 seed: int):
+        super().__init__(data, subjects, max(crop_epochs), 1, seed)
+        self.crop_epochs = (int(min(crop_epochs)), int(max(crop_epochs)))
+        self.window_night = np.repeat(np.arange(len(self.subjects), dtype=np.int32), crops_per_night)
+        self.start_frac = np.zeros(len(self.window_night))
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        rng = np.random.default_rng(self.seed * 7919 + epoch)
+        self.seq_len = int(rng.integers(self.crop_epochs[0], self.crop_epochs[1] + 1))
+        self.start_frac = rng.random(len(self.window_night))
+
+    def __getitem__(self, i: int):
+        night = int(self.window_night[i])
+        room = max(int(self.lengths[night]) - self.seq_len, 0)
+        return self.read(night, int(round(self.start_frac[i] * room)))
 
 
 def class_weights(counts: np.ndarray, rem_boost: float, power: float = 1.0) -> torch.Tensor:
@@ -302,13 +338,27 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
     return (-w * (1 - log_p.exp()) ** gamma * log_p).sum() / normaliser.clamp_min(1e-8)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def lag_targets(y: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """(batch, L) stages -> (batch, L, 1 + lookahead): [:, t, j] = y[:, t - j], -1 before the window."""
+    shifted = [F.pad(y, (j, 0), value=-1)[:, :y.shape[1]] for j in range(lookahead + 1)]
+    return torch.stack(shifted, dim=-1)
+
+
 def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                weight: torch.Tensor, cfg: TrainConfig, ctx: Dist) -> torch.Tensor:
     """One optimisation step on this rank's share of the global batch; returns the loss."""
     if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
         x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
+    lookahead = unwrap(ddp_model).config.lookahead
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cuda"):
-        logits = ddp_model(x)
+        logits = ddp_model(x, lags=lookahead > 0)
+    if lookahead > 0:  # the revision: position t also learns epoch t - j's stage, for every lag j
+        y = lag_targets(y, lookahead)
     normaliser = None
     if ctx.enabled:  # DDP averages gradients over ranks: divide by the global weight sum / world size
         normaliser = weight[y[y >= 0]].sum().detach()
@@ -370,8 +420,11 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     torch.manual_seed(cfg.seed)
     model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
     model = build_model(arch, model_config).to(device)
-    dataset = WindowDataset(data, train_ids, cfg.seq_len, cfg.stride, cfg.seed)
-    val_keys = validation_keys(data, val_ids)
+    if cfg.seq_len == 0:
+        dataset = CropDataset(data, train_ids, cfg.crop_epochs, cfg.crops_per_night, cfg.seed)
+    else:
+        dataset = WindowDataset(data, train_ids, cfg.seq_len, cfg.stride, cfg.seed)
+    val_keys = validation_keys(data, val_ids) if cfg.validate else []
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
     weight = data.weight.to(device)
@@ -414,11 +467,14 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                 bar.set_postfix(loss=f"{total / n_batches:.4f}")
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
-        metrics, *_ = evaluate_subjects(model, data, val_keys, cfg, ctx, device)
+        if cfg.validate:
+            metrics, *_ = evaluate_subjects(model, data, val_keys, cfg, ctx, device)
+        else:  # no selection: every pass "improves", the last one is kept
+            metrics = dict.fromkeys(("loss", "accuracy", "kappa", "macro_f1", "recall_rem", cfg.select_metric), math.nan)
         improved, row = False, None
         if ctx.is_main:
             score = metrics[cfg.select_metric]
-            improved = score > state["best"]
+            improved = score > state["best"] or not cfg.validate
             row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(metrics["loss"], 5),
                    "val_accuracy": round(metrics["accuracy"], 4), "val_kappa": round(metrics["kappa"], 4),
                    "val_macro_f1": round(metrics["macro_f1"], 4), "val_rem_recall": round(metrics["recall_rem"], 4),
@@ -477,14 +533,16 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
         members.append(member)
         best_epochs.append(state["best_epoch"])
     model = Ensemble(members).eval()
-    metrics, *_ = evaluate_subjects(model, data, validation_keys(data, val_ids), cfg, ctx, device)
+    metrics = {}
+    if cfg.validate:
+        metrics, *_ = evaluate_subjects(model, data, validation_keys(data, val_ids), cfg, ctx, device)
     if ctx.is_main and out_dir is not None:
         save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                         target_pos=cfg.target_pos, scaler=data.scaler,
                                         extra={**_checkpoint_extra(cfg, train_ids, val_ids, data.transitions, extra),
                                                "val_metrics": _jsonable(metrics), "epoch": best_epochs}),
                         out_dir / "model.pth", out_dir / "scaler.pkl")
-    return model, {"best_epoch": best_epochs, "best": metrics[cfg.select_metric]}
+    return model, {"best_epoch": best_epochs, "best": metrics.get(cfg.select_metric, math.nan)}
 
 
 def _checkpoint_extra(cfg: TrainConfig, train_ids: list[str], val_ids: list[str], transitions: np.ndarray | None,
@@ -533,7 +591,7 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
     env = {"seq_len": "SEQ_LEN", "batch_size": "BATCH_SIZE", "epochs": "EPOCHS", "lr": "LR"}
     parser = argparse.ArgumentParser(prog=script, description=__doc__.split("\n")[0])
     for f in fields(TrainConfig):
-        if f.name in ("features",):
+        if f.name in ("features", "crop_epochs"):
             continue
         default = getattr(defaults, f.name)
         if f.name in env and os.environ.get(env[f.name]):
@@ -554,13 +612,23 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--features", default=",".join(defaults.features),
                         help=f"comma-separated; known: {','.join(features.FEATURES)}")
+    parser.add_argument("--crop-epochs", default=",".join(map(str, defaults.crop_epochs)), metavar="MIN,MAX",
+                        help="with --seq-len 0: training crops of MIN to MAX epochs")
     args = vars(parser.parse_args(argv))
     args["features"] = tuple(s for s in args["features"].split(",") if s)
+    try:
+        args["crop_epochs"] = tuple(int(v) for v in args["crop_epochs"].split(","))
+    except ValueError:
+        parser.error(f"--crop-epochs {args['crop_epochs']!r}: expected MIN,MAX (epochs), e.g. 240,960")
+    if len(args["crop_epochs"]) != 2 or min(args["crop_epochs"]) < 1:
+        parser.error(f"--crop-epochs {args['crop_epochs']}: expected two positive numbers MIN,MAX")
     unknown = [s for s in args["features"] if s not in features.FEATURES]
     if unknown:
         parser.error(f"unknown feature(s) {unknown}")
-    if args["seq_len"] < 1 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
-        parser.error("--seq-len, --batch-size and --stride must be >= 1, --epochs >= 0")
+    if args["seq_len"] < 0 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
+        parser.error("--batch-size and --stride must be >= 1, --seq-len and --epochs >= 0 (--seq-len 0: whole nights)")
+    if args["seq_len"] == 0 and args["causal"]:
+        parser.error("--seq-len 0 (whole nights, both directions) is offline only; a causal model needs a window")
     if args["ensemble"] < 1:
         parser.error(f"--ensemble must be >= 1 (models averaged), got {args['ensemble']}")
     return TrainConfig(**args)
@@ -576,26 +644,40 @@ def override_model_config(model_config: dict, overrides: str) -> dict:
                              f"{sorted(k for k in model_config if k != 'n_classes')}")
         kind = type(model_config[key])
         try:
-            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+            if kind is tuple:  # e.g. crop_epochs=240:960
+                out[key] = tuple(type(model_config[key][0])(v) for v in value.split(":"))
+            else:
+                out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
         except ValueError:
             raise ValueError(f"{item!r}: {value!r} is not a {kind.__name__}") from None
     return out
 
 
-def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | None = None) -> int:
-    """Full CLI behaviour for one architecture: train + test evaluation, or --cv K."""
+def script_config(model) -> dict:
+    """A script's MODEL dataclass as the dict run() takes (what the flags set is left out)."""
+    return {k: v for k, v in asdict(model).items() if k not in ("n_features", "causal", "dropout")}
+
+
+def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | None = None,
+        causal_recipe: tuple[dict, TrainConfig] | None = None) -> int:
+    """Full CLI behaviour for one architecture: train + test evaluation, or --cv K. causal_recipe:
+    the (model_config, defaults) that --causal starts from, where the real-time recipe differs."""
     script = ARCHITECTURES[arch].train_script
+    wants_causal = argparse.ArgumentParser(add_help=False)
+    wants_causal.add_argument("--causal", action=argparse.BooleanOptionalAction, default=defaults.causal)
+    if causal_recipe is not None and wants_causal.parse_known_args(argv)[0].causal:
+        model_config, defaults = causal_recipe
     cfg = parse_args(defaults, argv, script)
     try:
         model_config = override_model_config(model_config, cfg.model)
         check = build_model(arch, {**model_config, "n_features": len(cfg.features), "causal": cfg.causal,
                                    "dropout": cfg.dropout}).eval()
         with torch.no_grad():  # a config that cannot run one window fails here, not mid-training
-            check(torch.zeros(1, cfg.seq_len, len(cfg.features)))
+            check(torch.zeros(1, cfg.seq_len or min(cfg.crop_epochs), len(cfg.features)))
     except Exception as exc:
         raise SystemExit(f"{script}: error: --model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
-    if not cfg.out_dir:
-        cfg.out_dir = str(Path("checkpoints") / f"{arch}_{'causal' if cfg.causal else 'offline'}")
+    if not cfg.out_dir:  # a run of its own: replacing a shipped checkpoint takes an explicit --out-dir checkpoints/...
+        cfg.out_dir = str(Path("runs") / f"{arch}_{'causal' if cfg.causal else 'offline'}")
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     ctx = setup_distributed(device)
     try:
@@ -618,6 +700,8 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
         return 1
     say(f"feature store {store.path} ({len(store)} subjects, {store.offsets[-1]:,} epochs, memory-mapped)")
     train_ids, val_ids, test_ids = dl.split_subjects(store.subjects, seed=cfg.split_seed)
+    if not cfg.validate:  # the validation subjects train too
+        train_ids, val_ids = train_ids + val_ids, []
     out_dir = Path(cfg.out_dir)
     mode = "causal" if cfg.causal else "offline"
     say(f"{arch} [{mode}] on {device} x{ctx.world_size}: {len(train_ids)} train / {len(val_ids)} val / "
@@ -633,7 +717,8 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
     if ctx.is_main:
         minutes = (time.perf_counter() - t_start) / 60
         say(f"\nbest epoch {state['best_epoch']} ({cfg.select_metric} {state['best']:.4f} on validation); "
-            f"trained in {minutes:.1f} min; checkpoint {out_dir / 'model.pth'}")
+            f"trained in {minutes:.1f} min; checkpoint {out_dir / 'model.pth'} (evaluate it: python "
+            f"{ARCHITECTURES[arch].inference_script} --checkpoint {out_dir / 'model.pth'})")
         say(f"test subjects {', '.join(test_ids)}:\n" + format_report(metrics, y_true, y_pred))
         atomic_write(out_dir / "test_metrics.json",
                      lambda f: f.write(json.dumps({**_jsonable(metrics), "test_subjects": test_ids,
@@ -665,6 +750,15 @@ def _load_store(cfg: TrainConfig, ctx: Dist, say) -> feature_store.FeatureStore:
     return store
 
 
+def fit_split(fit_ids: list[str], cfg: TrainConfig, fold: int = 0) -> tuple[list[str], list[str]]:
+    """(training, validation) subjects of a fold's fit set: 12% held for model selection, or none
+    (cfg.validate False: fixed passes)."""
+    if not cfg.validate:
+        return list(fit_ids), []
+    inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + fold, val_frac=0.12, test_frac=0.0)
+    return inner_train, inner_val
+
+
 def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, device, say) -> int:
     """k folds by subject over pool_ids; each fold early-stops on a slice of its own training subjects."""
     folds = dl.kfold_subjects(pool_ids, cfg.cv, seed=cfg.split_seed)
@@ -672,7 +766,7 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
     per_fold, frames = [], []
     for k in chosen:
         fit_ids, held_ids = folds[k]
-        inner_train, inner_val, _ = dl.split_subjects(fit_ids, seed=cfg.split_seed + k, val_frac=0.12, test_frac=0.0)
+        inner_train, inner_val = fit_split(fit_ids, cfg, k)
         t0 = time.perf_counter()
         data = prepare(store, inner_train, cfg)
         model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
