@@ -59,6 +59,7 @@ import realtime
 import stager_batch
 import synthetic
 from checkpoint import CheckpointError, build_model, load_model_from_checkpoint, make_checkpoint
+from memory_check import progress
 
 ROOT = Path(__file__).resolve().parent
 TARGETS = {"stream_update_p99_ms": 5.0, "batched_wearer_epochs_per_s": 20_000.0}
@@ -183,6 +184,8 @@ def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wear
     try:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
+            progress(f"  {n_wearers} wearers x {warmup_rounds + n_rounds} rounds, {n_threads} torch thread(s): "
+                     "vectorised, pool, model call")
             # vectorised: StagerBatch
             batch = stager_batch.StagerBatch(model, scaler, checkpoint, n_wearers)
             elapsed, cpu = [], []
@@ -337,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": _machine(), "quick": args.quick}
     started = time.perf_counter()
 
+    progress(f"benchmark: loading the nights in {data_dir}")
     nights = dl.load_nights(data_dir, cache_dir=None)
     ids = [n.subject_id for n in nights]
     train_ids, _, test_ids = dl.split_subjects(ids)
 
     # 1. one streaming update
+    progress(f"benchmark: 1/5 streaming update latency, {stream_epochs} epochs of subject {args.subject}")
     model, scaler, checkpoint, source = get_model("hybrid", True, checkpoint_dir, nights, train_ids)
     readings_all = {n.subject_id: recorded_night(data_dir, n) for n in nights}
     if args.subject not in readings_all:
@@ -353,19 +358,26 @@ def main(argv: list[str] | None = None) -> int:
                                **bench_stream(model, scaler, checkpoint, stream, n_stream, warmup)}
 
     # 2. many wearers, one model call per round
+    progress("benchmark: 2/5 batched wearers, shipped real-time model")
     report["batched"] = {**source, **bench_batched(model, scaler, checkpoint, list(readings_all.values()), args.wearers,
                                                    rounds, warmup_rounds, threads)}
+    progress("benchmark: 2/5 batched wearers, compact real-time model")
     model, scaler, checkpoint, source = get_model("hybrid", True, checkpoint_dir, nights, train_ids, *COMPACT)
     report["batched_compact"] = {**source, "channels": model.config.channels,
                                  **bench_batched(model, scaler, checkpoint, list(readings_all.values()), args.wearers,
                                                  rounds, warmup_rounds, threads)}
 
     # 3. whole nights offline, 4. loading
-    report["offline_scoring"] = {arch: bench_offline(arch, checkpoint_dir, nights, train_ids, test_ids, repeats,
-                                                     args.offline_epochs) for arch in ("hybrid", "lstm")}
+    report["offline_scoring"] = {}
+    for arch in ("hybrid", "lstm"):
+        progress(f"benchmark: 3/5 whole-night scoring, {arch}, {repeats} repeat(s)")
+        report["offline_scoring"][arch] = bench_offline(arch, checkpoint_dir, nights, train_ids, test_ids, repeats,
+                                                        args.offline_epochs)
+    progress(f"benchmark: 4/5 loading the nights, without and with cache, {repeats} repeat(s)")
     report["data_loading"] = bench_loading(data_dir, repeats)
     health_mb = args.health_mb if args.health_mb is not None else (2.0 if args.quick else 256.0)
     if health_mb > 0:  # 5. an Apple Health export
+        progress(f"benchmark: 5/5 writing and parsing a synthetic Apple Health export of {health_mb:g} MB")
         report["apple_health_parse"] = bench_health_export(health_mb)
 
     batched_target = TARGETS["batched_wearer_epochs_per_s"]
@@ -383,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"]["note"] = (f"other work was running (load average {load:.1f} on {os.cpu_count()} CPUs): "
                                      "wall-clock figures include waiting for a core; the cpu_* figures leave it out")
     report["seconds"] = time.perf_counter() - started
+    progress(f"benchmark: done in {report['seconds']:.0f} s")
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_out:
@@ -398,6 +411,7 @@ def bench_health_export(size_mb: float) -> dict:
         path = Path(folder) / "export.zip"
         one = synthetic.write_health_export(path, n_nights=4)
         truth = synthetic.write_health_export(path, n_nights=4, repeat=max(1, round(size_mb * 1e6 / one["xml_bytes"])))
+        progress(f"  parsing {truth['xml_bytes'] / 1e6:.0f} MB of XML in a fresh process")
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
         code = ("import json, sys, time; import apple_health; from memory_check import status_mib; "
                 "t = time.perf_counter(); "

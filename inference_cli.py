@@ -190,7 +190,7 @@ def load_evaluation_nights(args: argparse.Namespace, checkpoint: dict) -> tuple[
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", dl.DataWarning)
-            nights = dl.load_nights(data_dir, subjects)
+            nights = dl.load_nights(data_dir, subjects, progress=True)
     except dl.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -211,6 +211,8 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
     if loaded is None:
         return 1
     data_dir, nights = loaded
+    print(f"scoring {len(nights)} night(s) ({sum(len(n) for n in nights):,} epochs)"
+          + (", streamed reading by reading" if args.realtime else "") + " ...", file=sys.stderr, flush=True)
     if args.realtime:
         with single_thread():
             frame = realtime.replay_nights(model, scaler, checkpoint, data_dir, nights, max_delay_s=args.max_delay)

@@ -43,6 +43,7 @@ import orjson
 import data_loader as dl
 from benchmark import bench_batched, recorded_night
 from checkpoint import load_model_from_checkpoint
+from memory_check import progress
 from serve import DEFAULT_CHECKPOINT
 from serve_store import ServiceStore
 
@@ -239,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.wearers < 1 or args.seconds <= 0 or args.batch_wearers < 1:
         parser.error("--wearers, --seconds and --batch-wearers must be positive")
     data_dir = Path(args.data_dir)
+    progress(f"loadtest: preparing the nights in {data_dir}")
     nights = night_bodies(data_dir)
     report: dict = {"wearers": args.wearers, "checkpoint": args.checkpoint, "serve_args": args.serve_args}
 
     # the in-process fast path first, on its own (nothing else running)
+    progress(f"loadtest: in-process fast path, {args.wearers} wearers x {args.fast_path_rounds} rounds")
     model, scaler, checkpoint = load_model_from_checkpoint(args.checkpoint)
     recorded = [recorded_night(data_dir, n) for n in dl.load_nights(data_dir, cache_dir=None)]
     fast = bench_batched(model, scaler, checkpoint, recorded, args.wearers, args.fast_path_rounds, 2, [1])
@@ -257,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             db = Path(tmp) / f"{mode}.db"
             port = free_port()
+            progress(f"loadtest: {mode} mode: starting serve.py")
             server = start_server(port, db, args.checkpoint, shlex.split(args.serve_args))
             try:
                 wearers = [f"load-{mode}-{w:05d}" for w in range(args.wearers)]
                 speedup = args.speedup_single if mode == "single" else args.speedup_batch
+                progress(f"loadtest: {mode} mode: {args.wearers} wearers for {args.seconds:g} s")
                 server_cpu, own_cpu, wall = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
                 result = asyncio.run(run_mode(f"http://127.0.0.1:{port}", mode, wearers, nights, args.seconds,
                                               args.batch_wearers, speedup))
@@ -271,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.terminate()
                 server.wait(timeout=60)
+            progress(f"loadtest: {mode} mode: checking the database, then timing a restart on it")
             result.update(check_database(db, result.pop("_expected"), result.pop("_start")))
             # a restart on this database: start-up plus replaying every wearer's night so far
             started = time.perf_counter()
@@ -283,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             result["ratio_to_stager_pool"] = (result["wearer_epochs_per_s"]
                                               / report["in_process"]["stager_pool_wearer_epochs_per_s"])
             report[mode] = result
-            print(f"{mode}: {result['wearer_epochs_per_s']:.0f} wearer-epochs/s, p99 {result['push_p99_ms']:.1f} ms, "
-                  f"lost {result['epochs_lost']}, duplicated {result['epochs_duplicated']}", file=sys.stderr)
+            progress(f"loadtest: {mode}: {result['wearer_epochs_per_s']:.0f} wearer-epochs/s, p99 "
+                     f"{result['push_p99_ms']:.1f} ms, lost {result['epochs_lost']}, duplicated "
+                     f"{result['epochs_duplicated']}")
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_out:

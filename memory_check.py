@@ -29,6 +29,15 @@ HERE = Path(__file__).resolve().parent
 SUBJECT = "9000000"
 
 
+_STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr for a step that takes a while (stdout carries the JSON), with the seconds
+    since the script started: long runs are not silent."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -106,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
+        progress(f"memory_check: writing a {args.hours:g} h synthetic night with raw 50 Hz motion")
         written = _run_child("write", tmp / "one", [SUBJECT], args.hours)
         paths = {kind: Path(path) for kind, path in written["paths"].items()}
         with open(paths["motion"], "rb") as f:
             motion_rows = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        progress("memory_check: parsing it in a fresh process (peak memory)")
         result = {
             "python": sys.version.split()[0],
             "night_hours": args.hours,
@@ -121,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             "subjects": {},
         }
         for n in (int(x) for x in args.subjects.split(",")):
+            progress(f"memory_check: loading {n} subject(s) in one process")
             ids = _linked_cohort(paths, tmp / "cohort", n)
             result["subjects"][str(n)] = _run_child("subjects", tmp / "cohort", ids)
         peaks = [r["peak_rss_mib"] for r in result["subjects"].values()]
         result["peak_growth_mib_from_smallest_to_largest_n"] = round(peaks[-1] - peaks[0], 1) if peaks else None
+    progress("memory_check: done")
     print(json.dumps(result, indent=2))
     return 0
 

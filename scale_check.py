@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from memory_check import peak_rss_mib  # standard library only: the parent stays small
+from memory_check import peak_rss_mib, progress  # standard library only: the parent stays small
 
 HERE = Path(__file__).resolve().parent
 FOLDERS = ("labels", "heart_rate", "counts", "steps")
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = (HERE / args.workdir).resolve()
     t0 = time.perf_counter()
+    progress(f"scale_check: writing {args.subjects} synthetic nights under {work} (reused when already there)")
     cohorts = {"large": _cohort(work / f"cohort{args.subjects}", args.subjects)}
     cohorts["small"] = _linked(cohorts["large"], work / f"cohort{args.small}", args.small)
     result: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(),
@@ -145,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     for name, data_dir in cohorts.items():
-        print(f"[{name}] load, read", file=sys.stderr, flush=True)
+        progress(f"scale_check: [{name}] load, read")
         result[name] = {"load_cold": _run_child("load", data_dir, cache / name),
                         "load_cached": _run_child("load", data_dir, cache / name),
                         "read_pass": _run_child("read", data_dir, cache / name)}
     for name, data_dir in cohorts.items():
-        print(f"[{name}] train_hybrid.py --stride 25", file=sys.stderr, flush=True)
+        progress(f"scale_check: [{name}] train_hybrid.py --stride 25")
         result[name]["train_hybrid_stride25"] = _train("train_hybrid.py", data_dir, work / f"train-{name}", 1, 25,
                                                        cache / name)
     result["peak_rss_growth_mib_small_to_large"] = {
@@ -160,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.archs.split(","):
         script = {"hybrid": "train_hybrid.py", "lstm": "train.py"}[arch]
         for processes in (1, 2):
-            print(f"[small] {script} x{processes}", file=sys.stderr, flush=True)
+            progress(f"scale_check: [small] {script} x{processes}")
             result["train_small"][f"{arch}_x{processes}"] = _train(script, cohorts["small"], work / f"train-{arch}-{processes}",
                                                                    processes, 5, cache / "small")
     result["score_large"] = {}
     for workers in (1, 2):
-        print(f"[large] inference_hybrid.py --workers {workers}", file=sys.stderr, flush=True)
+        progress(f"scale_check: [large] inference_hybrid.py --workers {workers}")
         measured = _measure([sys.executable, "inference_hybrid.py", "--data-dir", str(cohorts["large"]), "--workers",
                              str(workers), "--plots-dir", "", "--predictions-out", str(work / f"scores-{workers}.csv")],
                             env={"SLEEP_STAGING_CACHE": str(cache / "large")})

@@ -37,8 +37,10 @@ import data_loader as dl
 import features
 import realtime
 import stager_batch
+from memory_check import progress
 
 EPOCH_S = dl.EPOCH_S
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often, and at every simulated hour
 HR_PER_EPOCH = 6        # one heart-rate reading every ~5 s
 COUNTS_PER_EPOCH = 2    # one 15 s activity count
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "hybrid_causal" / "model.pth"
@@ -104,6 +106,8 @@ def soak(args) -> dict:
     torch.set_num_threads(args.threads)
     model, scaler, ckpt, described = load_model(args.checkpoint)
     n_epochs = int(round(args.hours * 3600 / EPOCH_S))
+    progress(f"soak: {args.wearers} wearers, {args.hours:g} simulated h ({n_epochs} epochs), path {args.path}, "
+             f"at most {args.max_seconds:g} s; model {described}")
     wearers = Wearers(args.wearers, n_epochs, args.seed)
     if args.path == "pool":
         pool = realtime.StagerPool(model, scaler, ckpt, batch_size=args.batch_size, start_s=0.0)
@@ -114,6 +118,7 @@ def soak(args) -> dict:
     rss = {0: round(rss_mib(), 1)}  # simulated hour -> MiB
     staged, nan_pushed, push_s, model_s = 0, 0, 0.0, 0.0
     t_start = time.perf_counter()
+    last_line = t_start
     done = 0
     for k in range(n_epochs):
         on, hr_t, hr, count_t, counts = wearers.epoch(k)
@@ -136,9 +141,16 @@ def soak(args) -> dict:
         push_s += t1 - t0
         model_s += t2 - t1
         done = k + 1
-        if done % (3600 // EPOCH_S) == 0:
+        hour_done = done % (3600 // EPOCH_S) == 0
+        if hour_done:
             rss[done * EPOCH_S // 3600] = round(rss_mib(), 1)
-        if time.perf_counter() - t_start > args.max_seconds:
+        now = time.perf_counter()
+        if hour_done or now - last_line >= PROGRESS_EVERY_S:
+            progress(f"soak: epoch {done}/{n_epochs} ({done * EPOCH_S / 3600:.2f} simulated h), "
+                     f"{staged / (now - t_start):.0f} wearer-epochs/s, RSS {rss_mib():.0f} MiB")
+            last_line = now
+        if now - t_start > args.max_seconds:
+            progress(f"soak: stopping after {now - t_start:.0f} s (--max-seconds {args.max_seconds:g})")
             break
     if args.path == "pool":  # the end of the night: the last open epoch of every wearer closes
         t0 = time.perf_counter()

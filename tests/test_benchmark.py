@@ -1,5 +1,6 @@
 """benchmark.py smoke run: every section runs and reports positive numbers (no timing thresholds)."""
 import json
+import re
 
 import benchmark
 
@@ -11,7 +12,17 @@ def test_quick_benchmark_reports_every_section(tmp_path, capsys):
             "--repeats", "1", "--offline-epochs", "30"]
     assert benchmark.main(argv) == 0
     report = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == report
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == report  # progress goes to stderr, stdout stays the JSON
+    # a line on stderr before every step that takes a while, in order, each with the seconds so far
+    steps = ["loading the nights in", "1/5 streaming update latency", "2/5 batched wearers, shipped",
+             "12 wearers x 2 rounds, 1 torch thread(s)", "2/5 batched wearers, compact",
+             "3/5 whole-night scoring, hybrid", "3/5 whole-night scoring, lstm", "4/5 loading the nights",
+             "5/5 writing and parsing a synthetic Apple Health export of 2 MB", "parsing 2 MB of XML", "done in"]
+    lines = captured.err.splitlines()
+    assert all(re.match(r"\[ *\d+\.\d s\] ", line) for line in lines), lines
+    positions = [next(i for i, line in enumerate(lines) if step in line) for step in steps]
+    assert positions == sorted(positions), lines
     assert set(report) >= {"machine", "stream_update", "batched", "offline_scoring", "data_loading", "targets", "met"}
     stream = report["stream_update"]
     assert stream["fresh"] and "not found" in stream["note"] and stream["epochs_timed"] >= 4

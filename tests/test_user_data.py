@@ -621,3 +621,11 @@ def test_evaluation_plots_of_each_mode_keep_their_own_names(tmp_path, small_data
         if stem == "hybrid_realtime":
             expected.add("hybrid_realtime_bland_altman.png")
         assert set(names) == expected, (stem, names)
+
+
+def test_evaluation_says_what_it_is_doing_on_stderr(small_data_dir, offline_ckpt, capsys):
+    assert inference_cli.main("hybrid", offline_ckpt, ["--data-dir", str(small_data_dir), "--plots-dir", ""]) == 0
+    captured = capsys.readouterr()
+    assert "loading nights" in captured.err  # the loader's progress bar
+    assert re.search(r"scoring 6 night\(s\) \([\d,]+ epochs\) \.\.\.", captured.err), captured.err
+    assert "scoring" not in captured.out and "kappa" in captured.out
