@@ -10,7 +10,8 @@ API (docs/service.md has curl examples):
     POST /v1/wearers/{id}/flush     {"now": t}
     GET  /v1/wearers                GET /v1/wearers/{id}/epochs?since=t    GET /v1/wearers/{id}/summary
     WS   /v1/wearers/{id}/live      GET /  (live page)    GET /healthz    GET /metrics
-t: Unix seconds (number) or an ISO-8601 string with a UTC offset.
+t: Unix seconds (number) or an ISO-8601 string with a UTC offset. An unknown wearer is a 404 (live: close
+code 4404). Limits: body size, nesting, wearers per request and per process (docs/service.md#limits).
 
 Each wearer is one realtime.StreamingStager (the stream's rules unchanged: late, duplicate and
 implausible readings are dropped and counted in "stats"), all of them in one StagerPool. Within one
@@ -46,7 +47,7 @@ import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -54,10 +55,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 import data_loader as dl
 import features
 from checkpoint import ARCHITECTURES, load_model_from_checkpoint
-from evaluation import single_thread
+from evaluation import NO_DATA_COLOR, STAGE_COLORS, single_thread
 from realtime import StagedEpoch, StagerPool, StreamingStager, new_stats, stage_pending, time_ordered_runs
 from serve_store import EpochRow, Event, ServiceStore, WearerRow
-from sleep_metrics import sleep_metrics
+from sleep_metrics import night_metrics
 
 log = logging.getLogger("serve")
 
@@ -71,6 +72,10 @@ MAX_AHEAD_S = 24 * 3600.0            # and anything more than a day ahead of thi
 STAGE_NAMES = {-1: "no data", **dict(enumerate(dl.STAGE_NAMES))}
 DROP_REASONS = ("late", "before_start", "duplicates", "non_finite", "out_of_range", "ignored_counts")
 TOKEN_ENV = "SLEEP_STAGING_TOKEN"
+PALETTE = {"stages": STAGE_COLORS, "no_data": NO_DATA_COLOR}  # the live page draws in the PNG reports' colours
+MAX_JSON_DEPTH = 8                  # a body nests arrays and objects 4 deep at most; deeper is refused unparsed
+MAX_REQUEST_WEARERS = 5000          # wearers one gateway request may name (--max-request-wearers)
+MAX_WEARERS = 50_000                # wearers one process holds a stream for (--max-wearers)
 
 
 # ----------------------------------------------------------------------------- input
@@ -167,9 +172,26 @@ def _finite(text: str) -> float:
     return value
 
 
+_BRACKETS = np.zeros(256, np.int8)
+_BRACKETS[[ord("["), ord("{")]], _BRACKETS[[ord("]"), ord("}")]] = 1, -1
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep a JSON text nests arrays and objects, found without parsing it (the parser recurses
+    once per level: thousands of levels end in a RecursionError). Exact for valid JSON; for invalid
+    JSON some number, and the parser refuses the text anyway."""
+    # escapes first, left to right as JSON reads them: an escaped quote neither opens nor closes a string
+    data = np.frombuffer(raw.replace(b"\\\\", b"__").replace(b'\\"', b"__"), np.uint8)
+    step = _BRACKETS[data]
+    at = np.flatnonzero(step)
+    outside = np.searchsorted(np.flatnonzero(data == ord('"')), at) % 2 == 0  # brackets inside strings do not nest
+    return int(np.cumsum(step[at][outside], dtype=np.int64).max(initial=0))
+
+
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The request's JSON body (Content-Type application/json), refusing bodies over max_bytes before
-    reading them whole, and objects with a key twice (the standard library parser: it can say so)."""
+    reading them whole, bodies nested deeper than MAX_JSON_DEPTH before parsing them, and objects with
+    a key twice (the standard library parser: it can say so)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         # also keeps other web sites' pages from posting readings (a form post cannot send this type)
@@ -185,11 +207,17 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise BadInput(f"body is over the limit of {max_bytes} bytes", 413)
         chunks.append(chunk)
+    raw = b"".join(chunks)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise BadInput(f"malformed JSON: nested {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed "
+                       f"(a gateway body needs 4)", 400)
     try:
-        return json.loads(b"".join(chunks), object_pairs_hook=_object, parse_constant=_no_constant,
-                          parse_float=_finite)
+        return json.loads(raw, object_pairs_hook=_object, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as error:  # JSONDecodeError, bad UTF-8, a duplicate key, NaN, 1e400
         raise BadInput(f"malformed JSON: {error}", 400) from None
+    except RecursionError:  # only invalid JSON gets past json_depth this deep; still the client's error
+        raise BadInput(f"malformed JSON: nested more than {MAX_JSON_DEPTH} levels deep", 400) from None
 
 
 # ----------------------------------------------------------------------------- the service
@@ -208,6 +236,7 @@ class Job(NamedTuple):
 
 
 LIVE_QUEUE = 1000  # epochs a live client may fall behind before it is dropped (it resumes with ?since=)
+UNKNOWN_WEARER = 4404  # WebSocket close code: no such wearer (yet); the page asks again later
 
 
 def end_feed(queue: asyncio.Queue) -> None:
@@ -272,11 +301,13 @@ class Service:
     """The wearers' streams (one StagerPool), the database and the batcher that joins them."""
 
     def __init__(self, checkpoint: str | Path, db: str | Path, *, max_delay_s: float = 0.0,
-                 max_body_bytes: int = 8 << 20, batch_interval_s: float = 0.02, on_failure=None):
+                 max_body_bytes: int = 8 << 20, batch_interval_s: float = 0.02, max_wearers: int = MAX_WEARERS,
+                 max_request_wearers: int = MAX_REQUEST_WEARERS, on_failure=None):
         model, scaler, ckpt = load_model_from_checkpoint(checkpoint)
         self.pool = StagerPool(model, scaler, ckpt, batch_size=128, start_s=None, max_delay_s=max_delay_s)
         self.store = ServiceStore(db)
         self.max_body_bytes, self.batch_interval_s = max_body_bytes, batch_interval_s
+        self.max_wearers, self.max_request_wearers = max_wearers, max_request_wearers
         self.metrics = Metrics()
         self.next_seq: dict[str, int] = {}
         self.night_seq: dict[str, int] = {}
@@ -308,6 +339,9 @@ class Service:
         if wearers:
             log.info("rebuilt %d wearers' streams (%d stored events) from %s in %.1f s", len(wearers), n_events,
                      self.store.path, time.perf_counter() - started)
+        if len(wearers) >= self.max_wearers:  # stored wearers are all kept; only new ones are refused
+            log.warning("the database holds %d wearers, --max-wearers is %d: new wearers are refused",
+                        len(wearers), self.max_wearers)
 
     def _apply(self, wearer_id: str, kind: str, rows: np.ndarray) -> None:
         if kind == "flush":
@@ -356,6 +390,12 @@ class Service:
         if self.failed is not None:
             raise HTTPException(503, f"the service stopped accepting readings after a storage failure "
                                      f"({self.failed}); restart it: it rebuilds from the database")
+        new = {work.wearer_id for work in works} - self.pool.stagers.keys()
+        if new and len(self.pool) + len(new) > self.max_wearers:
+            # each stream stays in memory for good: past the limit, one client could exhaust it
+            raise HTTPException(503, f"this service holds {len(self.pool)} wearers and its limit is "
+                                     f"{self.max_wearers} (--max-wearers); this request names {len(new)} new "
+                                     f"wearer(s): raise the limit or send them to another replica")
         try:
             results = [self._ingest(work) for work in works]
         except Exception as error:  # a stream half-updated: only a rebuild from the database is sure
@@ -495,8 +535,13 @@ class Service:
 
     # ------------------------------------------------------------------ reading back
 
+    def knows(self, wearer_id: str) -> bool:
+        """Whether the wearer has a stream: any push or flush taken, now or before a restart."""
+        return wearer_id in self.pool.stagers
+
     def summary(self, wearer_id: str) -> dict:
-        """Sleep metrics of the wearer's current (or last) night: its epochs since the last gap."""
+        """Sleep metrics of the wearer's current (or last) night, its epochs since the last gap, by the
+        reports' rule (sleep_metrics.night_metrics: no-data epochs left out, their minutes in no_data_min)."""
         epochs = self.store.epochs(wearer_id)
         if not epochs:
             return {"wearer_id": wearer_id, "night_start": None, "epochs": 0, "metrics": None}
@@ -504,13 +549,26 @@ class Service:
         breaks = np.flatnonzero(np.diff(starts) > features.EPOCH_S + 1e-6)
         first = int(breaks[-1]) + 1 if breaks.size else 0
         stages = np.array([e.stage for e in epochs[first:]])
-        metrics = {k: (None if not math.isfinite(v) else float(v)) for k, v in sleep_metrics(stages).items()}
-        metrics["no_data_min"] = float((stages < 0).sum() * features.EPOCH_S / 60)
+        metrics = {k: (None if not math.isfinite(v) else float(v)) for k, v in night_metrics(stages).items()}
         return {"wearer_id": wearer_id, "night_start": float(starts[first]),
                 "night_end": float(starts[-1] + features.EPOCH_S), "epochs": len(stages), "metrics": metrics}
 
 
 # ----------------------------------------------------------------------------- the app
+
+def page_html() -> str:
+    """The live page with the palette filled in."""
+    return PAGE.read_text(encoding="utf-8").replace("__PALETTE__", json.dumps(PALETTE), 1)
+
+
+def favicon_svg() -> bytes:
+    """A small hypnogram in the stage colours."""
+    steps = (("Wake", 0, 3), ("Light", 3, 4), ("Deep", 7, 3), ("REM", 10, 3), ("Light", 13, 3))  # stage, x, width
+    row = {"Wake": 0, "REM": 1, "Light": 2, "Deep": 3}  # top to bottom, as the hypnograms draw them
+    bars = "".join(f'<rect x="{x}" y="{1 + 4 * row[stage]}" width="{w}" height="3" fill="{STAGE_COLORS[stage]}"/>'
+                   for stage, x, w in steps)
+    return f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">{bars}</svg>'.encode()
+
 
 def json_response(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
@@ -569,9 +627,15 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
             return json_response({"status": "failed", "error": service.failed}, 503)
         return json_response({"status": "ok", "wearers": len(service.pool)})
 
+    html, icon = page_html(), favicon_svg()
+
     @app.get("/")
     async def page():
-        return FileResponse(PAGE, media_type="text/html")
+        return HTMLResponse(html)
+
+    @app.get("/favicon.ico")
+    async def favicon():  # browsers ask for it on every page; open, like the page
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -592,6 +656,9 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
         body = await read_json(request, service.max_body_bytes)
         if not isinstance(body, dict):
             raise BadInput('body: expected {"<wearer_id>": {readings}, ...}')
+        if len(body) > service.max_request_wearers:
+            raise BadInput(f"body: names {len(body)} wearers, more than the {service.max_request_wearers} one "
+                           f"request may (--max-request-wearers); split it", 413)
         works = []
         for wearer_id, readings in body.items():
             check_wearer_id(wearer_id)
@@ -619,17 +686,22 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
                                            "last_epoch_start": counts.get(w, (0, None))[1]}
                                           for w in sorted(set(service.pool.stagers) | set(counts))]})
 
+    def require_wearer(wearer_id: str) -> None:
+        check_wearer_id(wearer_id)
+        if not service.knows(wearer_id):  # a typo must not look like a wearer with no epochs yet
+            raise HTTPException(404, f"unknown wearer {wearer_id!r}: no readings or flush taken for it")
+
     @app.get("/v1/wearers/{wearer_id}/epochs")
     def epochs(wearer_id: str, request: Request, since: str | None = None):
         require_token(request)
-        check_wearer_id(wearer_id)
         since_s = -math.inf if since is None else parse_time(_number_or_text(since), "since")
+        require_wearer(wearer_id)
         return json_response({"epochs": [epoch_json(e) for e in service.store.epochs(wearer_id, since_s)]})
 
     @app.get("/v1/wearers/{wearer_id}/summary")
     def summary(wearer_id: str, request: Request):
         require_token(request)
-        check_wearer_id(wearer_id)
+        require_wearer(wearer_id)
         return json_response(service.summary(wearer_id))
 
     @app.websocket("/v1/wearers/{wearer_id}/live")
@@ -653,6 +725,9 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
             await websocket.close(code=1008, reason="cross-origin live feeds are refused")  # another site's page
             return
         await websocket.accept()
+        if not service.knows(wearer_id):  # accepted first: a browser sees a close code, not a refused handshake
+            await websocket.close(code=UNKNOWN_WEARER, reason=f"unknown wearer {wearer_id}")
+            return
         queue: asyncio.Queue = asyncio.Queue(maxsize=LIVE_QUEUE)
         service.subscribe(wearer_id, queue)
 
@@ -719,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-delay", type=float, default=0.0,
                         help="seconds to wait past an epoch's end for late readings (default 0)")
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default 8 MB)")
+    parser.add_argument("--max-wearers", type=int, default=MAX_WEARERS,
+                        help=f"wearers this process holds a stream for; new ones past it get 503 "
+                             f"(default {MAX_WEARERS:,}; each stream stays in memory)")
+    parser.add_argument("--max-request-wearers", type=int, default=MAX_REQUEST_WEARERS,
+                        help=f"wearers one POST /v1/readings may name; more get 413 (default {MAX_REQUEST_WEARERS:,})")
     parser.add_argument("--batch-ms", type=float, default=20.0,
                         help="at most one model call per this many ms (default 20): bigger batches, less CPU, "
                              "up to that much added latency")
@@ -737,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--host {args.host} is reachable from other machines: set --token (or ${TOKEN_ENV})")
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is not a port number")
+    for flag in ("max_wearers", "max_request_wearers"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least 1")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
@@ -748,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         service = Service(args.checkpoint, args.db, max_delay_s=args.max_delay,
                           max_body_bytes=int(args.max_body_mb * (1 << 20)), batch_interval_s=args.batch_ms / 1000.0,
+                          max_wearers=args.max_wearers, max_request_wearers=args.max_request_wearers,
                           on_failure=end_process)
     except (OSError, ValueError, KeyError) as error:
         print(f"serve.py: {error}", file=sys.stderr)

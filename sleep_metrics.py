@@ -13,6 +13,9 @@ Definitions (30 s epochs; stages 0 Wake, 1 Light, 2 Deep, 3 REM, -1 unscored):
 - awakenings: runs of one or more non-sleep epochs between sleep onset and the last sleep epoch.
 - minutes and percent (of TST) per stage; Wake minutes over the whole recording.
 Unscored epochs count as time in bed and as not asleep.
+A predicted night (`night_metrics`: the reports, the Apple Health nights, the service's summary)
+leaves its no-data epochs (stage -1: the watch off, no stage given) out of every figure instead,
+and says how long they were (`no_data_min`): a watch-off stretch is neither sleep nor wake.
 Against PSG (`compare(..., scored_only=True)`, `--scored-only`, `inference*.py --sleep-metrics`) each
 night is cut to its PSG-scored period (first to last scored epoch) and the prediction counts the
 unscored epochs inside it as not asleep too, so both hypnograms cover the same time.
@@ -60,6 +63,15 @@ def sleep_metrics(stages: np.ndarray) -> dict[str, float]:
     metrics["awakenings"] = float(np.sum(within[1:] & ~within[:-1]) + within[0]) if within.size else 0.0
     rem = np.flatnonzero(stages[onset:] == 3)
     metrics["rem_latency_min"] = rem[0] * EPOCH_MIN if rem.size else float("nan")
+    return metrics
+
+
+def night_metrics(stages: np.ndarray) -> dict[str, float]:
+    """sleep_metrics of a predicted night without its no-data epochs (stage -1), plus no_data_min."""
+    stages = np.asarray(stages)
+    staged = stages >= 0
+    metrics = sleep_metrics(stages[staged])
+    metrics["no_data_min"] = float((~staged).sum() * EPOCH_MIN)
     return metrics
 
 

@@ -2,6 +2,7 @@
 server process killed with SIGKILL), the WebSocket feed and the token."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -19,8 +20,10 @@ import numpy as np
 import pytest
 
 import data_loader as dl
+import evaluation
 import realtime
 import serve
+import sleep_metrics as sm
 from loadtest import free_port
 from checkpoint import load_model_from_checkpoint
 
@@ -157,13 +160,62 @@ def test_push_answers_and_stores(tmp_path, night_pushes, uninterrupted):
         assert summary["metrics"]["time_in_bed_min"] == 10.0
         sleep_min = sum(e["stage"] >= 1 for e in epochs) / 2
         assert summary["metrics"]["total_sleep_time_min"] == sleep_min
-        assert client.get("/v1/wearers/nobody/summary").json()["epochs"] == 0
         metrics = client.get("/metrics").text
         accepted = sum(len(rows) for body in pushes[:5] for rows in body.values())
         assert f"sleep_staging_readings_accepted_total {float(accepted)}" in metrics
         assert "sleep_staging_wearers 1.0" in metrics
         assert 'sleep_staging_request_seconds_count{route="/v1/wearers/{wearer_id}/readings"} 5.0' in metrics
         assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_summary_leaves_no_data_out_as_the_reports_do(tmp_path, small_data_dir):
+    """2 h of a real night in 10-min pushes with the watch off for 25 min: the summary is the reports' rule
+    (sleep_metrics.night_metrics: no-data epochs are neither sleep nor wake), not "no data" counted as awake."""
+    readings = realtime.recorded_readings(small_data_dir, SUBJECT)
+    start = math.floor(min(rows[0, 0] for rows in readings.values()) / 30) * 30
+    off = (start + 3000, start + 3000 + 1500)
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        client.post("/v1/wearers/w/flush", json={"now": BASE_S + start})
+        for lo in range(int(start), int(start) + 7200, 600):
+            body = {}
+            for kind, rows in readings.items():
+                t = rows[:, 0]
+                part = rows[(t >= lo) & (t < lo + 600) & ~((t >= off[0]) & (t < off[1]))]
+                if len(part):
+                    body[API_NAMES[kind]] = [[BASE_S + r[0], *r[1:]] for r in part.tolist()]
+            assert client.post("/v1/wearers/w/readings", json=body).status_code == 200
+        client.post("/v1/wearers/w/flush", json={"now": BASE_S + start + 7200})
+        stages = np.array([e["stage"] for e in client.get("/v1/wearers/w/epochs").json()["epochs"]])
+        summary = client.get("/v1/wearers/w/summary").json()
+    assert summary["epochs"] == len(stages) == 240
+    n_no_data = int((stages < 0).sum())
+    assert n_no_data >= 20 and summary["metrics"]["no_data_min"] == n_no_data / 2
+    expected = sm.sleep_metrics(stages[stages >= 0])  # what the reports give on the same stages
+    for name in sm.METRICS:
+        assert summary["metrics"][name] == (None if math.isnan(expected[name]) else pytest.approx(expected[name])), name
+    assert summary["metrics"]["time_in_bed_min"] == (240 - n_no_data) / 2
+
+
+def test_an_unknown_wearer_is_a_404(tmp_path):
+    """A typo in a wearer id is not a wearer with no epochs: 404 on the read endpoints, close code 4404
+    on the live feed; known once anything of it was taken (also after a restart)."""
+    from starlette.websockets import WebSocketDisconnect
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
+        for path in ("/v1/wearers/nobody/epochs", "/v1/wearers/nobody/summary"):
+            response = client.get(path)
+            assert response.status_code == 404 and "unknown wearer 'nobody'" in response.json()["detail"], path
+        with pytest.raises(WebSocketDisconnect) as closed:
+            with client.websocket_connect("/v1/wearers/nobody/live?since=0") as ws:
+                ws.receive_text()
+        assert closed.value.code == serve.UNKNOWN_WEARER == 4404 and "nobody" in closed.value.reason
+        assert client.post("/v1/wearers/nobody/flush", json={"now": BASE_S}).status_code == 200
+        assert client.get("/v1/wearers/nobody/epochs").json() == {"epochs": []}
+        assert client.get("/v1/wearers/nobody/summary").json()["epochs"] == 0
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:  # restarted
+        assert client.get("/v1/wearers/nobody/summary").status_code == 200
+        with client.websocket_connect("/v1/wearers/nobody/live") as ws:
+            client.post("/v1/wearers/nobody/readings", json={"heart_rate": [[BASE_S + 5, 60], [BASE_S + 31, 60]]})
+            assert ws.receive_json()["epoch_start"] == BASE_S
 
 
 def test_stream_rules_are_counted_in_stats(tmp_path):
@@ -253,6 +305,70 @@ def test_bad_input_is_a_4xx_naming_the_field(tmp_path, body, status, words):
         assert client.get("/v1/wearers").json()["wearers"] == []
 
 
+DEEP = 5000
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/wearers/w/readings", b"[" * DEEP + b"]" * DEEP),                                     # the whole body
+    ("/v1/wearers/w/readings", b'{"heart_rate": ' + b"[" * DEEP + b"]" * DEEP + b"}"),        # in a field
+    ("/v1/readings", b'{"w": {"counts": ' + b"[" * DEEP + b"]" * DEEP + b"}}"),              # a gateway's wearer
+    ("/v1/wearers/w/flush", b'{"now": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+    ("/v1/wearers/w/readings", b"[" * DEEP),                                                  # and not even JSON
+    ("/v1/wearers/w/readings", b'{"heart_rate": [[[[[[[[[1767225600, 60]]]]]]]]]}'),           # just past the limit
+], ids=["body", "field", "gateway", "flush", "unclosed", "nine"])
+def test_deeply_nested_bodies_are_a_400_not_a_recursion_error(tmp_path, path, body):
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db")), raise_server_exceptions=True) as client:
+        response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        detail = response.json()["detail"]
+        assert "malformed JSON" in detail and "nested" in detail and str(serve.MAX_JSON_DEPTH) in detail, detail
+        assert client.get("/v1/wearers").json()["wearers"] == []  # nothing ingested
+
+
+def test_nesting_is_measured_outside_strings():
+    """Brackets inside strings (escaped quotes too) do not nest; the API's own bodies nest 4 deep."""
+    for text in ('{"w": {"heart_rate": [[1767225600, 60]]}}', '{"a": "[[[[[[[[[[[[", "b": [[1]]}',
+                 '{"a": "x\\\\", "b": [[[]]]}', '{"a": "\\" [[[[[[[[[[", "b": {"c": [[]]}}'):
+        assert serve.json_depth(text.encode()) == max(_depth(json.loads(text)), 0), text
+    assert serve.json_depth(b"1") == 0 and serve.json_depth(b"[" * DEEP + b"]" * DEEP) == DEEP
+
+
+def _depth(value) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(_depth, children), default=0)
+
+
+def test_wearers_per_request_and_per_process_are_bounded(tmp_path):
+    """A gateway request naming 100,000 new wearers is refused before anything is taken (413), and past
+    --max-wearers new wearers get a 503 naming the limit while known ones go on."""
+    with TestClient(serve.create_app(make_service(tmp_path / "a.db"))) as client:
+        response = client.post("/v1/readings", json={f"w{i}": {} for i in range(100_000)})
+        assert response.status_code == 413, response.text[:300]
+        assert f"more than the {serve.MAX_REQUEST_WEARERS} one request may" in response.json()["detail"]
+        assert client.get("/v1/wearers").json()["wearers"] == []
+        many = client.post("/v1/readings", json={f"w{i}": {} for i in range(serve.MAX_REQUEST_WEARERS)})
+        assert many.status_code == 200 and len(many.json()) == serve.MAX_REQUEST_WEARERS
+    db = tmp_path / "b.db"
+    hr = {"heart_rate": [[BASE_S, 60]]}
+    with TestClient(serve.create_app(make_service(db, max_wearers=3))) as client:
+        assert client.post("/v1/readings", json={"a": hr, "b": hr}).status_code == 200
+        response = client.post("/v1/readings", json={"a": hr, "c": hr, "d": hr})  # two new: one too many
+        assert response.status_code == 503, response.text
+        assert "limit is 3 (--max-wearers)" in response.json()["detail"] and "2 new" in response.json()["detail"]
+        assert [w["wearer_id"] for w in client.get("/v1/wearers").json()["wearers"]] == ["a", "b"]
+        assert client.post("/v1/wearers/c/flush", json={"now": BASE_S + 30}).status_code == 200
+        assert client.post("/v1/wearers/d/readings", json=hr).status_code == 503
+        assert client.post("/v1/wearers/a/readings", json={"heart_rate": [[BASE_S + 31, 61]]}).status_code == 200
+    with TestClient(serve.create_app(make_service(db, max_wearers=2))) as client:  # lowered: stored ones stay
+        assert client.get("/healthz").json()["wearers"] == 3
+        assert client.post("/v1/wearers/c/readings", json=hr).status_code == 200
+        assert client.post("/v1/wearers/e/readings", json=hr).status_code == 503
+    args = serve.build_parser().parse_args(["--max-wearers", "1000", "--max-request-wearers", "200"])
+    assert (args.max_wearers, args.max_request_wearers) == (1000, 200)
+    with pytest.raises(SystemExit):
+        serve.main(["--max-wearers", "0"])
+
+
 def test_other_bad_requests(tmp_path):
     with TestClient(serve.create_app(make_service(tmp_path / "s.db", max_body_bytes=1000))) as client:
         big = {"heart_rate": [[BASE_S + i, 60] for i in range(200)]}
@@ -299,6 +415,18 @@ def test_the_token_guards_the_api_but_not_the_page(tmp_path):
             client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S, 60], [BASE_S + 31, 60]]},
                         headers=good)
             assert ws.receive_json()["epoch_start"] == BASE_S
+
+
+def test_the_page_has_the_reports_palette_and_a_favicon(tmp_path):
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db"), token="s3cret")) as client:
+        page = client.get("/").text
+        assert "__PALETTE__" not in page and json.dumps(serve.PALETTE) in page
+        assert serve.PALETTE == {"stages": evaluation.STAGE_COLORS, "no_data": evaluation.NO_DATA_COLOR}
+        icon = client.get("/favicon.ico")  # open, like the page: a browser asks without the token
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+        from xml.etree import ElementTree
+        fills = {rect.get("fill") for rect in ElementTree.fromstring(icon.content)}
+        assert fills == set(evaluation.STAGE_COLORS.values())
 
 
 def test_refuses_a_public_address_without_a_token(capsys, monkeypatch):
@@ -417,12 +545,21 @@ def test_sigkill_mid_night_loses_nothing(tmp_path, night_pushes, uninterrupted):
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def css_rgb(color: str) -> str:
+    """"#d62728" as a browser's computed style writes it: "rgb(214, 39, 40)"."""
+    return "rgb({}, {}, {})".format(*(int(color[i:i + 2], 16) for i in (1, 3, 5)))
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
 def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_pushes):
-    """The page (token passed in the URL) shows the stored epochs, "no data" for the watch-off stretch,
-    and new epochs as they close. SCREENSHOT_OUT=path saves what it shows (docs/img/live_page.png)."""
+    """The page (token passed in the URL, no wearer named) picks the most recently active wearer and shows
+    its stored epochs, "no data" for the watch-off stretch, and new epochs as they close; times in the
+    browser's zone, colours of the PNG reports, no failed request (the favicon). An unknown wearer says so.
+    SCREENSHOT_OUT=path saves what it shows (docs/img/live_page.png)."""
+    from zoneinfo import ZoneInfo
     from playwright.sync_api import sync_playwright
     pushes, start, _, _ = night_pushes
+    zone = "America/New_York"  # the night then starts in the evening, as it would there
     # the watch off for ~25 minutes after the first third of the night
     cut = len(pushes) // 3
     resume = next(i for i in range(cut, len(pushes))
@@ -433,6 +570,9 @@ def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_push
     headers = {"Authorization": "Bearer tok"}
     try:
         with httpx.Client(base_url=server.url, timeout=30, headers=headers) as client:
+            # an earlier wearer: the page must pick night-1, whose last epoch is later
+            assert client.post("/v1/wearers/day-0/readings", json={"heart_rate": [[start - 7200, 60],
+                                                                                 [start - 7000, 61]]}).json()["epochs"]
             epochs = client.post("/v1/wearers/night-1/flush", json={"now": start}).json()["epochs"]
             for body in shown:
                 epochs += client.post("/v1/wearers/night-1/readings", json=body).json()["epochs"]
@@ -440,16 +580,24 @@ def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_push
             assert n_no_data >= 20
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-                page = browser.new_page(viewport={"width": 1100, "height": 720})
-                errors = []
+                page = browser.new_page(viewport={"width": 1100, "height": 720}, timezone_id=zone)
+                errors, failed = [], []
                 page.on("pageerror", lambda error: errors.append(str(error)))
-                page.goto(f"{server.url}/?wearer=night-1#token=tok")
+                page.on("response", lambda r: failed.append(f"{r.url}: {r.status}") if r.status >= 400 else None)
+                page.goto(f"{server.url}/#token=tok")
                 page.wait_for_function(f"document.getElementById('epoch-count').textContent === '{len(epochs)}'",
                                        timeout=30_000)
                 assert page.inner_text("#no-data") == f"{n_no_data / 2:g} min"
                 last = epochs[-1]
                 assert page.inner_text("#last-stage").startswith(last["stage_name"])
-                assert "night-1" in page.inner_text("#wearer")
+                assert page.eval_on_selector("#wearer", "s => s.value") == "night-1"
+                local = datetime.fromtimestamp(epochs[-1]["epoch_start"], ZoneInfo(zone))
+                assert page.inner_text("#last-epoch") == local.strftime("%H:%M:%S")
+                offset = datetime.now(ZoneInfo(zone)).strftime("%z")  # the zone's offset today: -0500 or -0400
+                assert page.inner_text("#timezone") == f"this browser's local time, {zone} (UTC{offset[:3]}:{offset[3:]})"
+                swatches = page.eval_on_selector_all(".swatch", "all => all.map(s => getComputedStyle(s).backgroundColor)")
+                assert swatches == [css_rgb(c) for c in [*evaluation.STAGE_COLORS.values(), evaluation.NO_DATA_COLOR]]
+                assert list(evaluation.STAGE_COLORS) == list(dl.STAGE_NAMES)  # the legend's order
                 # live: the next pushes' epochs appear without a reload
                 more = []
                 for body in pushes[resume + len(pushes) // 3:][:4]:
@@ -461,6 +609,11 @@ def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_push
                 assert not errors, errors
                 if os.environ.get("SCREENSHOT_OUT"):
                     page.screenshot(path=os.environ["SCREENSHOT_OUT"])
+                page.evaluate("fetch('/favicon.ico')")  # what a browser asks for (headless may not)
+                page.goto(f"{server.url}/?wearer=ghost#token=tok")
+                page.wait_for_function("document.getElementById('status').textContent.includes('ghost')")
+                assert page.inner_text("#status") == "no wearer ghost yet: waiting for its first readings"
+                assert not failed, failed
                 browser.close()
     finally:
         server.stop()
@@ -536,6 +689,7 @@ def test_other_sites_and_host_names_are_refused(tmp_path):
         with pytest.raises(WebSocketDisconnect):
             with client.websocket_connect("/v1/wearers/w/live", headers={"Origin": "http://evil.example"}) as ws:
                 ws.receive_text()
+        client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S, 60]]})
         with client.websocket_connect("/v1/wearers/w/live", headers={"Origin": "http://testserver"}) as ws:
-            client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S, 60], [BASE_S + 31, 60]]})
+            client.post("/v1/wearers/w/readings", json={"heart_rate": [[BASE_S + 31, 60]]})
             assert ws.receive_json()["epoch_start"] == BASE_S

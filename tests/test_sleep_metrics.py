@@ -36,6 +36,18 @@ def test_unscored_counts_as_not_asleep_and_no_sleep_is_safe():
     assert awake["total_sleep_time_min"] == 0 and awake["awakenings"] == 0 and math.isnan(awake["light_pct"])
 
 
+def test_a_predicted_night_leaves_its_no_data_epochs_out():
+    """night_metrics (the reports and the service): the watch off is neither sleep nor wake."""
+    # 2 W, 4 L, 6 no data, 2 W, 4 D, 2 no data, 2 R
+    stages = np.array([0] * 2 + [1] * 4 + [-1] * 6 + [0] * 2 + [2] * 4 + [-1] * 2 + [3] * 2)
+    m = sm.night_metrics(stages)
+    assert m["no_data_min"] == 4.0 and m["time_in_bed_min"] == 7.0 and m["total_sleep_time_min"] == 5.0
+    assert m["waso_min"] == 1.0 and m["awakenings"] == 1 and math.isclose(m["sleep_efficiency_pct"], 100 * 5 / 7)
+    assert m["rem_latency_min"] == 5.0  # from onset, over the staged epochs only
+    assert {k: v for k, v in m.items() if k != "no_data_min"} == sm.sleep_metrics(stages[stages >= 0])
+    assert sm.night_metrics(np.full(4, -1))["time_in_bed_min"] == 0 and sm.night_metrics([])["no_data_min"] == 0
+
+
 def test_agreement_bias_and_limits():
     rows = []
     for subject, shift in (("a", 2), ("b", 4)):
