@@ -16,7 +16,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
-# requirements.txt alone first: this layer is rebuilt only when the dependencies change.
+# requirements.txt alone first: this layer is rebuilt only when the dependencies change. It holds
+# what running needs; the test and lint tools (requirements-dev.txt) stay out of the image.
 COPY requirements.txt /tmp/requirements.txt
 # torch from TORCH_INDEX (CPU wheels by default, not the multi-GB CUDA build), then the rest from
 # PyPI, where requirements.txt's torch==2.13.0 pin is already satisfied by the installed build.

