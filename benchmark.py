@@ -31,7 +31,8 @@
    (synthetic.write_health_export, its records repeated), in a fresh process: MB/s and peak RSS.
 
 Checkpoints come from checkpoints/<arch>_<mode>/model.pth; where one is missing, a freshly
-initialised model of the training script's config (train_hybrid.py / train.py MODEL) stands in
+initialised model of the training script's config (train_hybrid.py / train.py MODEL, CAUSAL_MODEL for
+the causal figures) stands in
 (same shapes, same cost, untrained) and the JSON says so.
 """
 from __future__ import annotations
@@ -71,21 +72,22 @@ PUSH = {"heart_rate": "push_heart_rate", "counts": "push_counts", "motion": "pus
 # ----------------------------------------------------------------------------- models
 
 def _fresh_model(arch: str, causal: bool, nights: list[dl.Night], train_ids: list[str], overrides: dict | None = None):
-    """(model, scaler, checkpoint) of an untrained model of the training script's config (with overrides)."""
+    """(model, scaler, checkpoint) of an untrained model of the training script's config for that
+    mode (MODEL/TRAIN offline, CAUSAL_MODEL/CAUSAL_TRAIN causal), with overrides."""
     if arch == "hybrid":
         import train_hybrid as script
     else:
         import train as script
-    config = {k: v for k, v in asdict(script.MODEL).items() if k not in ("n_features", "causal", "dropout")}
+    model_config, train_config = (script.CAUSAL_MODEL, script.CAUSAL_TRAIN) if causal else (script.MODEL, script.TRAIN)
+    config = {k: v for k, v in asdict(model_config).items() if k not in ("n_features", "causal", "dropout")}
     config.update(overrides or {})
-    names = list(script.TRAIN.features)
-    seq_len = script.TRAIN.seq_len
+    names = list(train_config.features)
     torch.manual_seed(0)
     model = build_model(arch, {**config, "n_features": len(names), "causal": causal}).eval()
     train = [n for n in nights if n.subject_id in set(train_ids)] or nights
     scaler = dl.FeatureScaler.fit([features.night_features(n, causal=causal, features=tuple(names)) for n in train])
-    checkpoint = make_checkpoint(model, arch, features=names, seq_len=seq_len,
-                                 target_pos=seq_len - 1 if causal else seq_len // 2, scaler=scaler)
+    checkpoint = make_checkpoint(model, arch, features=names, seq_len=train_config.seq_len,
+                                 target_pos=train_config.target_pos, scaler=scaler)
     return model, scaler, checkpoint
 
 
@@ -106,8 +108,9 @@ def get_model(arch: str, causal: bool, checkpoint_dir: Path, nights: list[dl.Nig
     model, scaler, checkpoint = _fresh_model(arch, causal, nights, train_ids, overrides)
     return model, scaler, checkpoint, {
         "checkpoint": None, "fresh": True,
-        "note": f"{reason}: a freshly initialised {'causal' if causal else 'offline'} {arch} of {script}'s MODEL "
-                f"config{f' with {overrides}' if overrides else ''} stands in (same shapes and cost, untrained)"}
+        "note": f"{reason}: a freshly initialised {'causal' if causal else 'offline'} {arch} of {script}'s "
+                f"{'CAUSAL_MODEL' if causal else 'MODEL'} config{f' with {overrides}' if overrides else ''} stands in "
+                "(same shapes and cost, untrained)"}
 
 
 def _percentile(values, q: float) -> float:
