@@ -32,8 +32,7 @@
 
 Checkpoints come from checkpoints/<arch>_<mode>/model.pth; where one is missing, a freshly
 initialised model of the training script's config (train_hybrid.py / train.py MODEL, CAUSAL_MODEL for
-the causal figures) stands in
-(same shapes, same cost, untrained) and the JSON says so.
+the causal figures) stands in (same shapes, same cost, untrained) and the JSON says so.
 """
 from __future__ import annotations
 

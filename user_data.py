@@ -529,8 +529,8 @@ def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path
                   mode: str = "") -> dict:
     """The night's figures (sleep_metrics.sleep_metrics of the predicted stages) and where they come from."""
     all_stages = frame["pred"].to_numpy()
-    stages = all_stages[all_stages >= 0]  # epochs without data (-1) are left out of every figure
-    metrics = sm.sleep_metrics(stages)
+    stages = all_stages[all_stages >= 0]
+    metrics = sm.night_metrics(all_stages)  # epochs without data (-1) are left out of every figure
     night = recording.night
     n = len(stages)
     per_stage = {}
@@ -549,7 +549,7 @@ def night_summary(frame: pd.DataFrame, recording: UserRecording, checkpoint_path
         "checkpoint": str(checkpoint_path),
         "mode": mode,
         "epochs": len(all_stages),
-        "no_data_min": float((all_stages < 0).sum() * sm.EPOCH_MIN),
+        "no_data_min": metrics["no_data_min"],
         "time_format": recording.time_format,
         "start": recording.start_clock.isoformat() if recording.start_clock else recording.origin_s,
         "end": (recording.start_clock + timedelta(seconds=end_s)).isoformat() if recording.start_clock
