@@ -176,9 +176,15 @@ def _first_data_line(path: Path) -> tuple[int, str]:
     raise dl.DataError(f"{path}: empty file (no header, no data rows)")
 
 
+UTF16_BOMS = ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
 def looks_like_xml(head: bytes) -> bool:
-    """Whether a file's first bytes open an XML document (after a UTF-8 byte-order mark and blanks, or UTF-16)."""
-    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") or head.startswith((b"\xff\xfe", b"\xfe\xff"))
+    """Whether a file's first bytes open an XML document (after a byte-order mark and blanks)."""
+    for bom, encoding in UTF16_BOMS:
+        if head.startswith(bom):
+            return head[2:].decode(encoding, "ignore").lstrip().startswith("<")
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
 
 
 FLAGS = {"heart_rate": "--hr", "motion": "--motion", "steps": "--steps"}
@@ -205,6 +211,8 @@ def _refuse_non_text(path: Path, role: str) -> None:
         raise dl.DataError(f"{path}: " + (f"an Apple Health export (XML), not a CSV: {instead}" if health else
                                          "an XML file, not a CSV/TSV text file (an Apple Health export.xml goes to "
                                          "--apple-health)"))
+    if head.startswith(tuple(bom for bom, _ in UTF16_BOMS)):
+        raise dl.DataError(f"{path}: UTF-16 text (as Excel's \"Unicode text\" writes it); save it as CSV in UTF-8")
     if b"\x00" in head:
         raise dl.DataError(f"{path}: a binary file, not a CSV/TSV text file; give a CSV with a header row such as "
                            "'timestamp,heart_rate' (an Apple Health export goes to --apple-health)")

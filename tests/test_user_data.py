@@ -366,13 +366,16 @@ def test_archive_xml_or_binary_given_as_a_csv_says_what_it_is(tmp_path, offline_
     other_xml.write_text("<?xml version='1.0'?>\n<html><body>heart, rate</body></html>\n")
     binary = tmp_path / "hr.bin"
     binary.write_bytes(bytes(range(256)) * 8)
+    utf16 = tmp_path / "hr_unicode.txt"
+    utf16.write_bytes("Time\tHR\n0\t60\n".encode("utf-16"))  # with its byte-order mark
     cases = [(health_zip, "an Apple Health export (a zip holding export.xml), not a CSV: read it with "
                           f"--apple-health {health_zip} instead of --hr"),
              (health_xml, f"an Apple Health export (XML), not a CSV: read it with --apple-health {health_xml} "
                           "instead of --hr"),
              (other_zip, "a zip archive, not a CSV/TSV text file: unpack the CSV inside"),
              (other_xml, "an XML file, not a CSV/TSV text file (an Apple Health export.xml goes to --apple-health)"),
-             (binary, "a binary file, not a CSV/TSV text file")]
+             (binary, "a binary file, not a CSV/TSV text file"),
+             (utf16, "UTF-16 text (as Excel's \"Unicode text\" writes it); save it as CSV in UTF-8")]
     for path, message in cases:
         assert inference_cli.main("hybrid", offline_ckpt, ["--hr", str(path), "--out-dir", str(tmp_path / "out")]) == 1
         err = capsys.readouterr().err
