@@ -2,8 +2,8 @@
 
     python inference_hybrid.py --hr hr.csv --motion counts.csv [--steps steps.csv] [--out-dir out/report]
 
-Input files have a header row naming their columns (case-insensitive; spaces and hyphens count as
-underscores; a unit may follow in brackets, "Heart Rate (bpm)"; comma, tab, semicolon or space
+Input files have a header row naming their columns (case-insensitive; spaces, hyphens, slashes
+and dots count as underscores; a unit may follow in brackets, "Heart Rate (bpm)"; comma, tab, semicolon or space
 separated, the last three also with decimal commas "97,5"; plain or gzip):
 
 - time (TIME_COLUMNS: `timestamp`, `time`, `t`, `seconds`, `datetime`, ...): seconds (any origin,
@@ -51,8 +51,8 @@ import evaluation
 import sleep_metrics as sm
 from checkpoint import atomic_write
 
-# Column names as written in common exports (normalised: lower case, spaces and hyphens as
-# underscores); a unit may follow in brackets: "Heart Rate (bpm)", "Time [s]".
+# Column names as written in common exports (normalised: lower case, spaces, hyphens, slashes and
+# dots as underscores); a unit may follow in brackets: "Heart Rate (bpm)", "Time [s]".
 TIME_COLUMNS = ("timestamp", "time", "t", "seconds", "datetime", "date_time", "date", "time_stamp", "start",
                 "start_time", "start_date", "startdate")
 HR_COLUMNS = ("heart_rate", "hr", "bpm", "heartrate", "pulse", "pulse_rate")
@@ -127,7 +127,7 @@ def night_day(local_s):
 # ----------------------------------------------------------------------------- reading one file
 
 def _normalise(name: str) -> str:
-    return re.sub(r"[\s\-]+", "_", name.strip().strip("\ufeff").strip().strip("\"'").strip().lower())
+    return re.sub(r"[\s\-/.]+", "_", name.strip().strip("\ufeff").strip().strip("\"'").strip().lower())
 
 
 _UNIT_SUFFIX = re.compile(r"^(.*?)\s*[(\[]\s*([^()\[\]]*?)\s*[)\]]$")

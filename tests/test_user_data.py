@@ -305,6 +305,7 @@ def comma_decimals(path, sep):
     (["Time", "Heart Rate (bpm)"], ["Time", "Counts"], ";"),       # decimal commas in a semicolon file
     (["seconds", "Pulse (beats/min)"], ["t", "activity"], "\t"),  # ... and in a tab-separated one
     (["Start", "heartRate"], ["start time", "count"], ","),
+    (["Date/Time", "Heart.Rate [bpm]"], ["date-time", "activity counts"], ","),
 ])
 def test_common_export_spellings_and_decimal_commas_give_the_same_night(tmp_path, hr_header, count_header, sep):
     hr, counts = hr_rows(), count_rows()
