@@ -660,7 +660,8 @@ def check_result(result: subprocess.CompletedProcess, command: list[str], emulat
         from checkpoint import load_model_from_checkpoint
         defaults = script_module(script).TRAIN
         cfg = training.parse_args(defaults, [emulated.path(c) for c in command[2:]], script)
-        out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("checkpoints") / f"{TRAIN_SCRIPTS[script]}_" \
+        # training.run's default: runs/<arch>_<mode>/ (the shipped checkpoints/ only when named)
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"{TRAIN_SCRIPTS[script]}_" \
             f"{'causal' if cfg.causal else 'offline'}"
         out_dir = out_dir if out_dir.is_absolute() else emulated.app / out_dir
         model_path = out_dir / "model.pth"
