@@ -48,6 +48,12 @@ Rules (each one tested):
   whole-night features instead call a steps gap 0 when steps resume later).
 - Memory: only the samples of open epochs, plus O(seq_len + 60) numbers of feature state.
 
+The revised stage (a model with a lookahead L, e.g. 10 epochs): each epoch is staged again once the L
+epochs after it have arrived, by the model call that stages epoch t + L (every lag from one call);
+at a night's end (flush, a clock jump, the end of a replay) the epochs still waiting are revised from
+the night's last window at the shorter lag, as evaluation.revision_windows does offline. The push
+results stay the immediate stages; take_revised() returns the revisions (see Revisions).
+
 `StagerPool` batches the model call across many wearers; `StagerBatch` keeps many wearers in
 lockstep with their state in numpy arrays (no Python work per wearer; for a server that ticks every
 30 s); `predict_label_from_triplet` is the notebook API (one (hr, motion, steps) reading per epoch,
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -80,8 +87,9 @@ MAX_STEPS_PER_EPOCH = 300.0
 
 
 class StagedEpoch(NamedTuple):
-    """One closed epoch: its start (s), the predicted stage (0 Wake, 1 Light, 2 Deep, 3 REM; -1 no data),
-    probabilities (4,) (NaN for no data)."""
+    """One epoch's stage: its start (s), the stage (0 Wake, 1 Light, 2 Deep, 3 REM; -1 no data),
+    probabilities (4,) (NaN for no data). The immediate stage of a closed epoch, or its revised stage
+    (take_revised)."""
     epoch_start_s: float
     stage: int
     probabilities: np.ndarray
@@ -90,8 +98,36 @@ class StagedEpoch(NamedTuple):
 NO_DATA_PROBABILITIES = np.full(4, np.nan)
 
 
+def lookahead_of(model: torch.nn.Module) -> int:
+    """Epochs a causal model's revision looks ahead (its config's `lookahead`; 0: no revision)."""
+    return int(getattr(getattr(model, "config", None), "lookahead", 0) or 0)
+
+
+class _EveryLag(torch.nn.Module):
+    """A model with a lookahead as predict_windows sees it: its last-position output is every lag
+    (batch, 1 + lookahead, 4), so one call gives each window's immediate stage (lag 0) and the
+    revisions it holds (lag j: the epoch j before the window's last)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.eval() if model.training else model
+        self.training = False  # so predict_windows does not walk every submodule again to set eval mode
+
+    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_last(x, lags=True)
+
+
+def predict_every_lag(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
+                      batch_size: int = 1024) -> np.ndarray:
+    """Probabilities (n, 1 + lookahead, 4) of every lag at the last position of scaled windows: the
+    one model call (predict_windows) of a model with a lookahead."""
+    if len(windows) == 0:
+        return np.zeros((0, 1 + lookahead_of(model), 4))
+    return predict_windows(_EveryLag(model), windows, target_pos, batch_size)
+
+
 class _Closed(NamedTuple):
-    """A closed epoch whose feature row is not computed yet (see StreamingStager._featurize)."""
+    """A closed epoch whose feature row is not computed yet (see StreamWindows.featurize)."""
     epoch_start_s: float
     k: int                  # epoch index in its night
     hours_since_start: float
@@ -104,7 +140,14 @@ class FeatureState(NamedTuple):
     ring: features.WindowRing
 
 
-# ----------------------------------------------------------------------------- the streaming predictor
+def new_stats() -> dict[str, int]:
+    """A stream's counters, all zero."""
+    return {"accepted": 0, "late": 0, "before_start": 0, "duplicates": 0, "non_finite": 0, "out_of_range": 0,
+            "ignored_counts": 0, "epochs_closed": 0, "epochs_hr_missing": 0, "epochs_no_data": 0, "new_nights": 0,
+            "gap_epochs": 0}
+
+
+# ----------------------------------------------------------------------------- the stream's input rules
 
 class _EpochBuffer:
     """Samples of one signal in one open epoch."""
@@ -119,12 +162,446 @@ class _EpochBuffer:
         return len(self.seen)
 
 
-def new_stats() -> dict[str, int]:
-    """A stream's counters, all zero."""
-    return {"accepted": 0, "late": 0, "before_start": 0, "duplicates": 0, "non_finite": 0, "out_of_range": 0,
-            "ignored_counts": 0, "epochs_closed": 0, "epochs_hr_missing": 0, "epochs_no_data": 0, "new_nights": 0,
-            "gap_epochs": 0}
+class StreamIntake:
+    """The input rules of one stream and their bookkeeping (module docstring, "Rules"): which readings
+    count, the clock, the epoch grid, the samples held for the open epochs, the counters (`stats`).
 
+    It tells its StreamingStager where the clock jumps (a new night starts) and how many epochs may
+    close; the stager closes them (epoch_aggregates) and hands them to the model side (StreamWindows).
+    """
+
+    def __init__(self, start_s: float | None, max_delay_s: float, max_gap_s: float):
+        self.initial_start_s = None if start_s is None else float(start_s)
+        self.max_delay_s, self.max_gap_s = float(max_delay_s), float(max_gap_s)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next reading starts a new night at the initial start_s."""
+        self.start_s = self.initial_start_s
+        self.clock: float | None = None
+        self.stats = new_stats()
+        self.reset_night()
+
+    def reset_night(self) -> None:
+        self.n_closed = 0
+        self.buffers: dict[str, dict[int, _EpochBuffer]] = {kind: {} for kind in KINDS}
+        self.motion_source: str | None = None
+        self.steps_span: list[float] | None = None
+
+    def epoch_start(self, k: int) -> float:
+        return self.start_s + float(EPOCH_S * k)
+
+    def buffered_samples(self) -> dict[str, int]:
+        return {kind: sum(len(b) for b in buffers.values()) for kind, buffers in self.buffers.items()}
+
+    def open_epochs(self) -> list[int]:
+        return sorted({e for buffers in self.buffers.values() for e in buffers})
+
+    # ------------------------------------------------------------------ readings
+
+    def valid(self, kind: str, t_s, values: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """The finite, plausible readings of one push (t (n,), values (n, k)); the others are counted."""
+        t, v = self._as_arrays(kind, t_s, values)
+        if len(t) == 0:
+            return t, v
+        finite = np.isfinite(t) & np.isfinite(v).all(axis=1)
+        with np.errstate(invalid="ignore"):
+            plausible = dl.plausible(kind, v) & (np.abs(t) <= MAX_ABS_TIME_S)
+        self.stats["non_finite"] += int((~finite).sum())
+        self.stats["out_of_range"] += int((finite & ~plausible).sum())
+        valid = finite & plausible
+        return (t, v) if valid.all() else (t[valid], v[valid])
+
+    @staticmethod
+    def _as_arrays(kind: str, t_s, values: tuple) -> tuple[np.ndarray, np.ndarray]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown signal {kind!r}; known: {KINDS}")
+        if len(values) != N_VALUES[kind]:
+            raise ValueError(f"{kind} readings take {N_VALUES[kind]} value(s) per timestamp, got {len(values)}")
+        try:
+            arrays = np.broadcast_arrays(*(np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (t_s, *values)))
+        except ValueError:
+            raise ValueError(f"{kind}: timestamps and values must have the same length "
+                             f"(got shapes {[np.shape(a) for a in (t_s, *values)]})") from None
+        if arrays[0].ndim != 1:
+            raise ValueError(f"{kind}: timestamps and values must be scalars or 1-D arrays")
+        return arrays[0], np.stack(arrays[1:], axis=1)
+
+    def next_segment(self, t: np.ndarray) -> tuple[int, np.ndarray]:
+        """(n, clock_before): the first n valid readings t come before the clock's next jump (n = 0: t[0]
+        itself jumps, a new night starts at it); clock_before[i]: the clock when reading i arrives."""
+        if self.start_s is None:
+            self.start_s = float(math.floor(t[0] / EPOCH_S) * EPOCH_S)
+        clock0 = self.clock if self.clock is not None else -math.inf
+        clock_before = np.maximum.accumulate(np.concatenate([[clock0], t[:-1]]))
+        jumps = np.flatnonzero(t - np.maximum(clock_before, self.start_s) > self.max_gap_s)
+        stop = int(jumps[0]) if jumps.size else len(t)
+        return stop, clock_before[:stop]
+
+    def store(self, kind: str, t: np.ndarray, v: np.ndarray, clock_before: np.ndarray) -> None:
+        """Valid readings without a jump (clock_before: next_segment's): those of closed epochs or
+        before the start are dropped and counted, the others held for their epochs; the clock moves."""
+        stats = self.stats
+        epoch = np.floor((t - self.start_s) / EPOCH_S).astype(np.int64)
+        if t[0] >= max(clock_before[0], self.start_s) and (len(t) == 1 or bool((t[1:] >= t[:-1]).all())):
+            # in time order from the clock on (the usual live push): none is before the start or late, as
+            # an epoch closes only once the clock passes its end
+            before = late = np.zeros(len(t), dtype=bool)
+        else:
+            with np.errstate(invalid="ignore"):
+                closed = np.floor((clock_before - self.max_delay_s - self.start_s) / EPOCH_S)
+            closed = np.maximum(np.nan_to_num(closed, neginf=0.0), self.n_closed).astype(np.int64)
+            before = epoch < 0
+            late = ~before & (epoch < closed)
+            stats["before_start"] += int(before.sum())
+            stats["late"] += int(late.sum())
+        if kind == "steps":  # the steps span counts every valid reading, as offline the whole file
+            lo, hi = float(t.min()), float(t.max())
+            self.steps_span = [lo, hi] if self.steps_span is None else [min(self.steps_span[0], lo),
+                                                                          max(self.steps_span[1], hi)]
+        keep = ~before & ~late
+        if kind == "counts" and self.motion_source == "raw":
+            stats["ignored_counts"] += int(keep.sum())
+            keep[:] = False
+        if keep.any():
+            if kind == "motion" and self.motion_source != "raw":
+                self.motion_source = "raw"  # raw motion wins, as offline: counts held so far are dropped
+                stats["ignored_counts"] += self.buffered_samples()["counts"]
+                self.buffers["counts"].clear()
+            elif kind == "counts" and self.motion_source is None:
+                self.motion_source = "counts"
+            self._hold(kind, t[keep], v[keep], epoch[keep])
+        latest = float(t.max())
+        self.clock = latest if self.clock is None else max(self.clock, latest)
+
+    def _hold(self, kind: str, t: np.ndarray, v: np.ndarray, epoch: np.ndarray) -> None:
+        buffers = self.buffers[kind]
+        if epoch[0] == epoch[-1] and (len(t) == 1 or bool((t[1:] > t[:-1]).all())):
+            first, epochs = np.ones(len(t), dtype=bool), epoch[:1]  # one epoch, no timestamp twice
+        else:
+            first = np.zeros(len(t), dtype=bool)
+            first[np.unique(t, return_index=True)[1]] = True  # within the call, the first of equal timestamps
+            epochs = np.unique(epoch)
+        for e in epochs:
+            sel = epoch == e
+            buffer = buffers.get(int(e))
+            if buffer is None:
+                buffer = buffers[int(e)] = _EpochBuffer()
+            times = t[sel]
+            ok = first[sel]
+            as_list = times.tolist()
+            if buffer.seen and not buffer.seen.isdisjoint(as_list):
+                ok &= np.array([x not in buffer.seen for x in as_list])
+            self.stats["duplicates"] += int((~ok).sum())
+            if ok.any():
+                buffer.t.append(times[ok])
+                buffer.v.append(v[sel][ok])
+                buffer.seen.update(times[ok].tolist())
+                self.stats["accepted"] += int(ok.sum())
+            elif not buffer:
+                del buffers[int(e)]
+
+    # ------------------------------------------------------------------ the clock and the grid
+
+    def closable(self, through_s: float) -> int:
+        """Number of epochs (from 0) that end at or before through_s."""
+        return max(self.n_closed, math.floor((through_s - self.start_s) / EPOCH_S))
+
+    def check_now(self, now_s: float) -> float:
+        """A clock tick's time, checked; it starts the grid when nothing came yet."""
+        now = float(now_s)
+        if not (math.isfinite(now) and abs(now) <= MAX_ABS_TIME_S):
+            raise ValueError(f"now_s must be finite (|now_s| <= {MAX_ABS_TIME_S:g} s), got {now_s}")
+        if self.start_s is None:
+            self.start_s = float(math.floor(now / EPOCH_S) * EPOCH_S)
+        return now
+
+    def jumps(self, now: float) -> bool:
+        """Whether a tick at now starts a new night."""
+        reference = self.start_s if self.clock is None else max(self.clock, self.start_s)
+        return now - reference > self.max_gap_s
+
+    def move_clock(self, now: float, wait_delay: bool) -> float:
+        """Advance the clock to now; the time through which epochs may close."""
+        self.clock = now if self.clock is None else max(self.clock, now)
+        return (self.clock - self.max_delay_s) if wait_delay else max(now, self.clock - self.max_delay_s)
+
+    def epochs_through_clock(self) -> int:
+        """Number of epochs up to the one holding the clock (those a night that ends now closes)."""
+        if self.clock is None or self.clock < self.start_s:
+            return self.n_closed
+        return math.floor((self.clock - self.start_s) / EPOCH_S) + 1
+
+    def new_night(self, t_new: float) -> None:
+        """Start the grid's next night at t_new's epoch (the stager has finished the night so far)."""
+        new_epoch = math.floor((t_new - self.start_s) / EPOCH_S)
+        self.stats["gap_epochs"] += max(new_epoch - self.n_closed, 0)
+        self.stats["new_nights"] += 1
+        self.start_s = self.epoch_start(new_epoch)
+        self.reset_night()
+
+    # ------------------------------------------------------------------ closing
+
+    def take(self, kind: str, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The samples held for epoch k of one signal, in time order, taken out."""
+        buffer = self.buffers[kind].pop(k, None)
+        if buffer is None:
+            return None
+        t, v = np.concatenate(buffer.t), np.concatenate(buffer.v)
+        order = np.argsort(t, kind="stable")
+        return t[order], v[order]
+
+    def close(self, k: int, aggregates: dict[str, float]) -> _Closed:
+        """Count epoch k closed with these aggregates; the record that waits for its feature row."""
+        start = self.epoch_start(k)
+        self.n_closed = k + 1
+        self.stats["epochs_closed"] += 1
+        self.stats["epochs_hr_missing"] += int(math.isnan(aggregates["heart_rate_bpm"]))
+        return _Closed(start, k, (start - self.start_s) / 3600.0,
+                       {name: aggregates[name] for name in features.FEATURE_AGGREGATES})
+
+
+def epoch_aggregates(intake: StreamIntake, k: int) -> dict[str, float]:
+    """Epoch k's aggregates from the samples the intake held for it (taken out), with the formulas
+    data_loader.night_from_arrays uses for a whole night."""
+    start = intake.epoch_start(k)
+    agg = {name: math.nan for name in features.AGGREGATES}
+    hr = intake.take("heart_rate", k)
+    if hr is not None:
+        mean, std, _ = features.epoch_mean_std(np.zeros(len(hr[0]), np.int64), hr[1][:, 0], 1)
+        agg["heart_rate_bpm"], agg["heart_rate_std_bpm"] = float(mean[0]), float(std[0])
+    motion = intake.take("motion", k)
+    counts = intake.take("counts", k)
+    if motion is not None:
+        aggs = dl.motion_epoch_aggregates(np.column_stack([motion[0], motion[1]]), np.array([start]))
+        for name, values in aggs.items():
+            agg[name] = float(values[0])
+    elif counts is not None:
+        agg["activity_count"] = float(features.epoch_mean_std(np.zeros(len(counts[0]), np.int64),
+                                                              counts[1][:, 0], 1)[0][0])
+    steps = intake.take("steps", k)
+    span = intake.steps_span
+    if span is not None and span[0] - dl.STEPS_MARGIN_S <= start <= span[1] + dl.STEPS_MARGIN_S:
+        values = steps[1][:, 0] if steps is not None else np.zeros(0)
+        agg["steps"] = float(features.epoch_sum(np.zeros(len(values), np.int64), values, 1)[0])
+    return agg
+
+
+# ----------------------------------------------------------------------------- the model side: windows, revisions
+
+class _Revision:
+    """What one window's model output revises: (start, no data, lag) of earlier epochs of its night.
+    Released into the stream's Revisions once the output is known (stage_pending), or at once when it
+    already is (a night that ends after its last window was staged)."""
+    __slots__ = ("epochs", "probabilities", "staged", "owner")
+
+    def __init__(self, owner: "Revisions"):
+        self.epochs: list[tuple[float, bool, int]] = []
+        self.probabilities: np.ndarray | None = None
+        self.staged = False
+        self.owner = owner
+
+    def add(self, epochs: list[tuple[float, bool, int]]) -> None:
+        if self.staged:
+            self._release(epochs)
+        else:
+            self.epochs.extend(epochs)
+
+    def settle(self, probabilities: np.ndarray | None) -> None:
+        """The window's output (1 + lookahead, 4); None: it was not run (every epoch it revises has no data)."""
+        self.staged, self.probabilities = True, probabilities
+        self._release(self.epochs)
+        self.epochs = []
+
+    def _release(self, epochs: list[tuple[float, bool, int]]) -> None:
+        for start, no_data, lag in epochs:
+            if no_data:  # only such epochs are left when the window was not run
+                self.owner.revised.append(StagedEpoch(start, -1, NO_DATA_PROBABILITIES.copy()))
+            else:
+                p = self.probabilities[lag].copy()
+                self.owner.revised.append(StagedEpoch(start, int(features.stages_of(p[None])[0]), p))
+
+
+class Revisions:
+    """The revised stage of one stream (a model with a lookahead L > 0).
+
+    Epoch t is revised by the model call on the window that ends at epoch t + L (at lag L), or, when
+    the night ends sooner (flush, a new night), by the night's last window at the shorter lag: the rule
+    of evaluation.revision_windows, so a replayed night gives predict_night(revised=True). An epoch
+    without an immediate stage (no data) gets a no-data revision. Which window revises what is decided
+    when the windows are made (add, end_night); the revisions come out when their model calls are done,
+    in epoch order, into `revised` (take them with take_revised).
+    """
+
+    def __init__(self, lookahead: int):
+        self.lookahead = int(lookahead)
+        self.revised: list[StagedEpoch] = []
+        self._waiting: deque[tuple[float, bool]] = deque()  # the night's epochs no window revises yet
+        self._last: _Revision | None = None                  # the night's latest window
+
+    @property
+    def waiting(self) -> int:
+        """Epochs of the night still waiting for their revising window."""
+        return len(self._waiting)
+
+    def add(self, epoch_start_s: float, no_data: bool) -> tuple[_Revision, bool]:
+        """The window that ends at this epoch: what it revises, and whether its model call is needed
+        (some epoch it stages or may still revise has data)."""
+        self._waiting.append((epoch_start_s, bool(no_data)))
+        needed = not all(nd for _, nd in self._waiting)
+        revision = self._last = _Revision(self)
+        if len(self._waiting) > self.lookahead:
+            start, nd = self._waiting.popleft()
+            revision.epochs.append((start, nd, self.lookahead))
+        return revision, needed
+
+    def end_night(self) -> None:
+        """The night ends: its last window revises every epoch still waiting, at the shorter lags."""
+        n = len(self._waiting)
+        if n:
+            self._last.add([(start, nd, n - 1 - i) for i, (start, nd) in enumerate(self._waiting)])
+        self._waiting.clear()
+        self._last = None
+
+    def take(self) -> list[StagedEpoch]:
+        out = self.revised[:]
+        self.revised.clear()  # in place: windows not staged yet release into this list
+        return out
+
+
+class PendingEpoch(NamedTuple):
+    """A closed epoch waiting for the model call (StagerPool.take_pending, then stage_pending)."""
+    epoch_start_s: float
+    window: np.ndarray | None        # raw feature window; None: not run (no data, and nothing to revise)
+    no_data: bool                    # no immediate stage (features.no_data)
+    revision: _Revision | None = None  # what this window's output revises (a model with a lookahead)
+
+
+NIGHT_END = None  # in StreamWindows.closed: the night ends here (its last window revises what still waits)
+
+
+class StreamWindows:
+    """The model side of one stream: its row of the feature state (shared in a StagerPool), the closed
+    epochs waiting for their feature rows, the windows waiting for the model call, the revisions.
+
+    Feature rows and windows are made when the epochs are taken (`take`; a pool makes them for all its
+    wearers at once, `featurize_many`), so closing an epoch costs nothing here.
+    """
+
+    def __init__(self, state: FeatureState, row: int, lookahead: int, record_features: bool):
+        self.state, self.row = state, int(row)
+        self.lookahead, self.record_features = int(lookahead), record_features
+        self.reset(new_stats())
+
+    def reset(self, stats: dict[str, int]) -> None:
+        """Forget everything (closed and pending epochs, revisions) and start the feature row's night."""
+        self.stats = stats  # the intake's counters: epochs_no_data is counted here
+        self.feature_rows: list[np.ndarray] = []
+        self.closed: list[_Closed | None] = []
+        self.pending: list[PendingEpoch] = []
+        self.revisions = Revisions(self.lookahead) if self.lookahead else None
+        self.state.features.reset([self.row])
+
+    @property
+    def n_waiting(self) -> int:
+        return sum(c is not NIGHT_END for c in self.closed) + len(self.pending)
+
+    def end_night(self) -> None:
+        """The night ends after the epochs closed so far: the revisions still due come from its last window."""
+        if self.revisions is None:
+            return
+        if not self.closed:
+            self.revisions.end_night()
+        elif self.closed[-1] is not NIGHT_END:
+            self.closed.append(NIGHT_END)
+
+    def new_night(self) -> None:
+        """Finish the night (its closed epochs read its feature state, its revisions end), start the next."""
+        self.end_night()
+        self.featurize()
+        self.state.features.reset([self.row])
+
+    def featurize(self) -> None:
+        StreamWindows.featurize_many([self])
+
+    @staticmethod
+    def featurize_many(streams: list["StreamWindows"]) -> None:
+        """Feature rows and windows of the closed epochs of streams that share one feature state, into
+        their pending lists: the d-th closed epoch of every stream at once, each stream in its order."""
+        waiting = [s for s in streams if s.closed]
+        depth = 0
+        while waiting:
+            items = [s.closed[depth] for s in waiting]
+            closing = [i for i, c in enumerate(items) if c is not NIGHT_END]
+            if len(closing) == len(items):
+                StreamWindows._add(waiting, items)
+            else:
+                if closing:
+                    StreamWindows._add([waiting[i] for i in closing], [items[i] for i in closing])
+                for s, c in zip(waiting, items):
+                    if c is NIGHT_END:
+                        s.revisions.end_night()
+            depth += 1
+            waiting = [s for s in waiting if len(s.closed) > depth]
+        for s in streams:
+            s.closed = []
+
+    @staticmethod
+    def _add(streams: list["StreamWindows"], closed: list[_Closed]) -> None:
+        """One closed epoch for each of several streams sharing one feature state."""
+        state = streams[0].state
+        rows = np.array([s.row for s in streams], np.int64)
+        aggregates = {name: np.array([c.aggregates[name] for c in closed]) for name in features.FEATURE_AGGREGATES}
+        feature_rows, no_data = state.features.update(np.array([c.hours_since_start for c in closed]),
+                                                      rows=rows, **aggregates)
+        windows, _ = state.ring.push(np.array([c.k for c in closed], np.int64), feature_rows, rows)
+        for i, (s, c) in enumerate(zip(streams, closed)):
+            if s.record_features:
+                s.feature_rows.append(feature_rows[i])
+            s.stats["epochs_no_data"] += int(no_data[i])
+            revision, needed = None, not no_data[i]
+            if s.revisions is not None:  # a no-data epoch's window may still revise an earlier epoch
+                revision, needed = s.revisions.add(c.epoch_start_s, no_data[i])
+            s.pending.append(PendingEpoch(c.epoch_start_s, windows[i] if needed else None, bool(no_data[i]),
+                                          revision))
+
+    def take(self) -> list[PendingEpoch]:
+        """The epochs closed since the last call, with their windows."""
+        self.featurize()
+        pending, self.pending = self.pending, []
+        return pending
+
+    def take_revised(self) -> list[StagedEpoch]:
+        return [] if self.revisions is None else self.revisions.take()
+
+
+def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: int,
+                  pending: list[PendingEpoch], batch_size: int = 1024) -> list[StagedEpoch]:
+    """The immediate StagedEpochs of pending epochs, in order: one model call for their windows. With a
+    lookahead, the same call gives the revisions the windows hold: they go to their streams' revised
+    epochs (take_revised), in order."""
+    called = [i for i, item in enumerate(pending) if item.window is not None]
+    lookahead = lookahead_of(model)
+    probs = np.zeros((0, 1 + lookahead, 4))
+    if called:
+        windows = scaler.transform(np.stack([pending[i].window for i in called]))
+        if lookahead:
+            probs = predict_every_lag(model, windows, target_pos, batch_size)
+        else:
+            probs = predict_windows(model, windows, target_pos, batch_size)[:, None]
+    out = [StagedEpoch(item.epoch_start_s, -1, NO_DATA_PROBABILITIES.copy()) for item in pending]
+    for i, p, stage in zip(called, probs, features.stages_of(probs[:, 0])):
+        if not pending[i].no_data:
+            out[i] = StagedEpoch(pending[i].epoch_start_s, int(stage), p[0])
+    if lookahead:
+        by_item = dict(zip(called, probs))
+        for i, item in enumerate(pending):  # in order: a stream's revisions come out in epoch order
+            if item.revision is not None:
+                item.revision.settle(by_item.get(i))
+    return out
+
+
+# ----------------------------------------------------------------------------- the streaming predictor
 
 class StreamingStager:
     """Sleep stages of one wearer from readings pushed as they arrive; see the module docstring for the rules.
@@ -136,8 +613,12 @@ class StreamingStager:
     record_features: keep every emitted epoch's raw feature row in `feature_rows` (tests, debugging;
     grows with the night). shared, row: a StagerPool's shared feature state and this wearer's row in it
     (default: a state of its own).
-    Closed epochs wait in `_closed` as aggregates; their feature rows and windows are computed when
-    the epochs are emitted (`_featurize`), so a pool computes them for all its wearers at once.
+
+    Three pieces: `intake` (StreamIntake: the input rules, the clock, the samples of open epochs, the
+    counters), epoch_aggregates (closing an epoch), `windows` (StreamWindows: feature rows, windows
+    waiting for the model call, revisions). This class orders them: what a push, a tick or a night's
+    end does. Push, flush and tick return the immediate stages; a model with a lookahead also revises
+    each epoch once its look-ahead has arrived: take_revised().
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
@@ -160,12 +641,15 @@ class StreamingStager:
         self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
         self.features = tuple(checkpoint["features"])
         self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
-        self.initial_start_s = None if start_s is None else float(start_s)
-        self.max_delay_s, self.max_gap_s = float(max_delay_s), float(max_gap_s)
-        self.record_features = record_features
-        self._state = shared or FeatureState(features.IncrementalFeatures(1, self.features),
-                                             features.WindowRing(1, self.seq_len, len(self.features), self.target_pos))
-        self._row = int(row)
+        self.lookahead = lookahead_of(model)
+        if self.lookahead and self.target_pos != self.seq_len - 1:
+            raise ValueError("a model with a lookahead revises from a window's last position: target_pos must be "
+                             f"seq_len - 1 = {self.seq_len - 1}, got {self.target_pos}")
+        self.intake = StreamIntake(start_s, max_delay_s, max_gap_s)
+        self.windows = StreamWindows(
+            shared or FeatureState(features.IncrementalFeatures(1, self.features),
+                                   features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)),
+            row, self.lookahead, record_features)
         self.reset()
 
     @classmethod
@@ -177,38 +661,35 @@ class StreamingStager:
     # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
-        """Forget everything (readings, features, counters): the next reading starts a new night at start_s."""
-        self.start_s = self.initial_start_s
-        self.clock: float | None = None
-        self.stats = new_stats()
-        self.feature_rows: list[np.ndarray] = []
-        self._closed: list[_Closed] = []
-        self._pending: list[tuple[float, np.ndarray | None]] = []  # (start, raw window; None: no data)
-        self._reset_night()
+        """Forget everything (readings, features, counters, revisions): the next reading starts a new night at start_s."""
+        self.intake.reset()
+        self.windows.reset(self.intake.stats)
 
-    def _reset_night(self) -> None:
-        self._featurize()  # epochs of the night that ends still read its state
-        self.n_closed = 0
-        self._buffers: dict[str, dict[int, _EpochBuffer]] = {kind: {} for kind in KINDS}
-        self._state.features.reset([self._row])
-        self._motion_source: str | None = None
-        self._steps_span: list[float] | None = None
+    start_s = property(lambda self: self.intake.start_s, doc="Start of epoch 0 of the current night (s).")
+    clock = property(lambda self: self.intake.clock, doc="Largest valid timestamp so far (or flush's now_s).")
+    stats = property(lambda self: self.intake.stats, doc="The stream's counters (new_stats).")
+    n_closed = property(lambda self: self.intake.n_closed, doc="Epochs closed in the current night.")
+    initial_start_s = property(lambda self: self.intake.initial_start_s)
+    max_delay_s = property(lambda self: self.intake.max_delay_s)
+    max_gap_s = property(lambda self: self.intake.max_gap_s)
+    feature_rows = property(lambda self: self.windows.feature_rows,
+                            doc="Raw feature rows of the emitted epochs (record_features=True).")
 
     def buffered_samples(self) -> dict[str, int]:
         """Readings held per signal (only those of open epochs)."""
-        return {kind: sum(len(b) for b in buffers.values()) for kind, buffers in self._buffers.items()}
+        return self.intake.buffered_samples()
 
     def open_epochs(self) -> list[int]:
         """Indices (in the current night) of the epochs holding readings, all >= n_closed."""
-        return sorted({e for buffers in self._buffers.values() for e in buffers})
+        return self.intake.open_epochs()
 
     @property
     def n_waiting(self) -> int:
         """Epochs closed but not returned yet (a StagerPool returns them from predict / take_pending)."""
-        return len(self._closed) + len(self._pending)
+        return self.windows.n_waiting
 
     def epoch_start(self, k: int) -> float:
-        return self.start_s + float(EPOCH_S * k)
+        return self.intake.epoch_start(k)
 
     def __repr__(self) -> str:
         return (f"StreamingStager(start_s={self.start_s}, clock={self.clock}, epochs_closed={self.n_closed}, "
@@ -241,20 +722,29 @@ class StreamingStager:
         self._ingest(kind, t_s, *values)
         return self._emit()
 
-    def flush(self, now_s: float) -> list[StagedEpoch]:
+    def flush(self, now_s: float, *, revise: bool = True) -> list[StagedEpoch]:
         """Advance the clock to now_s and close every epoch that ends at or before now_s.
 
         The caller states that nothing older than now_s will come (end of a recording, or a
         clock tick while the watch is off): max_delay_s is not waited for. Later readings in
-        these epochs are late.
+        these epochs are late. revise: also the night's end for the revised stage (every epoch
+        still waiting for its look-ahead is revised from the latest window); False: a clock tick only.
         """
-        self._advance(now_s, wait_delay=False)
+        self._flush(now_s, revise)
         return self._emit()
 
     def tick(self, now_s: float) -> list[StagedEpoch]:
         """Advance the clock to now_s under the normal rule: closes epochs ending at or before now_s - max_delay_s."""
         self._advance(now_s, wait_delay=True)
         return self._emit()
+
+    def take_revised(self) -> list[StagedEpoch]:
+        """The revised stages given since the last call, in epoch order: StagedEpoch(start of the earlier
+        epoch, revised stage or -1 for no data, probabilities). Epoch t's comes with the immediate stage
+        of epoch t + lookahead (the same model call), or at the night's end (flush, a new night) from
+        the night's last window; [] for a model without a lookahead. Until taken they are kept (one per
+        epoch)."""
+        return self.windows.take_revised()
 
     def push_epoch_aggregates(self, heart_rate_bpm: float = math.nan, activity_count: float = math.nan,
                               steps: float = math.nan, *, heart_rate_std_bpm: float | None = None,
@@ -266,241 +756,65 @@ class StreamingStager:
         defaults to 0 (one reading) when the heart rate is given. Cannot be mixed with raw readings
         of open epochs.
         """
-        if any(self._buffers[kind] for kind in KINDS):
+        intake = self.intake
+        if any(intake.buffers[kind] for kind in KINDS):
             raise ValueError("push_epoch_aggregates cannot be mixed with raw readings still held for open epochs")
-        if self.start_s is None:
-            self.start_s = 0.0
+        if intake.start_s is None:
+            intake.start_s = 0.0
         hr = float(heart_rate_bpm)
         if heart_rate_std_bpm is None:
             heart_rate_std_bpm = math.nan if math.isnan(hr) else 0.0
-        k = self.n_closed
-        self._close_epoch(k, {"heart_rate_bpm": hr, "heart_rate_std_bpm": float(heart_rate_std_bpm),
-                              "activity_count": float(activity_count), "motion_mag_mean_g": float(motion_mag_mean_g),
-                              "motion_mag_std_g": float(motion_mag_std_g), "steps": float(steps)})
-        end = self.epoch_start(k + 1)
-        self.clock = end if self.clock is None else max(self.clock, end)
+        k = intake.n_closed
+        self.windows.closed.append(intake.close(k, {
+            "heart_rate_bpm": hr, "heart_rate_std_bpm": float(heart_rate_std_bpm),
+            "activity_count": float(activity_count), "motion_mag_mean_g": float(motion_mag_mean_g),
+            "motion_mag_std_g": float(motion_mag_std_g), "steps": float(steps)}))
+        end = intake.epoch_start(k + 1)
+        intake.clock = end if intake.clock is None else max(intake.clock, end)
         return self._emit()
 
-    # ------------------------------------------------------------------ internals
-
-    def _as_arrays(self, kind: str, t_s, values: tuple) -> tuple[np.ndarray, np.ndarray]:
-        if kind not in KINDS:
-            raise ValueError(f"unknown signal {kind!r}; known: {KINDS}")
-        if len(values) != N_VALUES[kind]:
-            raise ValueError(f"{kind} readings take {N_VALUES[kind]} value(s) per timestamp, got {len(values)}")
-        try:
-            arrays = np.broadcast_arrays(*(np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (t_s, *values)))
-        except ValueError:
-            raise ValueError(f"{kind}: timestamps and values must have the same length "
-                             f"(got shapes {[np.shape(a) for a in (t_s, *values)]})") from None
-        if arrays[0].ndim != 1:
-            raise ValueError(f"{kind}: timestamps and values must be scalars or 1-D arrays")
-        return arrays[0], np.stack(arrays[1:], axis=1)
+    # ------------------------------------------------------------------ internals: the order of things
 
     def _ingest(self, kind: str, t_s, *values) -> None:
-        t, v = self._as_arrays(kind, t_s, values)
-        if len(t) == 0:
-            return
-        finite = np.isfinite(t) & np.isfinite(v).all(axis=1)
-        with np.errstate(invalid="ignore"):
-            plausible = dl.plausible(kind, v) & (np.abs(t) <= MAX_ABS_TIME_S)
-        self.stats["non_finite"] += int((~finite).sum())
-        self.stats["out_of_range"] += int((finite & ~plausible).sum())
-        valid = finite & plausible
-        if not valid.all():
-            t, v = t[valid], v[valid]
+        intake = self.intake
+        t, v = intake.valid(kind, t_s, values)
         while len(t):
-            if self.start_s is None:
-                self.start_s = float(math.floor(t[0] / EPOCH_S) * EPOCH_S)
-            clock0 = self.clock if self.clock is not None else -math.inf
-            clock_before = np.maximum.accumulate(np.concatenate([[clock0], t[:-1]]))
-            reference = np.maximum(clock_before, self.start_s)
-            jumps = np.flatnonzero(t - reference > self.max_gap_s)
-            if jumps.size and jumps[0] == 0:
+            stop, clock_before = intake.next_segment(t)
+            if stop == 0:
                 self._start_new_night(float(t[0]))
                 continue
-            stop = int(jumps[0]) if jumps.size else len(t)
-            self._ingest_segment(kind, t[:stop], v[:stop], clock_before[:stop])
+            intake.store(kind, t[:stop], v[:stop], clock_before)
+            self._close_until(intake.closable(intake.clock - intake.max_delay_s))
             t, v = t[stop:], v[stop:]
 
-    def _ingest_segment(self, kind: str, t: np.ndarray, v: np.ndarray, clock_before: np.ndarray) -> None:
-        """Valid readings without a jump; clock_before[i]: the clock when reading i arrives."""
-        stats = self.stats
-        epoch = np.floor((t - self.start_s) / EPOCH_S).astype(np.int64)
-        if t[0] >= max(clock_before[0], self.start_s) and (len(t) == 1 or bool((t[1:] >= t[:-1]).all())):
-            # in time order from the clock on (the usual live push): none is before the start or late, as
-            # an epoch closes only once the clock passes its end
-            before = late = np.zeros(len(t), dtype=bool)
-        else:
-            with np.errstate(invalid="ignore"):
-                closed = np.floor((clock_before - self.max_delay_s - self.start_s) / EPOCH_S)
-            closed = np.maximum(np.nan_to_num(closed, neginf=0.0), self.n_closed).astype(np.int64)
-            before = epoch < 0
-            late = ~before & (epoch < closed)
-            stats["before_start"] += int(before.sum())
-            stats["late"] += int(late.sum())
-        if kind == "steps":  # the steps span counts every valid reading, as offline the whole file
-            lo, hi = float(t.min()), float(t.max())
-            self._steps_span = [lo, hi] if self._steps_span is None else [min(self._steps_span[0], lo),
-                                                                            max(self._steps_span[1], hi)]
-        keep = ~before & ~late
-        if kind == "counts" and self._motion_source == "raw":
-            stats["ignored_counts"] += int(keep.sum())
-            keep[:] = False
-        if keep.any():
-            if kind == "motion" and self._motion_source != "raw":
-                self._motion_source = "raw"  # raw motion wins, as offline: counts held so far are dropped
-                stats["ignored_counts"] += self.buffered_samples()["counts"]
-                self._buffers["counts"].clear()
-            elif kind == "counts" and self._motion_source is None:
-                self._motion_source = "counts"
-            self._store(kind, t[keep], v[keep], epoch[keep])
-        latest = float(t.max())
-        self.clock = latest if self.clock is None else max(self.clock, latest)
-        self._close_until(self._closable(self.clock - self.max_delay_s))
-
-    def _store(self, kind: str, t: np.ndarray, v: np.ndarray, epoch: np.ndarray) -> None:
-        buffers = self._buffers[kind]
-        if epoch[0] == epoch[-1] and (len(t) == 1 or bool((t[1:] > t[:-1]).all())):
-            first, epochs = np.ones(len(t), dtype=bool), epoch[:1]  # one epoch, no timestamp twice
-        else:
-            first = np.zeros(len(t), dtype=bool)
-            first[np.unique(t, return_index=True)[1]] = True  # within the call, the first of equal timestamps
-            epochs = np.unique(epoch)
-        for e in epochs:
-            sel = epoch == e
-            buffer = buffers.get(int(e))
-            if buffer is None:
-                buffer = buffers[int(e)] = _EpochBuffer()
-            times = t[sel]
-            ok = first[sel]
-            as_list = times.tolist()
-            if buffer.seen and not buffer.seen.isdisjoint(as_list):
-                ok &= np.array([x not in buffer.seen for x in as_list])
-            self.stats["duplicates"] += int((~ok).sum())
-            if ok.any():
-                buffer.t.append(times[ok])
-                buffer.v.append(v[sel][ok])
-                buffer.seen.update(times[ok].tolist())
-                self.stats["accepted"] += int(ok.sum())
-            elif not buffer:
-                del buffers[int(e)]
-
-    def _closable(self, through_s: float) -> int:
-        """Number of epochs (from 0) that end at or before through_s."""
-        return max(self.n_closed, math.floor((through_s - self.start_s) / EPOCH_S))
-
     def _advance(self, now_s: float, wait_delay: bool) -> None:
-        now = float(now_s)
-        if not (math.isfinite(now) and abs(now) <= MAX_ABS_TIME_S):
-            raise ValueError(f"now_s must be finite (|now_s| <= {MAX_ABS_TIME_S:g} s), got {now_s}")
-        if self.start_s is None:
-            self.start_s = float(math.floor(now / EPOCH_S) * EPOCH_S)
-        reference = self.start_s if self.clock is None else max(self.clock, self.start_s)
-        if now - reference > self.max_gap_s:
+        now = self.intake.check_now(now_s)
+        if self.intake.jumps(now):
             self._start_new_night(now)
-        self.clock = now if self.clock is None else max(self.clock, now)
-        through = (self.clock - self.max_delay_s) if wait_delay else max(now, self.clock - self.max_delay_s)
-        self._close_until(self._closable(through))
+        self._close_until(self.intake.closable(self.intake.move_clock(now, wait_delay)))
+
+    def _flush(self, now_s: float, revise: bool) -> None:
+        self._advance(now_s, wait_delay=False)
+        if revise:
+            self.windows.end_night()
 
     def _start_new_night(self, t_new: float) -> None:
         """The clock jumps by more than max_gap_s: finish the night so far, start a new one at t_new's epoch."""
-        if self.clock is not None and self.clock >= self.start_s:
-            self._close_until(math.floor((self.clock - self.start_s) / EPOCH_S) + 1)
-        new_epoch = math.floor((t_new - self.start_s) / EPOCH_S)
-        self.stats["gap_epochs"] += max(new_epoch - self.n_closed, 0)
-        self.stats["new_nights"] += 1
-        self.start_s = self.epoch_start(new_epoch)
-        self._reset_night()
+        self._close_until(self.intake.epochs_through_clock())
+        self.windows.new_night()
+        self.intake.new_night(t_new)
 
     def _close_until(self, n_target: int) -> None:
-        while self.n_closed < n_target:
-            self._close_epoch(self.n_closed, self._aggregate(self.n_closed))
-
-    def _take(self, kind: str, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        buffer = self._buffers[kind].pop(k, None)
-        if buffer is None:
-            return None
-        t, v = np.concatenate(buffer.t), np.concatenate(buffer.v)
-        order = np.argsort(t, kind="stable")
-        return t[order], v[order]
-
-    def _aggregate(self, k: int) -> dict[str, float]:
-        """Epoch k's aggregates, with the formulas data_loader.night_from_arrays uses for a whole night."""
-        start = self.epoch_start(k)
-        agg = {name: math.nan for name in features.AGGREGATES}
-        hr = self._take("heart_rate", k)
-        if hr is not None:
-            mean, std, _ = features.epoch_mean_std(np.zeros(len(hr[0]), np.int64), hr[1][:, 0], 1)
-            agg["heart_rate_bpm"], agg["heart_rate_std_bpm"] = float(mean[0]), float(std[0])
-        motion = self._take("motion", k)
-        counts = self._take("counts", k)
-        if motion is not None:
-            aggs = dl.motion_epoch_aggregates(np.column_stack([motion[0], motion[1]]), np.array([start]))
-            for name, values in aggs.items():
-                agg[name] = float(values[0])
-        elif counts is not None:
-            agg["activity_count"] = float(features.epoch_mean_std(np.zeros(len(counts[0]), np.int64),
-                                                                  counts[1][:, 0], 1)[0][0])
-        steps = self._take("steps", k)
-        span = self._steps_span
-        if span is not None and span[0] - dl.STEPS_MARGIN_S <= start <= span[1] + dl.STEPS_MARGIN_S:
-            values = steps[1][:, 0] if steps is not None else np.zeros(0)
-            agg["steps"] = float(features.epoch_sum(np.zeros(len(values), np.int64), values, 1)[0])
-        return agg
-
-    def _close_epoch(self, k: int, aggregates: dict[str, float]) -> None:
-        start = self.epoch_start(k)
-        self._closed.append(_Closed(start, k, (start - self.start_s) / 3600.0,
-                                    {name: aggregates[name] for name in features.FEATURE_AGGREGATES}))
-        self.n_closed = k + 1
-        self.stats["epochs_closed"] += 1
-        self.stats["epochs_hr_missing"] += int(math.isnan(aggregates["heart_rate_bpm"]))
-
-    def _featurize(self) -> None:
-        """Feature rows and windows of the closed epochs, in order, into _pending."""
-        for closed in self._closed:
-            self._add_pending([self], [closed], self._state)
-        self._closed = []
-
-    @staticmethod
-    def _add_pending(stagers: list["StreamingStager"], closed: list[_Closed], state: FeatureState) -> None:
-        """One closed epoch for each of several stagers sharing `state` (at most one epoch per stager)."""
-        rows = np.array([s._row for s in stagers], np.int64)
-        aggregates = {name: np.array([c.aggregates[name] for c in closed]) for name in features.FEATURE_AGGREGATES}
-        feature_rows, no_data = state.features.update(np.array([c.hours_since_start for c in closed]),
-                                                      rows=rows, **aggregates)
-        windows, _ = state.ring.push(np.array([c.k for c in closed], np.int64), feature_rows, rows)
-        for i, (stager, c) in enumerate(zip(stagers, closed)):
-            if stager.record_features:
-                stager.feature_rows.append(feature_rows[i])
-            stager.stats["epochs_no_data"] += int(no_data[i])
-            stager._pending.append((c.epoch_start_s, None if no_data[i] else windows[i]))
-
-    def _take_pending(self) -> list[tuple[float, np.ndarray | None]]:
-        self._featurize()
-        pending, self._pending = self._pending, []
-        return pending
+        intake = self.intake
+        while intake.n_closed < n_target:
+            k = intake.n_closed
+            self.windows.closed.append(intake.close(k, epoch_aggregates(intake, k)))
 
     def _emit(self) -> list[StagedEpoch]:
-        return stage_pending(self.model, self.scaler, self.target_pos, self._take_pending())
+        return stage_pending(self.model, self.scaler, self.target_pos, self.windows.take())
 
 
 # ----------------------------------------------------------------------------- many wearers, one model call
-
-def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: int,
-                  pending: list[tuple[float, np.ndarray | None]], batch_size: int = 1024) -> list[StagedEpoch]:
-    """StagedEpochs of (start, raw window or None for no data), in order: one model call for the windows."""
-    staged = [i for i, (_, window) in enumerate(pending) if window is not None]
-    probs = np.zeros((0, 4))
-    if staged:
-        windows = scaler.transform(np.stack([pending[i][1] for i in staged]))
-        probs = predict_windows(model, windows, target_pos, batch_size)
-    out = [StagedEpoch(start, -1, NO_DATA_PROBABILITIES.copy()) for start, _ in pending]
-    for i, p, stage in zip(staged, probs, features.stages_of(probs)):
-        out[i] = StagedEpoch(pending[i][0], int(stage), p)
-    return out
-
 
 class StagerPool:
     """One StreamingStager per wearer sharing one model; `predict()` runs it on all of them at once
@@ -510,6 +824,7 @@ class StagerPool:
         pool.push("watch-17", "heart_rate", t, bpm)        # queues the epochs this closes
         pool.push("watch-42", "counts", t, count)
         results = pool.predict()                          # {wearer: [StagedEpoch, ...]}, one batched call
+        revised = pool.take_revised()                     # {wearer: [StagedEpoch, ...]}: a model with a lookahead
 
     The wearers' feature state lives in one IncrementalFeatures (a row per wearer), so predict()
     computes the feature rows of every wearer's closed epochs with a few array operations.
@@ -542,19 +857,20 @@ class StagerPool:
         """Queue readings of one wearer; closed epochs wait for predict()."""
         self[wearer]._ingest(kind, t_s, *values)
 
-    def flush(self, now_s: float, wearers: Iterable | None = None) -> None:
+    def flush(self, now_s: float, wearers: Iterable | None = None, *, revise: bool = True) -> None:
+        """StreamingStager.flush for these wearers (default all); the epochs wait for predict()."""
         for wearer in (self.stagers if wearers is None else wearers):
-            self[wearer]._advance(now_s, wait_delay=False)
+            self[wearer]._flush(now_s, revise)
 
     def remove(self, wearer) -> None:
         """Forget a wearer; a StreamingStager of it still held elsewhere keeps working on a state of its own."""
         stager = self.stagers.pop(wearer, None)
         if stager is not None:
-            stager._featurize()
-            row = stager._row
-            stager._state = FeatureState(self.state.features.take_row(row), self.state.ring.take_row(row))
-            stager._row = 0
-            self._free_rows.append(row)
+            windows = stager.windows
+            windows.featurize()
+            windows.state = FeatureState(self.state.features.take_row(windows.row), self.state.ring.take_row(windows.row))
+            self._free_rows.append(windows.row)
+            windows.row = 0
 
     def predict(self) -> dict:
         """Stages of every epoch closed since the last call, by wearer: one batched model call."""
@@ -565,23 +881,26 @@ class StagerPool:
             results.setdefault(wearer, []).append(epoch)
         return results
 
-    def take_pending(self) -> tuple[list, list[tuple[float, np.ndarray | None]]]:
+    def take_pending(self) -> tuple[list, list[PendingEpoch]]:
         """The feature windows of every epoch closed since the last call, not yet staged: (owner wearer of
-        each, [(epoch start, raw window or None for no data)]), in each wearer's order; stage_pending
-        stages them (predict() does both; a server runs the model call off its event loop)."""
-        waiting = [s for s in self.stagers.values() if s._closed]
-        depth = 0
-        while waiting:  # the d-th closed epoch of every wearer that has one, all at once
-            StreamingStager._add_pending(waiting, [s._closed[depth] for s in waiting], self.state)
-            depth += 1
-            waiting = [s for s in waiting if len(s._closed) > depth]
+        each, [PendingEpoch]), in each wearer's order; stage_pending stages them (predict() does both; a
+        server runs the model call off its event loop)."""
+        StreamWindows.featurize_many([s.windows for s in self.stagers.values()])
         owners, pending = [], []
         for wearer, stager in self.stagers.items():
-            stager._closed = []
-            for item in stager._take_pending():
+            for item in stager.windows.take():
                 owners.append(wearer)
                 pending.append(item)
         return owners, pending
+
+    def take_revised(self) -> dict:
+        """The revised stages staged since the last call, by wearer (StreamingStager.take_revised)."""
+        out = {}
+        for wearer, stager in self.stagers.items():
+            revised = stager.take_revised()
+            if revised:
+                out[wearer] = revised
+        return out
 
 
 # ----------------------------------------------------------------------------- replaying recorded nights
@@ -668,20 +987,40 @@ def _cycle(values: Iterable[int]):
         yield from values
 
 
+# replay_nights' columns of the revised stage (a model with a lookahead): pred_revised, p_wake_revised, ...
+REVISED_COLUMNS = [f"{name}_revised" for name in PREDICTION_COLUMNS[PREDICTION_COLUMNS.index("pred"):]]
+
+
 def replay_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, data_dir: str | Path,
-                  nights: list[dl.Night], **stager_kwargs):
-    """The offline evaluation's frame (evaluation.PREDICTION_COLUMNS), computed by streaming each night's files."""
+                  nights: list[dl.Night], **stager_kwargs) -> pd.DataFrame:
+    """The offline evaluation's frame (evaluation.PREDICTION_COLUMNS), computed by streaming each night's files.
+
+    A model with a lookahead adds REVISED_COLUMNS (pred_revised, p_wake_revised, ...): the revised stage
+    of each epoch, as predict_nights(..., revised=True) gives it.
+    """
     frames = []
     for night in nights:
         stager = StreamingStager(model, scaler, checkpoint, start_s=float(night.epoch_start_s[0]), **stager_kwargs)
         end_s = float(night.epoch_start_s[-1] + EPOCH_S)
         epochs = replay(stager, recorded_readings(data_dir, night.subject_id), end_s)
-        starts = np.array([e.epoch_start_s for e in epochs])
-        if len(epochs) != len(night) or not np.allclose(starts, night.epoch_start_s):
-            raise RuntimeError(f"subject {night.subject_id}: the stream closed {len(epochs)} epochs, "
-                               f"the night has {len(night)}")
-        frames.append(prediction_frame(night, np.stack([e.probabilities for e in epochs])))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
+        frame = prediction_frame(night, _night_probabilities(night, epochs, "closed"))
+        if stager.lookahead:
+            revised = prediction_frame(night, _night_probabilities(night, stager.take_revised(), "revised"))
+            for name, column in zip(PREDICTION_COLUMNS[PREDICTION_COLUMNS.index("pred"):], REVISED_COLUMNS):
+                frame[column] = revised[name]
+        frames.append(frame)
+    if frames:
+        return pd.concat(frames, ignore_index=True)
+    return pd.DataFrame(columns=PREDICTION_COLUMNS + (REVISED_COLUMNS if lookahead_of(model) else []))
+
+
+def _night_probabilities(night: dl.Night, epochs: list[StagedEpoch], what: str) -> np.ndarray:
+    """(n_epochs, 4) of a replayed night's epochs, checked against the night's grid."""
+    starts = np.array([e.epoch_start_s for e in epochs])
+    if len(epochs) != len(night) or not np.allclose(starts, night.epoch_start_s):
+        raise RuntimeError(f"subject {night.subject_id}: the stream {what} {len(epochs)} epochs, "
+                           f"the night has {len(night)}")
+    return np.stack([e.probabilities for e in epochs])
 
 
 # ----------------------------------------------------------------------------- notebook API

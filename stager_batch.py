@@ -5,13 +5,27 @@ realtime.StreamingStager fed the same per-epoch aggregates gives (tested).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
 import data_loader as dl
 import features
 from evaluation import in_parallel, predict_windows, thread_parts
-from realtime import StreamingStager
+from realtime import StreamingStager, lookahead_of, predict_every_lag
+
+
+class RevisedEpochs(NamedTuple):
+    """Revised stages of some wearers' epochs (StagerBatch.revised, end_night, reset): wearer index (m,),
+    epoch_start_s (m,), stage (m,) (-1: no data), probabilities (m, 4) (NaN: no data)."""
+    wearer: np.ndarray
+    epoch_start_s: np.ndarray
+    stage: np.ndarray
+    probabilities: np.ndarray
+
+
+NO_REVISIONS = RevisedEpochs(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 4)))
 
 
 class StagerBatch:
@@ -40,6 +54,12 @@ class StagerBatch:
     the one computed when that epoch closed (the last position of its own window, built the same
     way: edge padding included). Each step runs the convolutions at the first receptive_field
     positions (replicate padding) and at the new epoch only, then the encoder on whole windows.
+
+    A model with a lookahead L also revises each wearer's epochs, as a StreamingStager does
+    (realtime.Revisions): the step that closes epoch k gives, from the same model call, the revision
+    of epoch k - L, in `revised` (RevisedEpochs, replaced by every step: read it after each);
+    end_night() revises the epochs still waiting from each wearer's latest window (the night's end),
+    and reset() does so before starting the new night (both return what they revise).
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
@@ -59,6 +79,13 @@ class StagerBatch:
                 and self.target_pos == self.seq_len - 1 and self.seq_len > model.receptive_field):
             device = next(model.parameters()).device
             self.conv = torch.zeros(self.n_wearers, self.seq_len, config.channels, device=device)
+        self.lookahead = lookahead_of(model)
+        self.revised = NO_REVISIONS  # what the last step revised
+        if self.lookahead:
+            span = self.lookahead + 1
+            self._every_lag = np.full((self.n_wearers, span, 4), np.nan)  # each wearer's latest window, every lag
+            self._no_data = np.zeros((self.n_wearers, span), bool)       # of the last L + 1 epochs, epoch e at e % span
+            self._revised_n = np.zeros(self.n_wearers, np.int64)         # epochs of the night revised so far
 
     @property
     def n(self) -> np.ndarray:
@@ -70,10 +97,33 @@ class StagerBatch:
         """Each wearer's last seq_len scaled feature rows, epoch e at e % seq_len (n, seq_len, F)."""
         return self._ring.rows
 
-    def reset(self, wearers=None) -> None:
-        """A new night for the given wearers (indices or boolean mask; None: all)."""
+    def reset(self, wearers=None) -> RevisedEpochs:
+        """A new night for the given wearers (indices or boolean mask; None: all); returns the revisions of
+        the night that ends (end_night)."""
+        revised = self.end_night(wearers)
         self._features.reset(wearers)
-        # the ring and self.conv need no reset: a window reads only epochs of its night, each written when it closed
+        if self.lookahead:
+            self._revised_n[self._select(wearers)] = 0
+        # the ring, self.conv and the revision state need no more: a window reads only epochs of its
+        # night, each written when it closed
+        return revised
+
+    def end_night(self, wearers=None) -> RevisedEpochs:
+        """The night ends for the given wearers (None: all): each epoch still waiting for its look-ahead is
+        revised from the wearer's latest window at the shorter lag (evaluation.revision_windows), by
+        wearer, in epoch order. Epochs closed later are revised as usual."""
+        if not self.lookahead:
+            return NO_REVISIONS
+        w = self._select(wearers)
+        n, first = self.n[w], self._revised_n[w]
+        count = n - first
+        wearer = np.repeat(w, count)
+        epoch = np.repeat(first, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        self._revised_n[w] = n
+        return self._revision(wearer, epoch, self.n[wearer] - 1 - epoch)
+
+    def _select(self, wearers) -> np.ndarray:
+        return self._wearers if wearers is None else np.atleast_1d(self._wearers[wearers])
 
     def aggregate(self, hr_wearer=None, hr_bpm=None, count_wearer=None, counts=None) -> dict[str, np.ndarray]:
         """Per-wearer heart-rate mean/std and activity count of one epoch from flat reading arrays.
@@ -108,17 +158,41 @@ class StagerBatch:
     def step(self, heart_rate_bpm, activity_count=None, steps=None, motion_mag_mean_g=None, motion_mag_std_g=None,
              heart_rate_std_bpm=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Close one epoch for every wearer and stage it: (epoch_start_s (n,), stage (n,), probabilities (n, 4));
-        stage -1 and NaN probabilities where a wearer's epoch has no data (features.no_data)."""
+        stage -1 and NaN probabilities where a wearer's epoch has no data (features.no_data). With a
+        lookahead, `revised` then holds the revisions the same model call gave (epoch k - lookahead)."""
         k = self.n.copy()
         epoch_start, rows, no_data = self.feature_rows(heart_rate_bpm, activity_count, steps, motion_mag_mean_g,
                                                        motion_mag_std_g)
         windows, slots = self._ring.push(k, self.scaler.transform(rows))  # elementwise: as on windows
-        if self.conv is None:
-            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
-        else:  # every wearer, so each one's conv cache holds its new epoch
+        if self.conv is not None:  # every wearer, so each one's conv cache holds its new epoch
             probs = self._predict_cached(windows, slots)
+        elif self.lookahead:
+            probs = predict_every_lag(self.model, windows, self.target_pos, self.batch_size)
+        else:
+            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
+        if self.lookahead:
+            probs = self._revise(k, no_data, probs)
         probs[no_data] = np.nan
         return epoch_start, features.stages_of(probs), probs
+
+    def _revise(self, k: np.ndarray, no_data: np.ndarray, every_lag: np.ndarray) -> np.ndarray:
+        """Keep the step's output at every lag (n, 1 + L, 4), revise epoch k - L where it waits; the
+        immediate probabilities (lag 0)."""
+        lookahead = self.lookahead
+        self._every_lag = every_lag
+        self._no_data[self._wearers, k % (lookahead + 1)] = no_data
+        epoch = k - lookahead
+        due = np.flatnonzero(epoch >= self._revised_n)  # in the night (>= 0) and not revised at an end already
+        self.revised = self._revision(due, epoch[due], np.full(len(due), lookahead))
+        self._revised_n[due] = epoch[due] + 1
+        return every_lag[:, 0].copy()
+
+    def _revision(self, wearer: np.ndarray, epoch: np.ndarray, lag: np.ndarray) -> RevisedEpochs:
+        """RevisedEpochs of these wearers' epochs from their latest windows at these lags."""
+        probs = self._every_lag[wearer, lag]
+        probs[self._no_data[wearer, epoch % (self.lookahead + 1)]] = np.nan
+        return RevisedEpochs(wearer, self.start_s[wearer] + (features.EPOCH_S * epoch).astype(np.float64),
+                             features.stages_of(probs), probs)
 
     @torch.inference_mode()
     def _predict_cached(self, windows: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -145,4 +219,5 @@ class StagerBatch:
         model, r = self.model, self.model.receptive_field
         self.conv[w, slots[:, -1]] = model.embed(x[:, -(r + 1):], pad=False)[:, 0]
         h = torch.cat([model.embed(x[:, :r]), self.conv[w[:, None], slots[:, r:]]], dim=1)
-        return torch.cat([model.encode_last(h[i:i + self.batch_size]) for i in range(0, len(h), self.batch_size)])
+        lags = bool(self.lookahead)  # (B, 1 + lookahead, 4): the revisions from the same call
+        return torch.cat([model.encode_last(h[i:i + self.batch_size], lags) for i in range(0, len(h), self.batch_size)])

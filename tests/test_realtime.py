@@ -321,8 +321,8 @@ def test_memory_holds_only_open_epochs_over_ten_hours(loaded):
     held = stager.buffered_samples()
     assert held["heart_rate"] <= 30 and held["counts"] <= 2 and held["motion"] == held["steps"] == 0
     assert n_closed == stager.stats["epochs_closed"] == 1199 and stager.stats["late"] == 0
-    assert stager._state.ring.rows.shape == (1, 25, len(stager.features)) and not stager.feature_rows
-    assert stager._state.features.hr_c1.shape == (1, features.HR_RING)
+    assert stager.windows.state.ring.rows.shape == (1, 25, len(stager.features)) and not stager.feature_rows
+    assert stager.windows.state.features.hr_c1.shape == (1, features.HR_RING)
     stager.reset()
     assert stager.clock is None and stager.n_closed == 0 and sum(stager.buffered_samples().values()) == 0
 
@@ -391,7 +391,7 @@ def test_a_pool_reuses_the_rows_of_removed_wearers(loaded):
     rows = pool.state.features.n_wearers
     pool.remove(3)
     pool.push("new", "heart_rate", [0.0, 40.0], [70.0, 72.0])
-    assert pool.state.features.n_wearers == rows and pool["new"]._row == 3
+    assert pool.state.features.n_wearers == rows and pool["new"].windows.row == 3
     staged = pool.predict()
     assert len(staged) == 40 and staged["new"][0].probabilities.shape == (4,)
     alone = StreamingStager(model, scaler, ckpt)
@@ -586,33 +586,39 @@ def test_importing_the_inference_scripts_runs_nothing():
     assert done.stdout.strip() == "imported"
 
 
+def cropped_readings(data_dir, subjects, end_s: float) -> list[dict]:
+    """Each subject's readings in [0, end_s), keeping the first of duplicate timestamps (as the stream does)."""
+    out = []
+    for s in subjects:
+        r = {k: v[(v[:, 0] >= 0) & (v[:, 0] < end_s)] for k, v in realtime.recorded_readings(data_dir, s).items()}
+        out.append({kind: rows[np.sort(np.unique(rows[:, 0], return_index=True)[1])] for kind, rows in r.items()})
+    return out
+
+
+def epoch_aggregates(batch, readings: list[dict], k: int) -> dict:
+    """StagerBatch.aggregate of every wearer's heart rate and counts in epoch k."""
+    flat = []
+    for kind in ("heart_rate", "counts"):
+        sel = [r[kind][(r[kind][:, 0] >= 30.0 * k) & (r[kind][:, 0] < 30.0 * (k + 1))] for r in readings]
+        flat += [np.concatenate([np.full(len(x), w) for w, x in enumerate(sel)]), np.concatenate([x[:, 1] for x in sel])]
+    return batch.aggregate(*flat)
+
+
 def test_vectorised_batch_equals_one_stager_per_wearer(small_data_dir, loaded):
     """StagerBatch (all wearers' state in arrays, one epoch for everyone per step) == StreamingStager each."""
     model, scaler, ckpt = loaded
     subjects = ("46343", "3509524", "4018081", "5132496", "9961348")
     n_epochs = 90
     end_s = 30.0 * n_epochs
-    readings = []
-    for i, s in enumerate(subjects):
-        r = {k: v[(v[:, 0] >= 0) & (v[:, 0] < end_s)] for k, v in realtime.recorded_readings(small_data_dir, s).items()}
-        if i == 1:  # watch off for 10 min: empty epochs, forward fill
-            r = {k: v[(v[:, 0] < 900) | (v[:, 0] >= 1500)] for k, v in r.items()}
-        if i == 2:  # heart rate starts late: the 60 bpm prior, expanding statistics start later
-            r["heart_rate"] = r["heart_rate"][r["heart_rate"][:, 0] >= 400]
-        for kind, rows in r.items():  # the stream keeps the first of duplicate timestamps
-            r[kind] = rows[np.sort(np.unique(rows[:, 0], return_index=True)[1])]
-        readings.append(r)
+    readings = cropped_readings(small_data_dir, subjects, end_s)
+    readings[1] = {k: v[(v[:, 0] < 900) | (v[:, 0] >= 1500)] for k, v in readings[1].items()}  # watch off 10 min
+    # heart rate starts late: the 60 bpm prior, expanding statistics start later
+    readings[2]["heart_rate"] = readings[2]["heart_rate"][readings[2]["heart_rate"][:, 0] >= 400]
     batch = StagerBatch(model, scaler, ckpt, n_wearers=len(subjects))
     rows_only = StagerBatch(model, scaler, ckpt, n_wearers=len(subjects))
     starts, probs, raw_rows = [], [], []
     for k in range(n_epochs):
-        lo, hi = 30.0 * k, 30.0 * (k + 1)
-        flat = {}
-        for kind in ("heart_rate", "counts"):
-            sel = [r[kind][(r[kind][:, 0] >= lo) & (r[kind][:, 0] < hi)] for r in readings]
-            flat[kind] = (np.concatenate([np.full(len(x), w) for w, x in enumerate(sel)]),
-                          np.concatenate([x[:, 1] for x in sel]))
-        aggregates = batch.aggregate(*flat["heart_rate"], *flat["counts"])
+        aggregates = epoch_aggregates(batch, readings, k)
         start, stage, p = batch.step(**aggregates)
         starts.append(start)
         probs.append(p)
@@ -689,3 +695,197 @@ def test_predict_windows_split_across_threads_equals_one_call(tmp_path, arch, to
         assert torch.get_num_threads() == threads
     np.testing.assert_allclose(by_threads[1], expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(by_threads[2], by_threads[1], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the revised stage (a model with a lookahead)
+
+REVISED_PROBS = [c + "_revised" for c in PROB_COLUMNS]
+
+
+def lookahead_model(arch="hybrid", lookahead=3, matrices=None, names=features.DEFAULT_FEATURES):
+    """A randomly initialised causal model with a lookahead: (model, scaler fitted on matrices, checkpoint dict)."""
+    torch.manual_seed(1)
+    config = {**(TINY_HYBRID if arch == "hybrid" else TINY_LSTM), "n_features": len(names), "causal": True,
+              "lookahead": lookahead}
+    model = build_model(arch, config).eval()
+    scaler = dl.FeatureScaler.fit(matrices)
+    return model, scaler, make_checkpoint(model, arch, features=list(names), seq_len=25, target_pos=24, scaler=scaler)
+
+
+def hr_night(hr, n_epochs, start_s=0.0):
+    """A Night of heart-rate readings alone, n_epochs from start_s, and its causal feature matrix."""
+    night = dl.night_from_arrays("x", start_s + 30.0 * np.arange(n_epochs), np.zeros(n_epochs, np.int8), hr)
+    return night, features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)
+
+
+def count_model_calls(monkeypatch, model) -> list:
+    """(batch size, lags) of every model.forward_last call until monkeypatch.undo()."""
+    calls = []
+    forward_last = model.forward_last
+
+    def counted(x, lags=False):
+        calls.append((x.shape[0], lags))
+        return forward_last(x, lags)
+
+    monkeypatch.setattr(model, "forward_last", counted)
+    return calls
+
+
+def starts_of(epochs):
+    return [e.epoch_start_s for e in epochs]
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "lstm"])
+def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_calls(arch, small_data_dir,
+                                                                                     monkeypatch):
+    night = dl.load_night(small_data_dir, "46343", cache_dir=None)
+    assert not features.no_data(night, causal=True).any()  # every epoch's window is run once
+    model, scaler, ckpt = lookahead_model(arch, 3, [features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)])
+    immediate = evaluation.predict_nights(model, scaler, ckpt, [night])
+    revised = evaluation.predict_nights(model, scaler, ckpt, [night], revised=True)
+    calls = count_model_calls(monkeypatch, model)
+    try:
+        frame = realtime.replay_nights(model, scaler, ckpt, small_data_dir, [night])
+    finally:
+        monkeypatch.undo()
+    assert realtime.REVISED_COLUMNS == ["pred_revised", *REVISED_PROBS]
+    assert list(frame.columns) == evaluation.PREDICTION_COLUMNS + realtime.REVISED_COLUMNS
+    np.testing.assert_allclose(frame[PROB_COLUMNS].to_numpy(), immediate[PROB_COLUMNS].to_numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(frame[REVISED_PROBS].to_numpy(), revised[PROB_COLUMNS].to_numpy(), atol=1e-6, rtol=0)
+    assert_same_predictions(frame[REVISED_PROBS].to_numpy(), revised[PROB_COLUMNS].to_numpy(), atol=1e-6)
+    assert (frame["pred_revised"] == features.stages_of(frame[REVISED_PROBS].to_numpy())).all()
+    assert not np.allclose(frame[REVISED_PROBS].to_numpy(), frame[PROB_COLUMNS].to_numpy())  # another output
+    # no extra model call: each epoch's window is run once, every lag from that one call
+    assert sum(size for size, _ in calls) == len(night) and all(lags for _, lags in calls)
+
+
+def test_revisions_through_a_watch_off_stretch_a_new_night_and_the_nights_end():
+    """Epochs staged from context just before a stretch without data are revised by the windows of
+    no-data epochs (kept for it); a jump to a new night revises the old night's last epochs from its
+    last window at shorter lags; the final flush does the same for the new night."""
+    hr1 = np.vstack([hr_rows(0, 600), hr_rows(3000, 3600)])  # the watch off for 40 min
+    hr2 = hr_rows(30000, 31200, bpm=55.0)                     # 7 h later (max_gap_s 6 h): a new night
+    (night1, x1), (night2, x2) = hr_night(hr1, 120), hr_night(hr2, 40, start_s=30000.0)
+    model, scaler, ckpt = lookahead_model("hybrid", 3, [x1, x2])
+    offline = evaluation.predict_nights(model, scaler, ckpt, [night1, night2], revised=True)
+    stager = StreamingStager(model, scaler, ckpt)
+    immediate = realtime.replay(stager, {"heart_rate": np.vstack([hr1, hr2])}, end_s=31200.0)
+    revised = stager.take_revised()
+    assert stager.stats["new_nights"] == 1 and stager.take_revised() == []
+    assert starts_of(revised) == starts_of(immediate) == list(offline["epoch_start_s"])
+    np.testing.assert_allclose(probs_of(revised), offline[PROB_COLUMNS].to_numpy(), atol=1e-6, rtol=0)
+    stages, revised_stages = np.array([e.stage for e in immediate]), np.array([e.stage for e in revised])
+    np.testing.assert_array_equal(np.flatnonzero(stages == -1), np.arange(40, 100))  # causal no data
+    np.testing.assert_array_equal(revised_stages == -1, stages == -1)  # no data: no revision either
+    assert np.isfinite(probs_of(revised)[37:40]).all()  # from the windows of no-data epochs 40-42
+    np.testing.assert_array_equal(revised_stages, features.stages_of(probs_of(revised)))
+
+
+def test_flush_revises_what_waits_from_the_latest_window_and_a_tick_does_not():
+    hr = hr_rows(0, 600)
+    night, x = hr_night(hr, 20)
+    model, scaler, ckpt = lookahead_model("lstm", 3, [x])
+    stager = StreamingStager(model, scaler, ckpt)
+    immediate = stager.push_heart_rate(hr[hr[:, 0] < 300, 0], hr[hr[:, 0] < 300, 1])  # epochs 0-8 close
+    assert len(immediate) == 9 and starts_of(stager.take_revised()) == [30.0 * k for k in range(6)]  # 3 back
+    immediate += stager.tick(300.0)  # closes epoch 9 and, from its window, revises epoch 6
+    assert starts_of(stager.take_revised()) == [180.0]
+    assert stager.flush(300.0, revise=False) == [] and stager.take_revised() == []  # a clock tick only
+    assert stager.flush(300.0) == []  # the night's end: epochs 7-9 from epoch 9's window, lags 2, 1, 0
+    at_end = stager.take_revised()
+    assert starts_of(at_end) == [210.0, 240.0, 270.0] and stager.flush(300.0) == [] == stager.take_revised()
+    np.testing.assert_allclose(at_end[-1].probabilities, immediate[-1].probabilities, atol=1e-7)  # lag 0
+    short = evaluation.predict_nights(model, scaler, ckpt, [hr_night(hr[hr[:, 0] < 300], 10)[0]], revised=True)
+    np.testing.assert_allclose(probs_of(at_end), short[PROB_COLUMNS].to_numpy()[7:], atol=1e-6, rtol=0)
+    # the night goes on: later epochs are revised as usual, the ones already revised are not again
+    stager.push_heart_rate(hr[hr[:, 0] >= 300, 0], hr[hr[:, 0] >= 300, 1])
+    stager.flush(600.0)
+    later = stager.take_revised()
+    assert starts_of(later) == [30.0 * k for k in range(10, 20)]
+    whole = evaluation.predict_nights(model, scaler, ckpt, [night], revised=True)
+    np.testing.assert_allclose(probs_of(later), whole[PROB_COLUMNS].to_numpy()[10:], atol=1e-6, rtol=0)
+    # a night shorter than the lookahead: every epoch from its last window
+    tiny = StreamingStager(model, scaler, ckpt)
+    realtime.replay(tiny, {"heart_rate": hr[hr[:, 0] < 60]}, end_s=60.0)
+    expected = evaluation.predict_nights(model, scaler, ckpt, [hr_night(hr[hr[:, 0] < 60], 2)[0]], revised=True)
+    np.testing.assert_allclose(probs_of(tiny.take_revised()), expected[PROB_COLUMNS].to_numpy(), atol=1e-6, rtol=0)
+
+
+def test_a_model_without_lookahead_gives_no_revisions(small_data_dir, loaded):
+    model, scaler, ckpt = loaded
+    assert realtime.lookahead_of(model) == 0
+    night = dl.load_night(small_data_dir, "3509524", cache_dir=None)
+    frame = realtime.replay_nights(model, scaler, ckpt, small_data_dir, [night])
+    assert list(frame.columns) == evaluation.PREDICTION_COLUMNS and len(frame) == len(night)
+    stager = make_stager(loaded)
+    assert len(realtime.replay(stager, {"heart_rate": hr_rows(0, 600)}, end_s=600.0)) == 20
+    assert stager.take_revised() == []
+    pool = StagerPool(model, scaler, ckpt)
+    pool.push("w", "heart_rate", [0.0, 40.0], [60.0, 62.0])
+    pool.flush(60.0)
+    assert len(pool.predict()["w"]) == 2 and pool.take_revised() == {}
+    batch = StagerBatch(model, scaler, ckpt, n_wearers=2)
+    batch.step(np.array([60.0, 61.0]))
+    assert len(batch.revised.wearer) == 0 and len(batch.end_night().wearer) == 0
+    lookahead, scaler_la, ckpt_la = lookahead_model("hybrid", 2, [np.random.default_rng(0).normal(size=(5, 13))])
+    with pytest.raises(ValueError, match="last position"):
+        StreamingStager(lookahead, scaler_la, {**ckpt_la, "target_pos": 12})
+
+
+def by_wearer(revised_batches, n_wearers):
+    """StagerBatch RevisedEpochs, in the order given, split by wearer: [(starts, probabilities)]."""
+    out = [([], []) for _ in range(n_wearers)]
+    for r in revised_batches:
+        for w, start, p in zip(r.wearer, r.epoch_start_s, r.probabilities):
+            out[w][0].append(start)
+            out[w][1].append(p)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "lstm"])  # StagerBatch: the conv cache, and predict_windows
+def test_pool_and_batch_revise_as_one_stager_each(arch, small_data_dir):
+    subjects = ("46343", "3509524", "4018081")
+    n_epochs = 90
+    end_s = 30.0 * n_epochs
+    readings = cropped_readings(small_data_dir, subjects, end_s)
+    # the watch off for 15 min: no-data epochs, whose windows still revise earlier ones
+    readings[1] = {k: v[(v[:, 0] < 600) | (v[:, 0] >= 1500)] for k, v in readings[1].items()}
+    night = dl.load_night(small_data_dir, subjects[0], cache_dir=None)
+    model, scaler, ckpt = lookahead_model(arch, 4, [features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)])
+    expected = []
+    for r in readings:
+        alone = StreamingStager(model, scaler, ckpt)
+        immediate = realtime.replay(alone, r, end_s=end_s)
+        expected.append((immediate, alone.take_revised()))
+    assert [e.stage for e in expected[1][1]].count(-1) > 0
+    # the pool: each wearer's new readings every minute, one predict for all
+    pool = StagerPool(model, scaler, ckpt)
+    pooled = {w: [] for w in range(len(subjects))}
+    for end in np.arange(60.0, end_s + 1, 60.0):
+        for w, r in enumerate(readings):
+            for kind, rows in realtime.time_ordered_runs(r, end - 60, end):
+                pool.push(w, kind, rows[:, 0], *rows[:, 1:].T)
+        pool.predict()
+        for w, epochs in pool.take_revised().items():
+            pooled[w] += epochs
+    assert all(len(pooled[w]) == n_epochs - 5 for w in pooled)  # epoch 89 is still open, 4 wait for it
+    pool.flush(end_s)
+    pool.predict()
+    for w, epochs in pool.take_revised().items():
+        pooled[w] += epochs
+    # the batch: one step per epoch for everyone; the night's end for wearer 0 by reset, the rest by end_night
+    batch = StagerBatch(model, scaler, ckpt, n_wearers=len(subjects))
+    assert (batch.conv is not None) == (arch == "hybrid")
+    steps = []
+    for k in range(n_epochs):
+        batch.step(**epoch_aggregates(batch, readings, k))
+        steps.append(batch.revised)
+    at_reset = batch.reset([0])
+    assert at_reset.wearer.tolist() == [0] * 4 and batch.n[0] == 0
+    ends = batch.end_night()
+    assert ends.wearer.tolist() == [1] * 4 + [2] * 4 and len(batch.end_night().wearer) == 0
+    batched = by_wearer(steps + [at_reset, ends], len(subjects))
+    for w, (immediate, revised) in enumerate(expected):
+        assert starts_of(revised) == starts_of(immediate) == starts_of(pooled[w]) == batched[w][0]
+        np.testing.assert_allclose(probs_of(pooled[w]), probs_of(revised), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.stack(batched[w][1]), probs_of(revised), atol=1e-5, rtol=0)

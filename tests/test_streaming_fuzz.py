@@ -5,7 +5,9 @@ StagerPool): bursts ahead of the clock, shuffled and late readings, duplicates, 
 in the past or future (also beyond the +-1e12 s plausibility limit), NaN/inf and impossible
 values, empty batches, clock ticks, and a wearer silent for hours. Whatever comes: no exception,
 valid stages on a strictly increasing 30 s grid, the readings held are only those of open epochs,
-dropped readings are counted, and stages resume once data comes back after a silence.
+dropped readings are counted, and stages resume once data comes back after a silence. With a
+lookahead model, every emitted epoch is revised once, in order, at most `lookahead` epochs behind
+(all of them after the final flush), without a stage exactly where the immediate one has none.
 An untrained tiny causal model stands in: the plumbing is under test, not the stages.
 """
 import math
@@ -36,17 +38,28 @@ def one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    """An untrained causal tiny hybrid on every feature (motion magnitude and steps too)."""
+def untrained(tmp_path_factory, lookahead: int = 0):
+    """An untrained causal tiny hybrid on every feature (motion magnitude and steps too), saved and loaded."""
     torch.manual_seed(0)
     names = features.FEATURES
-    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(names), "causal": True}).eval()
+    model = build_model("hybrid", {**TINY_HYBRID, "n_features": len(names), "causal": True,
+                                   "lookahead": lookahead}).eval()
     scaler = dl.FeatureScaler(np.zeros(len(names), np.float32), np.ones(len(names), np.float32))
     ckpt = make_checkpoint(model, "hybrid", features=list(names), seq_len=25, target_pos=24, scaler=scaler)
     path = tmp_path_factory.mktemp("fuzz-checkpoint") / "causal.pth"
     save_checkpoint(ckpt, path)
     return load_model_from_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return untrained(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def by_lookahead(loaded, tmp_path_factory):
+    """The untrained model without a lookahead (no revisions), and one with a lookahead of 2."""
+    return {0: loaded, 2: untrained(tmp_path_factory, lookahead=2)}
 
 
 # ----------------------------------------------------------------------------- hostile streams
@@ -137,6 +150,7 @@ class Checker:
         self.valid_t = {kind: [np.zeros(0)] for kind in N_VALUES}
         self.previous = {}
         self.cursor = 0.0 if stager.start_s is None else stager.start_s
+        self.immediate, self.revised = [], []
 
     def check_epochs(self, epochs):
         for epoch in epochs:
@@ -153,13 +167,30 @@ class Checker:
             assert abs(k - round(k)) < 1e-6  # new nights keep the 30 s grid
             self.last_start = epoch.epoch_start_s
         self.emitted += len(epochs)
+        self.immediate += epochs
+
+    def check_revisions(self):
+        """Revised epochs: the emitted ones in order, no stage where the immediate has none, at most
+        `lookahead` behind (a model without one revises nothing)."""
+        new = self.stager.take_revised()
+        self.revised += new
+        n = len(self.revised)
+        if not self.stager.lookahead:
+            assert not new
+            return
+        assert [e.epoch_start_s for e in self.revised] == [e.epoch_start_s for e in self.immediate[:n]]
+        for revised, immediate in zip(self.revised[n - len(new):], self.immediate[n - len(new):n]):
+            assert (revised.stage == -1) == (immediate.stage == -1)
+            if revised.stage >= 0:
+                assert np.isfinite(revised.probabilities).all() and revised.stage == int(revised.probabilities.argmax())
+        assert len(self.immediate) - n <= self.stager.lookahead
 
     def check_state(self):
         s = self.stager
-        assert s.stats["epochs_closed"] == self.emitted and not s._pending
+        assert s.stats["epochs_closed"] == self.emitted and not s.n_waiting
         assert (s.stats["non_finite"], s.stats["out_of_range"]) == (self.non_finite, self.out_of_range)
-        assert s._state.ring.rows.shape[:2] == (1, s.seq_len) and not s.feature_rows
-        assert s._state.features.hr_c1.shape == (1, 61) and s._state.features.la_c1.shape == (1, 21)
+        assert s.windows.state.ring.rows.shape[:2] == (1, s.seq_len) and not s.feature_rows
+        assert s.windows.state.features.hr_c1.shape == (1, 61) and s.windows.state.features.la_c1.shape == (1, 21)
         open_epochs = s.open_epochs()
         # only open epochs hold readings: at most the epochs within max_delay_s of the clock
         assert len(open_epochs) <= math.ceil(s.max_delay_s / dl.EPOCH_S) + 1
@@ -172,6 +203,7 @@ class Checker:
                 assert held[kind] <= len(np.unique(t[(t >= lo) & (t < hi)]))
         if s.clock is not None:
             self.cursor = max(self.cursor, s.clock)
+        self.check_revisions()
 
     def push(self, kind, t, v):
         non_finite, out_of_range, valid = expected_drops(kind, t, v)
@@ -204,27 +236,32 @@ class Checker:
         self.check_state()
 
 
+@pytest.mark.parametrize("lookahead", [0, 2])
 @FUZZ
-@given(STAGER, OPS)
-def test_hostile_stream_never_raises_holds_only_open_epochs_and_resumes(loaded, config, ops):
-    model, scaler, ckpt = loaded
+@given(config=STAGER, ops=OPS)
+def test_hostile_stream_never_raises_holds_only_open_epochs_and_resumes(by_lookahead, lookahead, config, ops):
+    model, scaler, ckpt = by_lookahead[lookahead]
     checker = Checker(StreamingStager(model, scaler, ckpt, **config))
     for op in ops:
         checker.run(op)
-    # the end of the recording: everything up to the clock closes, nothing is held
+    # the end of the recording: everything up to the clock closes, nothing is held, everything is revised
     if checker.stager.clock is not None:
         checker.check_epochs(checker.stager.flush(checker.stager.clock + checker.stager.max_delay_s + dl.EPOCH_S))
         assert sum(checker.stager.buffered_samples().values()) == 0
+        checker.check_revisions()
+        assert len(checker.revised) == (len(checker.immediate) if lookahead else 0)
     for name, count in checker.stager.stats.items():  # what was exercised: --hypothesis-show-statistics
         if count:
             event(name)
 
 
+@pytest.mark.parametrize("lookahead", [0, 2])
 @FUZZ
-@given(STAGER, st.lists(st.tuples(st.integers(0, 2), st.one_of(PUSH, PUSH, TICK)), min_size=1, max_size=30))
-def test_pool_of_interleaved_wearers_matches_one_stager_each(loaded, config, ops):
-    model, scaler, ckpt = loaded
+@given(config=STAGER, ops=st.lists(st.tuples(st.integers(0, 2), st.one_of(PUSH, PUSH, TICK)), min_size=1, max_size=30))
+def test_pool_of_interleaved_wearers_matches_one_stager_each(by_lookahead, lookahead, config, ops):
+    model, scaler, ckpt = by_lookahead[lookahead]
     pool = StagerPool(model, scaler, ckpt, **config)
+    revised = {w: [] for w in range(3)}
     alone = {w: Checker(StreamingStager(model, scaler, ckpt, **config)) for w in range(3)}
     cursors = {w: alone[w].cursor for w in range(3)}
     previous = {w: {} for w in range(3)}
@@ -249,6 +286,8 @@ def test_pool_of_interleaved_wearers_matches_one_stager_each(loaded, config, ops
         if i % 4 == 3 or i == len(ops) - 1:  # the pool predicts every few pushes, for all wearers at once
             for w, staged in pool.predict().items():
                 pooled[w] += staged
+            for w, staged in pool.take_revised().items():
+                revised[w] += staged
         held = pool[wearer].buffered_samples()
         assert held == checker.stager.buffered_samples()
     for w in range(3):
@@ -258,6 +297,10 @@ def test_pool_of_interleaved_wearers_matches_one_stager_each(loaded, config, ops
                                        np.stack([e.probabilities for e in expected[w]]), atol=1e-5, rtol=0)
         if w in pool.stagers:
             assert pool[w].stats == alone[w].stager.stats
+        assert [e.epoch_start_s for e in revised[w]] == [e.epoch_start_s for e in alone[w].revised]
+        if revised[w]:
+            np.testing.assert_allclose(np.stack([e.probabilities for e in revised[w]]),
+                                       np.stack([e.probabilities for e in alone[w].revised]), atol=1e-5, rtol=0)
 
 
 def test_timestamps_beyond_the_plausible_range_are_dropped_without_moving_the_clock(loaded):
