@@ -38,9 +38,10 @@ T, R = TypeVar("T"), TypeVar("R")
 
 @torch.inference_mode()
 def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
-                    batch_size: int = 1024, lags: np.ndarray | None = None) -> np.ndarray:
+                    batch_size: int = 1024, lags: np.ndarray | str | None = None) -> np.ndarray:
     """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos
-    (lags: of the epoch lags[i] before window i's last, by a model with a lookahead; the revision).
+    (lags: of the epoch lags[i] before window i's last, by a model with a lookahead; the revision;
+    lags="all": every lag, (n, 1 + lookahead, 4), lag 0 the immediate stage: a stream's one call).
 
     The one model call: whole nights (predict_night), streams and batches gather windows and come here. Up to
     SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
@@ -55,9 +56,12 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     """
     if model.training:
         model.eval()
+    every_lag = isinstance(lags, str)
+    if every_lag and lags != "all":
+        raise ValueError(f'lags: an array of lags or "all", got {lags!r}')
     windows = np.asarray(windows, dtype=np.float32)
     if len(windows) == 0:
-        return np.zeros((0, 4))
+        return np.zeros((0, 1 + lookahead_of(model), 4) if every_lag else (0, 4))
     device = next(model.parameters()).device
     last_only = target_pos in (-1, windows.shape[1] - 1) and hasattr(model, "forward_last")
     if lags is not None and not last_only:
@@ -70,7 +74,9 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
             rest = len(part) - start
             size = min(batch_size, rest if len(windows) <= SPLIT_ABOVE else 1 << (rest.bit_length() - 1))
             batch = torch.from_numpy(np.ascontiguousarray(part[start:start + size])).to(device)
-            if part_lags is not None:
+            if every_lag:
+                logits = model.forward_last(batch, lags=True)
+            elif part_lags is not None:
                 logits = model.forward_last(batch, lags=True)[torch.arange(len(batch)),
                                                               torch.from_numpy(part_lags[start:start + size])]
             else:
@@ -79,9 +85,14 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
             start += size
         return np.concatenate(out)
 
-    parts = [(windows[part], None if lags is None else np.asarray(lags, np.int64)[part])
+    parts = [(windows[part], None if lags is None or every_lag else np.asarray(lags, np.int64)[part])
              for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
     return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
+
+
+def lookahead_of(model: torch.nn.Module) -> int:
+    """Epochs a causal model's revision looks ahead (its config's `lookahead`; 0: no revision)."""
+    return int(getattr(getattr(model, "config", None), "lookahead", 0) or 0)
 
 
 @torch.inference_mode()
@@ -174,7 +185,7 @@ def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, ta
     if seq_len == 0:
         probs = predict_whole_night(model, x_scaled)
     elif revised:
-        end, lags = revision_windows(len(x_scaled), model.config.lookahead)
+        end, lags = revision_windows(len(x_scaled), lookahead_of(model))
         probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos)[end], target_pos,
                                 batch_size, lags)
     else:

@@ -74,7 +74,7 @@ import torch
 import data_loader as dl
 import features
 from checkpoint import load_model_from_checkpoint
-from evaluation import PREDICTION_COLUMNS, predict_windows, prediction_frame
+from evaluation import PREDICTION_COLUMNS, lookahead_of, predict_windows, prediction_frame
 
 EPOCH_S = features.EPOCH_S
 KINDS = ("heart_rate", "motion", "counts", "steps")
@@ -98,32 +98,11 @@ class StagedEpoch(NamedTuple):
 NO_DATA_PROBABILITIES = np.full(4, np.nan)
 
 
-def lookahead_of(model: torch.nn.Module) -> int:
-    """Epochs a causal model's revision looks ahead (its config's `lookahead`; 0: no revision)."""
-    return int(getattr(getattr(model, "config", None), "lookahead", 0) or 0)
-
-
-class _EveryLag(torch.nn.Module):
-    """A model with a lookahead as predict_windows sees it: its last-position output is every lag
-    (batch, 1 + lookahead, 4), so one call gives each window's immediate stage (lag 0) and the
-    revisions it holds (lag j: the epoch j before the window's last)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.eval() if model.training else model
-        self.training = False  # so predict_windows does not walk every submodule again to set eval mode
-
-    def forward_last(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_last(x, lags=True)
-
-
 def predict_every_lag(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
                       batch_size: int = 1024) -> np.ndarray:
     """Probabilities (n, 1 + lookahead, 4) of every lag at the last position of scaled windows: the
     one model call (predict_windows) of a model with a lookahead."""
-    if len(windows) == 0:
-        return np.zeros((0, 1 + lookahead_of(model), 4))
-    return predict_windows(_EveryLag(model), windows, target_pos, batch_size)
+    return predict_windows(model, windows, target_pos, batch_size, lags="all")
 
 
 class _Closed(NamedTuple):

@@ -759,6 +759,26 @@ def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_c
     assert sum(size for size, _ in calls) == len(night) and all(lags for _, lags in calls)
 
 
+@pytest.mark.parametrize("arch", ["hybrid", "lstm"])
+def test_predict_windows_gives_every_lag_from_one_call(arch, monkeypatch):
+    """lags="all": (n, 1 + lookahead, 4) from one forward_last per chunk; lag 0 is the immediate stage,
+    and picking lag j of window i is what lags=[j, ...] reads."""
+    windows = np.random.default_rng(2).normal(size=(70, 25, len(features.DEFAULT_FEATURES))).astype(np.float32)
+    model, _, _ = lookahead_model(arch, 3, [windows[:, -1]])
+    lags = np.random.default_rng(3).integers(0, 4, len(windows))
+    immediate = evaluation.predict_windows(model, windows, 24)
+    picked = evaluation.predict_windows(model, windows, 24, lags=lags)
+    calls = count_model_calls(monkeypatch, model)
+    every = evaluation.predict_windows(model, windows, 24, batch_size=32, lags="all")
+    monkeypatch.undo()
+    assert every.shape == (70, 4, 4) and calls == [(32, True), (32, True), (4, True), (2, True)]  # power-of-two chunks
+    np.testing.assert_allclose(every[:, 0], immediate, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(every[np.arange(len(lags)), lags], picked, atol=1e-6, rtol=0)
+    assert realtime.predict_every_lag(model, windows[:0], 24).shape == (0, 4, 4)
+    with pytest.raises(ValueError, match="all"):
+        evaluation.predict_windows(model, windows, 24, lags="every")
+
+
 def test_revisions_through_a_watch_off_stretch_a_new_night_and_the_nights_end():
     """Epochs staged from context just before a stretch without data are revised by the windows of
     no-data epochs (kept for it); a jump to a new night revises the old night's last epochs from its
