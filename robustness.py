@@ -131,6 +131,43 @@ def summarize(frames: dict[str, list[pd.DataFrame]], nights: dict[str, dl.Night]
     return out
 
 
+REM_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def rem_tradeoff(frame: pd.DataFrame, factors=REM_FACTORS) -> list[dict]:
+    """Kappa against REM recall as the REM probability is scaled by each factor (then renormalised):
+    the trade-off a REM weighting buys, on out-of-fold predictions."""
+    probs = frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy()
+    staged = ~np.isnan(probs).any(axis=1)
+    out = []
+    for factor in factors:
+        pred = np.full(len(frame), -1)
+        pred[staged] = (probs[staged] * np.array([1.0, 1.0, 1.0, factor])).argmax(axis=1)
+        m = compute_metrics(frame["true_stage"].to_numpy(), pred)
+        out.append({"rem_factor": factor, "kappa": m["kappa"], "recall_rem": m["recall_rem"],
+                    "recall_light": m["recall_light"]})
+    return out
+
+
+def plot_rem_tradeoff(curves: dict[str, list[dict]], path: str | Path) -> None:
+    """Kappa (y) against REM recall (x) per recipe, one point per REM factor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from evaluation import save_figure
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, points in curves.items():
+        ax.plot([p["recall_rem"] for p in points], [p["kappa"] for p in points], marker="o", label=name)
+        for p in points:
+            ax.annotate(f"{p['rem_factor']:g}", (p["recall_rem"], p["kappa"]), fontsize=6, xytext=(2, 2),
+                        textcoords="offset points")
+    ax.set_xlabel("REM recall (as recorded, out of fold)")
+    ax.set_ylabel("Cohen's kappa")
+    ax.set_title("REM probability scaled by a factor (labels): what REM recall costs")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
 def markdown(summary: dict) -> str:
     """One table: kappa per recipe (columns) and condition (rows), pooled out-of-fold."""
     recipes = list(summary)
@@ -208,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                     for name, f in frames[variant].items()) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         for variant, per_condition in frames.items():
             summary[variant] = summarize(per_condition, nights)
+            summary[variant]["as recorded"]["rem_tradeoff"] = rem_tradeoff(
+                pd.concat(per_condition["as recorded"], ignore_index=True))
             for name, per_fold in per_condition.items():  # out-of-fold predictions, e.g. for sleep_metrics.py
                 slug = name.replace(" ", "_").replace(",", "")
                 write_predictions(pd.concat(per_fold, ignore_index=True),
                                   Path(args.json_out).parent / "predictions" / variant.replace(" ", "-") / f"{slug}.csv")
     table = markdown(summary)
     print("\n" + table)
+    plot_rem_tradeoff({variant: rows["as recorded"]["rem_tradeoff"] for variant, rows in summary.items()},
+                      Path(args.json_out).with_name("rem_tradeoff.png"))
     for path, text in ((args.json_out, json.dumps({"summary": summary, "folds": list(chosen),
                                                      "config": vars(args)}, indent=1)), (args.markdown_out, table)):
         atomic_write(path, lambda f, text=text: f.write((text + "\n").encode()))

@@ -19,7 +19,7 @@ the model, and the process RSS (VmRSS from /proc/self/status) at the end of ever
 memory is called flat when the last hour's RSS is within 5% of the 2nd hour's (the 1st with
 --hours 2 or less). --max-seconds bounds the run: it stops after the simulated epoch that crosses
 it and reports how far it got. Without a checkpoint, an untrained causal hybrid of the shipped
-size (train_hybrid.MODEL) stands in: the same compute, meaningless stages. Not run in CI.
+size (train_hybrid.CAUSAL_MODEL) stands in: the same compute, meaningless stages. Not run in CI.
 """
 from __future__ import annotations
 
@@ -63,14 +63,15 @@ def load_model(checkpoint: str | None):
         return model, scaler, ckpt, str(path)
     if checkpoint:
         raise SystemExit(f"error: checkpoint {checkpoint} not found")
-    from train_hybrid import MODEL
+    from train_hybrid import CAUSAL_MODEL, CAUSAL_TRAIN
+    from training import script_config
     torch.manual_seed(0)
-    names = features.DEFAULT_FEATURES
-    config = {k: v for k, v in vars(MODEL).items() if k not in ("n_features", "causal", "dropout")}
+    names = CAUSAL_TRAIN.features
+    config = script_config(CAUSAL_MODEL)
     model = build_model("hybrid", {**config, "n_features": len(names), "causal": True}).eval()
     scaler = dl.FeatureScaler(np.zeros(len(names), np.float32), np.ones(len(names), np.float32))
-    ckpt = make_checkpoint(model, "hybrid", features=list(names), seq_len=features.SEQ_LEN,
-                           target_pos=features.SEQ_LEN - 1, scaler=scaler)
+    ckpt = make_checkpoint(model, "hybrid", features=list(names), seq_len=CAUSAL_TRAIN.seq_len,
+                           target_pos=CAUSAL_TRAIN.target_pos, scaler=scaler)
     return model, scaler, ckpt, f"untrained causal hybrid {config} (no {path})"
 
 

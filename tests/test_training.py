@@ -198,3 +198,101 @@ def test_metrics_of_a_night_without_any_staged_epoch_are_nan_not_an_error():
     assert metrics["n_epochs"] == 0 and metrics["n_no_data"] == 3 and np.isnan(metrics["kappa"])
     partly = evaluation.compute_metrics(np.array([0, 1, 2, 3]), np.array([0, 1, -1, 3]))
     assert partly["n_epochs"] == 3 and partly["n_no_data"] == 1 and partly["accuracy"] == 1.0
+
+
+# ----------------------------------------------------------------------------- whole nights, revision, recipe
+
+
+def test_a_plain_run_writes_to_runs_and_never_replaces_a_shipped_checkpoint(small_data_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data-dir", str(small_data_dir), "--epochs", "1", "--batch-size", "64", "--stride", "10"]
+    assert training.run("hybrid", TINY_HYBRID, training.TrainConfig(), argv) == 0
+    assert (tmp_path / "runs" / "hybrid_offline" / "model.pth").is_file()
+    assert not (tmp_path / "checkpoints").exists()
+    out = capsys.readouterr().out
+    assert "python inference_hybrid.py --checkpoint runs/hybrid_offline/model.pth" in out
+
+
+def test_whole_night_training_labels_every_epoch_in_one_pass(small_data_dir, tmp_path):
+    out = tmp_path / "night"
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "2", "--batch-size", "4",
+            "--seq-len", "0", "--crop-epochs", "60,200", "--crops-per-night", "2", "--no-validate", "--no-smooth"]
+    model_config = {**TINY_HYBRID, "dilated": 2, "pool": 4}
+    assert training.run("hybrid", model_config, training.TrainConfig(), argv) == 0
+    model, scaler, checkpoint = load_model_from_checkpoint(out / "model.pth")
+    assert checkpoint["seq_len"] == 0 and checkpoint["val_subjects"] == []
+    # no validation hold-out: every non-test subject trains
+    train, val, test = dl.split_subjects(dl.find_subjects(small_data_dir))
+    assert sorted(checkpoint["train_subjects"]) == sorted(train + val)
+    night = dl.load_nights(small_data_dir, cache_dir=None)[0]
+    frame = evaluation.predict_nights(model, scaler, checkpoint, [night], smooth=False)
+    x = scaler.transform(features.night_features(night, causal=False, features=tuple(checkpoint["features"])))
+    with torch.no_grad():
+        direct = torch.softmax(model(torch.from_numpy(x[None]))[0], dim=-1).numpy()
+    staged = frame["pred"].to_numpy() >= 0
+    np.testing.assert_allclose(frame[["p_wake", "p_light", "p_deep", "p_rem"]].to_numpy()[staged], direct[staged],
+                               atol=1e-5)
+
+
+def test_crops_have_one_length_per_pass_and_pad_short_nights_unlabelled(tmp_path):
+    nights = [("long", np.arange(300, dtype=np.float32)[:, None], np.arange(300) % 4, 30.0 * np.arange(300)),
+              ("short", np.arange(40, dtype=np.float32)[:, None], np.arange(40) % 4, 30.0 * np.arange(40))]
+    store = feature_store.FeatureStore.write(tmp_path / "store", nights, ("value",), causal=False)
+    identity = dl.FeatureScaler(np.zeros(1, np.float32), np.ones(1, np.float32))
+    ds = training.CropDataset(training.Prepared(store, identity), ["long", "short"], (50, 120), 3, seed=0)
+    assert len(ds) == 6
+    lengths = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        items = [ds[i] for i in range(len(ds))]
+        assert {len(x) for x, _ in items} == {ds.seq_len} and 50 <= ds.seq_len <= 120
+        lengths.add(ds.seq_len)
+        for i, (x, y) in enumerate(items):
+            n = 300 if ds.window_night[i] == 0 else 40
+            start = int(x[0, 0])
+            valid = np.arange(start, start + ds.seq_len) < n
+            assert (y.numpy()[~valid] == -1).all() and (y.numpy()[valid] == (np.arange(start, start + ds.seq_len)[valid] % 4)).all()
+    assert len(lengths) > 1  # the length is drawn afresh each pass
+
+
+def test_lag_targets_shift_the_labels_back_by_each_lag():
+    y = torch.tensor([[0, 1, 2, 3, 1]])
+    lagged = training.lag_targets(y, 2)
+    assert lagged.shape == (1, 5, 3)
+    assert lagged[0, :, 0].tolist() == [0, 1, 2, 3, 1]
+    assert lagged[0, :, 1].tolist() == [-1, 0, 1, 2, 3]
+    assert lagged[0, :, 2].tolist() == [-1, -1, 0, 1, 2]
+
+
+def test_a_causal_model_with_lookahead_trains_and_revises_from_later_windows(small_data_dir, tmp_path):
+    out = tmp_path / "causal"
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
+            "--stride", "10", "--causal", "--seq-len", "15", "--no-validate"]
+    assert training.run("hybrid", {**TINY_HYBRID, "lookahead": 4}, training.TrainConfig(), argv) == 0
+    model, scaler, checkpoint = load_model_from_checkpoint(out / "model.pth")
+    night = dl.load_nights(small_data_dir, cache_dir=None)[0]
+    x = scaler.transform(features.night_features(night, causal=True, features=tuple(checkpoint["features"])))
+    revised = evaluation.predict_night(model, x, 15, 14, revised=True)
+    windows = features.make_windows(x, 15, 14)
+    with torch.no_grad():
+        every_lag = torch.softmax(model.forward_last(torch.from_numpy(windows), lags=True), dim=-1).numpy()
+    n = len(x)
+    np.testing.assert_allclose(revised[10], every_lag[14, 4], atol=1e-5)     # 4 epochs later, at lag 4
+    np.testing.assert_allclose(revised[n - 2], every_lag[n - 1, 1], atol=1e-5)  # the night's end: the last window
+    immediate = evaluation.predict_night(model, x, 15, 14)
+    np.testing.assert_allclose(immediate, every_lag[:, 0], atol=1e-5)
+
+
+def test_p_recorded_draws_that_share_of_nights_as_recorded():
+    import degrade
+    night = dl.load_night(dl.DEFAULT_DATA_DIR, "46343", cache_dir=None)
+    rng = np.random.default_rng(0)
+    drawn = [degrade.draw_condition(rng, night, p_recorded=0.5) for _ in range(2000)]
+    recorded = [c for c in drawn if c.hr_period_s is None and not c.drop_motion and not c.drop_heart_rate
+                and c.watch_off_s == 0]
+    # half drawn as recorded, plus the drawn conditions that happen to be clean (about 6%)
+    assert 0.5 <= len(recorded) / len(drawn) <= 0.58
+    none = [degrade.draw_condition(np.random.default_rng(s), night) for s in range(400)]
+    assert sum(c.hr_period_s is None and not c.drop_motion and not c.drop_heart_rate and c.watch_off_s == 0
+               for c in none) / 400 < 0.12
