@@ -31,7 +31,7 @@ class HybridConfig:
     max_len: int = 512      # positions whose encoding is precomputed (longer sequences compute theirs)
     causal: bool = False
     pool: int = 1           # offline: the Transformer sees means of `pool` epochs (a whole night is ~1,000 epochs)
-    dilated: int = 0        # offline: residual conv blocks after the first two, dilations 2, 4, 8, ...
+    dilated: int = 0        # residual conv blocks after the first two, dilations 2, 4, 8, ...
     lookahead: int = 0      # the revision: position t also stages epochs t-1 .. t-lookahead (model.lag_logits)
 
 
@@ -61,13 +61,14 @@ class ConvBlock(nn.Module):
     def forward_channels_last(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
         """forward in eval mode on (B, L, C) as one matmul (im2col): no transposes, and cheaper than
         the convolution kernel at these sizes. pad=False: only the L - kernel_size + 1 positions
-        whose inputs all lie in x (no padding), (B, L - kernel_size + 1, C)."""
-        k, length = self.kernel_size, x.shape[1]
+        whose inputs all lie in x (no padding), (B, L - (kernel_size - 1) * dilation, C)."""
+        k, length, span = self.kernel_size, x.shape[1], (self.kernel_size - 1) * self.dilation
+        taps = torch.arange(k) * self.dilation
         if pad:  # replicate padding, as forward: clamp the indices
-            left = k - 1 if self.causal else (k - 1) // 2
-            index = (torch.arange(length).unsqueeze(1) + torch.arange(k) - left).clamp_(0, length - 1)
+            left = span if self.causal else span // 2
+            index = (torch.arange(length).unsqueeze(1) + taps - left).clamp_(0, length - 1)
         else:
-            index = torch.arange(length - k + 1).unsqueeze(1) + torch.arange(k)
+            index = torch.arange(length - span).unsqueeze(1) + taps
         out_len = index.shape[0]
         cols = x.index_select(1, index.flatten().to(x.device)).reshape(-1, k * x.shape[2])  # (B*out_len, k*C_in)
         weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)     # same (tap, channel) order
@@ -82,9 +83,9 @@ class SleepHybrid(nn.Module):
         c = config.channels
         self.conv1 = ConvBlock(config.n_features, c, config.kernel_size, config.causal, config.dropout)
         self.conv2 = ConvBlock(c, c, config.kernel_size, config.causal, config.dropout)
-        if config.causal and (config.pool > 1 or config.dilated):
-            raise ValueError("pool and dilated blocks are for offline models (the stream's fast path has neither)")
-        self.dilated = nn.ModuleList(ConvBlock(c, c, config.kernel_size, False, config.dropout, 2 ** (i + 1))
+        if config.causal and config.pool > 1:
+            raise ValueError("pool > 1 mixes later epochs into each token: offline models only")
+        self.dilated = nn.ModuleList(ConvBlock(c, c, config.kernel_size, config.causal, config.dropout, 2 ** (i + 1))
                                      for i in range(config.dilated))
         self.register_buffer("positional", sinusoid(config.max_len, c), persistent=False)
         layer = nn.TransformerEncoderLayer(c, config.n_heads, c * config.ff_mult, config.dropout,
@@ -137,12 +138,16 @@ class SleepHybrid(nn.Module):
     def receptive_field(self) -> int:
         """The conv output at window position j >= this depends on inputs j - receptive_field .. j only
         (not on the padding), so it is the same in every window that holds those epochs there."""
-        return 2 * (self.config.kernel_size - 1)
+        return (self.config.kernel_size - 1) * (2 + sum(block.dilation for block in self.dilated))
 
     def embed(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
         """The conv blocks, channels last: (B, L, n_features) -> (B, L, channels); with pad=False only
         the L - receptive_field positions whose inputs all lie in x (no padding involved)."""
-        return self.conv2.forward_channels_last(self.conv1.forward_channels_last(x, pad), pad)
+        h = self.conv2.forward_channels_last(self.conv1.forward_channels_last(x, pad), pad)
+        for block in self.dilated:  # residual, as forward (without padding the input side is cropped to match)
+            out = block.forward_channels_last(h, pad)
+            h = h[:, h.shape[1] - out.shape[1]:] + out
+        return h
 
     def encode_last(self, h: torch.Tensor, lags: bool = False) -> torch.Tensor:
         """Logits of the last position (B, n_classes) from the conv outputs h (B, L, channels)

@@ -75,3 +75,30 @@ def test_hybrid_conv_outputs_split_as_the_streaming_cache_uses_them(kernel_size)
             alone = model.embed(x[:, j - r:j + 1], pad=False)[:, 0]
             torch.testing.assert_close(alone, conv[:, j], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.encode_last(conv), model(x)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dilated_conv_stack_embeds_as_forward_and_stays_causal(causal):
+    """The dilated residual blocks (the whole-night and TCN models): embed (the stream's fast path) gives
+    forward's conv features, pad=False gives each position from its receptive field alone, and a causal
+    stack never reads a later epoch."""
+    torch.manual_seed(0)
+    model = SleepHybrid(HybridConfig(n_features=6, channels=16, kernel_size=3, n_layers=0, dilated=3,
+                                     lookahead=2, causal=causal)).eval()
+    r = model.receptive_field
+    assert r == 2 * (2 + 2 + 4 + 8)
+    x = torch.randn(4, 60, 6)
+    with torch.inference_mode():
+        conv = model.conv2(model.conv1(x.transpose(1, 2)))
+        for block in model.dilated:
+            conv = conv + block(conv)
+        conv = conv.transpose(1, 2)
+        torch.testing.assert_close(model.embed(x), conv, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.forward_last(x, lags=True), model(x, lags=True)[:, -1], atol=1e-5, rtol=1e-5)
+        if causal:
+            for j in (r, 45, 59):
+                torch.testing.assert_close(model.embed(x[:, j - r:j + 1], pad=False)[:, 0], conv[:, j],
+                                           atol=1e-5, rtol=1e-5)
+            later = x.clone()
+            later[:, 40:] += 3.0
+            torch.testing.assert_close(model(later)[:, :40], model(x)[:, :40])
