@@ -447,6 +447,10 @@ class Revisions:
         self.revised.clear()  # in place: windows not staged yet release into this list
         return out
 
+    def latest_window(self) -> _Revision | None:
+        """The night's latest window while epochs wait (a night's end revises them from it), else None."""
+        return self._last if self._waiting else None
+
 
 class PendingEpoch(NamedTuple):
     """A closed epoch waiting for the model call (StagerPool.take_pending, then stage_pending)."""
@@ -872,11 +876,31 @@ class StagerPool:
                 pending.append(item)
         return owners, pending
 
-    def take_revised(self) -> dict:
-        """The revised stages staged since the last call, by wearer (StreamingStager.take_revised)."""
+    def take_replayed(self) -> tuple[list, list[PendingEpoch]]:
+        """take_pending after replaying readings whose stages, immediate and revised, were delivered before
+        (a service rebuilding its streams after a restart): their epochs are not staged again and what their
+        windows revised is not revised again. Returns the windows still needed, as take_pending does: each
+        stream's latest window while epochs of its night wait for their revision (should the night end
+        before the next window, they are revised from it). stage_pending on them gives nothing new (its
+        immediate stages were delivered) but settles what a night's end will take from them."""
+        owners, pending = self.take_pending()
+        needed_owners, needed = [], []
+        for wearer, item in zip(owners, pending):
+            if item.revision is None:
+                continue
+            item.revision.epochs = []  # revised before the restart
+            revisions = self.stagers[wearer].windows.revisions
+            if revisions is not None and revisions.latest_window() is item.revision:
+                needed_owners.append(wearer)
+                needed.append(item)
+        return needed_owners, needed
+
+    def take_revised(self, wearers: Iterable | None = None) -> dict:
+        """The revised stages staged since the last call, by wearer (StreamingStager.take_revised); of these
+        wearers only (default all: a server with many wearers asks those it just staged)."""
         out = {}
-        for wearer, stager in self.stagers.items():
-            revised = stager.take_revised()
+        for wearer in (self.stagers if wearers is None else wearers):
+            revised = self.stagers[wearer].take_revised()
             if revised:
                 out[wearer] = revised
         return out

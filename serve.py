@@ -7,7 +7,7 @@ API (docs/service.md has curl examples):
     POST /v1/wearers/{id}/readings  {"heart_rate": [[t, bpm]...], "counts": [[t, count]...],
                                      "acceleration": [[t, x, y, z]...], "steps": [[t, steps]...]}
     POST /v1/readings               {"<id>": {same body}, ...}
-    POST /v1/wearers/{id}/flush     {"now": t}
+    POST /v1/wearers/{id}/flush     {"now": t}  (a clock tick; "revise": true at the night's end)
     GET  /v1/wearers                GET /v1/wearers/{id}/epochs?since=t    GET /v1/wearers/{id}/summary
     WS   /v1/wearers/{id}/live      GET /  (live page)    GET /healthz    GET /metrics
 t: Unix seconds (number) or an ISO-8601 string with a UTC offset. An unknown wearer is a 404 (live: close
@@ -18,9 +18,11 @@ implausible readings are dropped and counted in "stats"), all of them in one Sta
 push, all readings of all signals are taken in timestamp order (as `inference_hybrid.py --realtime`
 replays a recorded night). Requests queue for a batcher that ingests everything queued, stages
 every epoch this closed in one model call, writes the readings and epochs to the database in one
-transaction and only then answers: an answered push is stored. On start the stream of each wearer
-is rebuilt by replaying its stored events of the current night, so after a crash the next pushes
-give what an uninterrupted run gives.
+transaction and only then answers: an answered push is stored. A model with a lookahead also revises
+earlier epochs in that call: the revisions are answered ("revised", beside "epochs"), stored in the same
+transaction and sent on the live feed. On start the stream of each wearer is rebuilt by replaying its
+stored events of the current night, so after a crash the next pushes give what an uninterrupted run
+gives, revisions included.
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ import data_loader as dl
 import features
 from checkpoint import ARCHITECTURES, load_model_from_checkpoint
 from evaluation import NO_DATA_COLOR, STAGE_COLORS, single_thread
-from realtime import StagedEpoch, StagerPool, StreamingStager, new_stats, stage_pending, time_ordered_runs
-from serve_store import EpochRow, Event, ServiceStore, WearerRow
+from realtime import (StagedEpoch, StagerPool, StreamingStager, lookahead_of, new_stats, stage_pending,
+                      time_ordered_runs)
+from serve_store import EpochRow, Event, ServiceStore, StoredEpoch, WearerRow
 from sleep_metrics import night_metrics
 
 log = logging.getLogger("serve")
@@ -145,13 +148,18 @@ def parse_readings(body: Any, where: str = "") -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def parse_flush(body: Any) -> float:
+def parse_flush(body: Any) -> tuple[float, bool]:
+    """A flush body → (now, revise): {"now": t} is a clock tick; "revise": true also ends the night for
+    the revised stage (every epoch still waiting for its look-ahead is revised now)."""
     if not isinstance(body, dict) or "now" not in body:
-        raise BadInput('body: expected {"now": t}')
-    unknown = sorted(set(body) - {"now"})
+        raise BadInput('body: expected {"now": t} or {"now": t, "revise": true}')
+    unknown = sorted(set(body) - {"now", "revise"})
     if unknown:
-        raise BadInput(f"{unknown[0]}: unknown field; known: now")
-    return parse_time(body["now"], "now")
+        raise BadInput(f"{unknown[0]}: unknown field; known: now, revise")
+    revise = body.get("revise", False)
+    if type(revise) is not bool:
+        raise BadInput(f"revise: expected true or false, got {_show(revise)}")
+    return parse_time(body["now"], "now"), revise
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict:
@@ -223,10 +231,12 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 # ----------------------------------------------------------------------------- the service
 
 class Work(NamedTuple):
-    """One wearer's part of a request: its readings by signal (parse_readings), or a flush."""
+    """One wearer's part of a request: its readings by signal (parse_readings), or a flush (revise: the
+    night's end for the revised stage)."""
     wearer_id: str
     runs: list[tuple[str, np.ndarray]]
     flush_s: float | None = None
+    revise: bool = False
 
 
 class Job(NamedTuple):
@@ -235,7 +245,7 @@ class Job(NamedTuple):
     future: asyncio.Future
 
 
-LIVE_QUEUE = 1000  # epochs a live client may fall behind before it is dropped (it resumes with ?since=)
+LIVE_QUEUE = 1000  # messages a live client may fall behind before it is dropped (it resumes with ?since=)
 UNKNOWN_WEARER = 4404  # WebSocket close code: no such wearer (yet); the page asks again later
 
 
@@ -246,16 +256,41 @@ def end_feed(queue: asyncio.Queue) -> None:
     queue.put_nowait(None)
 
 
-def epoch_json(epoch: StagedEpoch | EpochRow) -> dict:
-    start = epoch.epoch_start_s if isinstance(epoch, StagedEpoch) else epoch.epoch_start
-    stage = int(epoch.stage)
-    probabilities = getattr(epoch, "probabilities", None)
-    if stage < 0 or probabilities is None:
-        probabilities = None
-    else:
-        probabilities = [float(p) for p in probabilities]
-    return {"epoch_start": float(start), "stage": stage, "stage_name": STAGE_NAMES[stage],
+def stage_json(epoch_start: float, stage: int, probabilities) -> dict:
+    """One answered epoch (immediate or revised): its start, stage, stage name and probabilities (null: no data)."""
+    stage = int(stage)
+    probabilities = None if stage < 0 or probabilities is None else [float(p) for p in probabilities]
+    return {"epoch_start": float(epoch_start), "stage": stage, "stage_name": STAGE_NAMES[stage],
             "probabilities": probabilities}
+
+
+def epoch_json(epoch: StagedEpoch) -> dict:
+    return stage_json(epoch.epoch_start_s, epoch.stage, epoch.probabilities)
+
+
+def epoch_rows(by_wearer: dict[str, list[StagedEpoch]]) -> list[EpochRow]:
+    """Staged epochs (immediate or revised), by wearer, as the store takes them."""
+    return [EpochRow(w, e.epoch_start_s, int(e.stage), None if e.stage < 0 else tuple(map(float, e.probabilities)))
+            for w, epochs in by_wearer.items() for e in epochs]
+
+
+def stored_json(row: StoredEpoch) -> dict:
+    """A stored epoch as GET .../epochs gives it: the latest stage (the revision once it came), whether it
+    is revised, and the immediate stage beside it."""
+    revised = row.revised_stage is not None
+    immediate = stage_json(row.epoch_start, row.stage, row.probabilities)
+    latest = stage_json(row.epoch_start, row.revised_stage, row.revised_probabilities) if revised else immediate
+    return {**latest, "revised": revised, "immediate_stage": immediate["stage"],
+            "immediate_probabilities": immediate["probabilities"]}
+
+
+def live_backlog(rows: list[StoredEpoch]) -> list[dict]:
+    """Stored epochs as the live feed sends them: each immediate epoch, then one {"revised": [...]} message
+    with the revisions stored so far (the order live messages came in)."""
+    messages = [stage_json(r.epoch_start, r.stage, r.probabilities) for r in rows]
+    revised = [stage_json(r.epoch_start, r.revised_stage, r.revised_probabilities)
+               for r in rows if r.revised_stage is not None]
+    return messages + ([{"revised": revised}] if revised else [])
 
 
 def merged_runs(runs: list[tuple[str, np.ndarray]], stager: StreamingStager) -> list[tuple[str, np.ndarray]]:
@@ -283,6 +318,8 @@ class Metrics:
                                registry=self.registry)
         self.epochs = Counter("sleep_staging_epochs_staged", "Epochs closed and staged, by stage", ["stage"],
                               registry=self.registry)
+        self.revised = Counter("sleep_staging_epochs_revised", "Epochs revised (a model with a lookahead), by "
+                               "revised stage", ["stage"], registry=self.registry)
         self.batch = Histogram("sleep_staging_batch_epochs", "Epochs staged per model call", registry=self.registry,
                                buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384))
         self.batch_seconds = Histogram("sleep_staging_batch_seconds", "Time to stage and store one batch",
@@ -295,6 +332,7 @@ class Metrics:
             self.dropped.labels(reason)
         for stage in STAGE_NAMES.values():
             self.epochs.labels(stage)
+            self.revised.labels(stage)
 
 
 class Service:
@@ -305,6 +343,7 @@ class Service:
                  max_request_wearers: int = MAX_REQUEST_WEARERS, on_failure=None):
         model, scaler, ckpt = load_model_from_checkpoint(checkpoint)
         self.pool = StagerPool(model, scaler, ckpt, batch_size=128, start_s=None, max_delay_s=max_delay_s)
+        self.lookahead = lookahead_of(model)  # epochs after which an epoch is revised (0: never)
         self.store = ServiceStore(db)
         self.max_body_bytes, self.batch_interval_s = max_body_bytes, batch_interval_s
         self.max_wearers, self.max_request_wearers = max_wearers, max_request_wearers
@@ -323,8 +362,10 @@ class Service:
         self.rebuild()
 
     def rebuild(self) -> None:
-        """Each stored wearer's stream, replayed from the first event of its current night (no model call:
-        those epochs were staged and stored before the restart)."""
+        """Each stored wearer's stream, replayed from the first event of its current night. Those epochs and
+        their revisions were staged and stored before the restart: they are not staged again. A model with
+        a lookahead runs once more on each stream's latest window while epochs wait for their revision,
+        for a night's end to revise them from it (the later windows revise them as usual)."""
         wearers, started, n_events = self.store.wearers(), time.perf_counter(), 0
         for i, wearer in enumerate(wearers):
             for event in self.store.events(wearer.wearer_id, wearer.night_seq):
@@ -332,9 +373,9 @@ class Service:
                 n_events += 1
             self.next_seq[wearer.wearer_id], self.night_seq[wearer.wearer_id] = wearer.next_seq, wearer.night_seq
             if (i + 1) % 100 == 0:
-                self.pool.take_pending()
+                self._settle_replayed()
                 log.info("rebuilding streams: %d of %d wearers", i + 1, len(wearers))
-        self.pool.take_pending()
+        self._settle_replayed()
         self.metrics.wearers.set(len(self.pool))
         if wearers:
             log.info("rebuilt %d wearers' streams (%d stored events) from %s in %.1f s", len(wearers), n_events,
@@ -343,9 +384,16 @@ class Service:
             log.warning("the database holds %d wearers, --max-wearers is %d: new wearers are refused",
                         len(wearers), self.max_wearers)
 
+    def _settle_replayed(self) -> None:
+        _, needed = self.pool.take_replayed()
+        if needed:
+            with single_thread():
+                stage_pending(self.pool.model, self.pool.scaler, int(self.pool.checkpoint["target_pos"]), needed,
+                              self.pool.batch_size)  # the immediate stages were stored before
+
     def _apply(self, wearer_id: str, kind: str, rows: np.ndarray) -> None:
-        if kind == "flush":
-            self.pool.flush(float(rows[0, 0]), [wearer_id])
+        if kind in ("flush", "end_night"):  # a clock tick; end_night: a flush that also revises what waits
+            self.pool.flush(float(rows[0, 0]), [wearer_id], revise=kind == "end_night")
         else:
             self.pool.push(wearer_id, kind, rows[:, 0], *rows[:, 1:].T)
 
@@ -385,8 +433,8 @@ class Service:
         self.store.close()
 
     async def submit(self, works: list[Work]) -> list[dict]:
-        """Ingest works now (in arrival order), then wait for the batcher: {"epochs", "stats"} per work,
-        once its readings and epochs are stored."""
+        """Ingest works now (in arrival order), then wait for the batcher: {"epochs", "revised", "stats"} per
+        work, once its readings, epochs and revisions are stored."""
         if self.failed is not None:
             raise HTTPException(503, f"the service stopped accepting readings after a storage failure "
                                      f"({self.failed}); restart it: it rebuilds from the database")
@@ -416,9 +464,9 @@ class Service:
             self._events.append(Event(wearer, seq, kind, rows))
             seq += 1
         if work.flush_s is not None:
-            rows = np.array([[work.flush_s]])
-            self._apply(wearer, "flush", rows)
-            self._events.append(Event(wearer, seq, "flush", rows))
+            rows, kind = np.array([[work.flush_s]]), "end_night" if work.revise else "flush"
+            self._apply(wearer, kind, rows)
+            self._events.append(Event(wearer, seq, kind, rows))
             seq += 1
         self.next_seq[wearer] = seq
         if stager.stats["new_nights"] > before_stats["new_nights"] or wearer not in self.night_seq:
@@ -446,7 +494,7 @@ class Service:
             try:
                 owners, pending = self.pool.take_pending()
                 wearer_rows = [WearerRow(w, self.night_seq[w], self.next_seq[w]) for w in touched]
-                await self._stage_and_store(jobs, events, owners, pending, wearer_rows)
+                await self._stage_and_store(jobs, events, owners, pending, wearer_rows, touched)
                 self.metrics.batch_seconds.observe(time.perf_counter() - t0)
             except Exception as error:
                 self._fail(error, jobs)
@@ -465,36 +513,51 @@ class Service:
             self.on_failure()
 
     async def _stage_and_store(self, jobs: list[Job], events: list[Event], owners: list, pending: list,
-                               wearer_rows: list[WearerRow]) -> None:
+                               wearer_rows: list[WearerRow], touched: set[str]) -> None:
         pool = self.pool
         # a small batch runs on one torch thread (idle intra-op threads would spin on the cores the web
         # server needs); a large one is split across threads (evaluation.in_parallel)
         with single_thread() if len(pending) < 2 * pool.batch_size else contextlib.nullcontext():
             staged = stage_pending(pool.model, pool.scaler, int(pool.checkpoint["target_pos"]), pending,
                                    pool.batch_size) if pending else []
+        # revisions come from this call's windows or a night's end in this batch: only touched wearers have any
+        revised = pool.take_revised(touched) if self.lookahead else {}
         by_wearer: dict[str, list[StagedEpoch]] = {}
         for wearer, epoch in zip(owners, staged):
             by_wearer.setdefault(wearer, []).append(epoch)
-        epoch_rows = [EpochRow(w, e.epoch_start_s, int(e.stage),
-                               None if e.stage < 0 else tuple(map(float, e.probabilities)))
-                      for w, epochs in by_wearer.items() for e in epochs]
-        self.store.commit(events, epoch_rows, wearer_rows)
+        unmatched = self.store.commit(events, epoch_rows(by_wearer), wearer_rows, epoch_rows(revised))
+        if unmatched:  # the stream gives one revision per epoch, of an epoch it staged: a bug if not
+            log.error("%d revision(s) of this batch found no stored epoch waiting for one", unmatched)
         # stored: now answer, publish and count
+        answers = [[] for _ in jobs]
         taken: dict[str, int] = {}
-        for job in jobs:
-            answers = []
+        closed_by: dict[tuple[str, float], dict] = {}  # (wearer, epoch start): the answer of the work that closed it
+        last_answer: dict[str, dict] = {}                 # wearer: the answer of its last work in this batch
+        for job, job_answers in zip(jobs, answers):
             for wearer, n, stats in job.results:
                 first = taken.get(wearer, 0)
                 epochs = by_wearer.get(wearer, [])[first:first + n]
                 taken[wearer] = first + n
                 stats["epochs_no_data"] = sum(e.stage < 0 for e in epochs)  # counted when staged
-                answers.append({"epochs": [epoch_json(e) for e in epochs], "stats": stats})
+                answer = {"epochs": [epoch_json(e) for e in epochs], "revised": [], "stats": stats}
+                job_answers.append(answer)
+                last_answer[wearer] = answer
+                if self.lookahead:
+                    closed_by.update(((wearer, e.epoch_start_s), answer) for e in epochs)
+        ahead_s = self.lookahead * features.EPOCH_S
+        for wearer, epochs in revised.items():
+            for e in epochs:
+                # with the work that closed the epoch whose window revised it, else (a night's end) the wearer's last
+                answer = closed_by.get((wearer, e.epoch_start_s + ahead_s)) or last_answer.get(wearer)
+                if answer is not None:
+                    answer["revised"].append(epoch_json(e))
+        for job, job_answers in zip(jobs, answers):
             if not job.future.done():
-                job.future.set_result(answers)
-        self._count(jobs, staged)
-        self._publish(by_wearer)
+                job.future.set_result(job_answers)
+        self._count(jobs, staged, revised)
+        self._publish(by_wearer, revised)
 
-    def _count(self, jobs: list[Job], staged: list[StagedEpoch]) -> None:
+    def _count(self, jobs: list[Job], staged: list[StagedEpoch], revised: dict[str, list[StagedEpoch]]) -> None:
         metrics = self.metrics
         metrics.wearers.set(len(self.pool))
         totals = new_stats()
@@ -511,13 +574,23 @@ class Service:
             stages, counts = np.unique([e.stage for e in staged], return_counts=True)
             for stage, count in zip(stages, counts):
                 metrics.epochs.labels(STAGE_NAMES[int(stage)]).inc(int(count))
+        for epochs in revised.values():
+            for e in epochs:
+                metrics.revised.labels(STAGE_NAMES[int(e.stage)]).inc()
 
-    def _publish(self, by_wearer: dict[str, list[StagedEpoch]]) -> None:
-        for wearer, epochs in by_wearer.items():
-            for queue in list(self.subscribers.get(wearer, ())):
-                for epoch in epochs:
+    def _publish(self, by_wearer: dict[str, list[StagedEpoch]], revised: dict[str, list[StagedEpoch]]) -> None:
+        """Each live feed gets its wearer's new epochs, one message each, then {"revised": [...]}."""
+        for wearer in by_wearer.keys() | revised.keys():
+            queues = self.subscribers.get(wearer)
+            if not queues:
+                continue
+            messages = [epoch_json(e) for e in by_wearer.get(wearer, ())]
+            if wearer in revised:
+                messages.append({"revised": [epoch_json(e) for e in revised[wearer]]})
+            for queue in list(queues):
+                for message in messages:
                     try:
-                        queue.put_nowait(epoch_json(epoch))
+                        queue.put_nowait(message)
                     except asyncio.QueueFull:  # a client that stopped reading: end its feed
                         self.unsubscribe(wearer, queue)
                         end_feed(queue)
@@ -541,17 +614,20 @@ class Service:
 
     def summary(self, wearer_id: str) -> dict:
         """Sleep metrics of the wearer's current (or last) night, its epochs since the last gap, by the
-        reports' rule (sleep_metrics.night_metrics: no-data epochs left out, their minutes in no_data_min)."""
+        reports' rule (sleep_metrics.night_metrics: no-data epochs left out, their minutes in no_data_min),
+        on the latest stages: each epoch's revision once it came, else its immediate stage."""
         epochs = self.store.epochs(wearer_id)
         if not epochs:
-            return {"wearer_id": wearer_id, "night_start": None, "epochs": 0, "metrics": None}
+            return {"wearer_id": wearer_id, "night_start": None, "epochs": 0, "revised_epochs": 0, "metrics": None}
         starts = np.array([e.epoch_start for e in epochs])
         breaks = np.flatnonzero(np.diff(starts) > features.EPOCH_S + 1e-6)
         first = int(breaks[-1]) + 1 if breaks.size else 0
-        stages = np.array([e.stage for e in epochs[first:]])
+        night = epochs[first:]
+        stages = np.array([e.stage if e.revised_stage is None else e.revised_stage for e in night])
         metrics = {k: (None if not math.isfinite(v) else float(v)) for k, v in night_metrics(stages).items()}
         return {"wearer_id": wearer_id, "night_start": float(starts[first]),
-                "night_end": float(starts[-1] + features.EPOCH_S), "epochs": len(stages), "metrics": metrics}
+                "night_end": float(starts[-1] + features.EPOCH_S), "epochs": len(stages),
+                "revised_epochs": sum(e.revised_stage is not None for e in night), "metrics": metrics}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -669,8 +745,8 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
     async def flush(request: Request):
         require_token(request)
         wearer_id = check_wearer_id(request.path_params["wearer_id"])
-        now = parse_flush(await read_json(request, service.max_body_bytes))
-        (answer,) = await service.submit([Work(wearer_id, [], now)])
+        now, revise = parse_flush(await read_json(request, service.max_body_bytes))
+        (answer,) = await service.submit([Work(wearer_id, [], now, revise)])
         return json_response(answer)
 
     for path, endpoint in (("/v1/wearers/{wearer_id}/readings", push), ("/v1/readings", push_many),
@@ -684,7 +760,8 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
         counts = service.store.epoch_counts()
         return json_response({"wearers": [{"wearer_id": w, "epochs": counts.get(w, (0, None))[0],
                                            "last_epoch_start": counts.get(w, (0, None))[1]}
-                                          for w in sorted(set(service.pool.stagers) | set(counts))]})
+                                          for w in sorted(set(service.pool.stagers) | set(counts))],
+                              "lookahead": service.lookahead})
 
     def require_wearer(wearer_id: str) -> None:
         check_wearer_id(wearer_id)
@@ -696,7 +773,7 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
         require_token(request)
         since_s = -math.inf if since is None else parse_time(_number_or_text(since), "since")
         require_wearer(wearer_id)
-        return json_response({"epochs": [epoch_json(e) for e in service.store.epochs(wearer_id, since_s)]})
+        return json_response({"epochs": [stored_json(e) for e in service.store.epochs(wearer_id, since_s)]})
 
     @app.get("/v1/wearers/{wearer_id}/summary")
     def summary(wearer_id: str, request: Request):
@@ -741,19 +818,26 @@ def create_app(service: Service, token: str | None = None, allowed_hosts: list[s
 
         watcher = asyncio.create_task(watch_for_close())
         try:
-            last = -math.inf
+            last, sent_revised = -math.inf, set()
             if since_s is not None:  # the backlog first; subscribed already, so nothing falls in between
-                for row in await asyncio.to_thread(service.store.epochs, wearer_id, since_s):
-                    await websocket.send_text(orjson.dumps(epoch_json(row)).decode())
-                    last = row.epoch_start
+                rows = await asyncio.to_thread(service.store.epochs, wearer_id, since_s)
+                for message in live_backlog(rows):
+                    await websocket.send_text(orjson.dumps(message).decode())
+                last = rows[-1].epoch_start if rows else last
+                sent_revised = {r.epoch_start for r in rows if r.revised_stage is not None}
             while True:
-                epoch = await queue.get()
-                if epoch is None:  # gone, too slow a reader, or the server stopping
+                message = await queue.get()
+                if message is None:  # gone, too slow a reader, or the server stopping
                     if not watcher.done():
                         await websocket.close(code=1013, reason="try again later, with ?since=")
                     return
-                if epoch["epoch_start"] > last:
-                    await websocket.send_text(orjson.dumps(epoch).decode())
+                if "revised" in message:  # the backlog may have had some; before since_s was not asked for
+                    revised = [e for e in message["revised"] if e["epoch_start"] not in sent_revised
+                               and (since_s is None or e["epoch_start"] >= since_s)]
+                    if revised:
+                        await websocket.send_text(orjson.dumps({"revised": revised}).decode())
+                elif message["epoch_start"] > last:
+                    await websocket.send_text(orjson.dumps(message).decode())
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:

@@ -1,17 +1,23 @@
-"""The service's database (SQLite, WAL): every accepted push and flush, every staged epoch.
+"""The service's database (SQLite, WAL): every accepted push and flush, every staged epoch and its revision.
 
 Tables:
 - events(wearer_id, seq, kind, received_s, data): each wearer's pushes in the order the stream
   processed them, one row per run of one signal (kind heart_rate, counts, motion, steps; data:
-  float64 rows [t, value...] little-endian) or per flush (kind flush; data: [now]). Replaying a
-  wearer's events through a fresh stream rebuilds its state exactly (the stream is deterministic).
+  float64 rows [t, value...] little-endian) or per flush (kind flush: a clock tick, or end_night: a
+  flush that also revises what waits; data: [now]). Replaying a wearer's events through a fresh
+  stream rebuilds its state exactly (the stream is deterministic).
 - wearers(wearer_id, night_seq, next_seq): night_seq is the first event of the wearer's current
   night, so a restart replays only that night.
-- epochs(wearer_id, epoch_start, stage, p_wake, p_light, p_deep, p_rem): every staged epoch, once
-  (the primary key refuses a second copy); stage -1 and NULL probabilities for "no data".
+- epochs(wearer_id, epoch_start, stage, p_wake, p_light, p_deep, p_rem, revised_stage, r_wake,
+  r_light, r_deep, r_rem): every staged epoch, once (the primary key refuses a second copy); stage -1
+  and NULL probabilities for "no data". The revised stage (a model with a lookahead) is written into
+  the epoch's row once it comes: NULL until then.
 
 One writer (the service's batcher, `commit`: one transaction per batch, before any response);
 readers open their own connection per thread (WAL: they never block the writer).
+
+Schema versions (PRAGMA user_version): 0, the tables without the revision columns (serve.py before
+the revised stage), is migrated in place on open; a version newer than SCHEMA_VERSION is refused.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import numpy as np
 
 from realtime import N_VALUES
 
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     wearer_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, received_s REAL NOT NULL,
@@ -33,8 +40,15 @@ CREATE TABLE IF NOT EXISTS wearers (
     wearer_id TEXT PRIMARY KEY, night_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS epochs (
     wearer_id TEXT NOT NULL, epoch_start REAL NOT NULL, stage INTEGER NOT NULL,
-    p_wake REAL, p_light REAL, p_deep REAL, p_rem REAL, PRIMARY KEY (wearer_id, epoch_start)) WITHOUT ROWID;
+    p_wake REAL, p_light REAL, p_deep REAL, p_rem REAL,
+    revised_stage INTEGER, r_wake REAL, r_light REAL, r_deep REAL, r_rem REAL,
+    PRIMARY KEY (wearer_id, epoch_start)) WITHOUT ROWID;
 """
+REVISION_COLUMNS = {"revised_stage": "INTEGER", "r_wake": "REAL", "r_light": "REAL", "r_deep": "REAL", "r_rem": "REAL"}
+COLUMNS = {"events": ("wearer_id", "seq", "kind", "received_s", "data"),
+           "wearers": ("wearer_id", "night_seq", "next_seq"),
+           "epochs": ("wearer_id", "epoch_start", "stage", "p_wake", "p_light", "p_deep", "p_rem", *REVISION_COLUMNS)}
+FLUSH_KINDS = ("flush", "end_night")  # events holding [now] only
 
 
 class Event(NamedTuple):
@@ -46,10 +60,21 @@ class Event(NamedTuple):
 
 
 class EpochRow(NamedTuple):
+    """An epoch's stage as the batcher writes it: the immediate stage, or (commit's revised) its revision."""
     wearer_id: str
     epoch_start: float
     stage: int
     probabilities: tuple[float, float, float, float] | None
+
+
+class StoredEpoch(NamedTuple):
+    """A stored epoch: its immediate stage, and its revised stage once given (None until then)."""
+    wearer_id: str
+    epoch_start: float
+    stage: int
+    probabilities: tuple[float, float, float, float] | None
+    revised_stage: int | None = None
+    revised_probabilities: tuple[float, float, float, float] | None = None
 
 
 class WearerRow(NamedTuple):
@@ -67,7 +92,7 @@ class ServiceStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # the writer is used by one thread at a time (the batcher's), not always the same one
         self._writer = self._connect(check_same_thread=False)
-        self._writer.executescript(SCHEMA)
+        self._migrate()
         # the writer never checkpoints (copying the WAL into the database file would stall the commit
         # that happens to trigger it); checkpoint() does it from another connection, off the event loop
         self._writer.execute("PRAGMA wal_autocheckpoint=0")
@@ -85,6 +110,35 @@ class ServiceStore:
         connection.execute("PRAGMA busy_timeout=10000")
         return connection
 
+    def _migrate(self) -> None:
+        """Create the tables, or bring a database of an earlier serve.py to SCHEMA_VERSION (one transaction);
+        a newer version, or tables that are not this service's, are refused with a ValueError."""
+        db = self._writer
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"the database {self.path} has schema version {version}, newer than this serve.py "
+                             f"knows ({SCHEMA_VERSION}): run the serve.py that wrote it, or use another --db")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, SCHEMA.split(";")):  # not executescript: it would COMMIT first
+                db.execute(statement)
+            found = {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in COLUMNS}
+            if version < 1:  # version 0: epochs without the revision (added as NULL: no epoch revised yet)
+                for name, kind in REVISION_COLUMNS.items():
+                    if name not in found["epochs"]:
+                        db.execute(f"ALTER TABLE epochs ADD COLUMN {name} {kind}")
+                        found["epochs"].append(name)
+            for table, columns in COLUMNS.items():
+                missing = [c for c in columns if c not in found[table]]
+                if missing:
+                    raise ValueError(f"the database {self.path} is not a serve.py database: its table {table} "
+                                     f"lacks {', '.join(missing)}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def _reader(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None:
@@ -96,8 +150,12 @@ class ServiceStore:
 
     # ------------------------------------------------------------------ writing (the batcher only)
 
-    def commit(self, events: Iterable[Event], epochs: Iterable[EpochRow], wearers: Iterable[WearerRow]) -> None:
-        """Store one batch in one transaction: all of it or (after a crash) none of it."""
+    def commit(self, events: Iterable[Event], epochs: Iterable[EpochRow], wearers: Iterable[WearerRow],
+               revised: Iterable[EpochRow] = ()) -> int:
+        """Store one batch in one transaction: all of it or (after a crash) none of it. revised: revisions
+        of epochs stored before or in this batch, each written once (an epoch already revised keeps its
+        first). Returns how many revisions found no epoch still waiting for one (0 unless the caller
+        sends an epoch's revision twice or one of an epoch never stored)."""
         received = time.time()
         db = self._writer
         db.execute("BEGIN")
@@ -105,15 +163,21 @@ class ServiceStore:
             db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
                            [(e.wearer_id, e.seq, e.kind, received,
                              np.ascontiguousarray(e.rows, dtype="<f8").tobytes()) for e in events])
-            db.executemany("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.executemany("INSERT INTO epochs (wearer_id, epoch_start, stage, p_wake, p_light, p_deep, p_rem) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(e.wearer_id, e.epoch_start, e.stage, *(e.probabilities or (None,) * 4))
                             for e in epochs])
+            revised = [(e.stage, *(e.probabilities or (None,) * 4), e.wearer_id, e.epoch_start) for e in revised]
+            updated = db.executemany(
+                "UPDATE epochs SET revised_stage = ?, r_wake = ?, r_light = ?, r_deep = ?, r_rem = ? "
+                "WHERE wearer_id = ? AND epoch_start = ? AND revised_stage IS NULL", revised).rowcount
             db.executemany("INSERT INTO wearers VALUES (?, ?, ?) ON CONFLICT(wearer_id) DO UPDATE SET "
                            "night_seq = excluded.night_seq, next_seq = excluded.next_seq", list(wearers))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return len(revised) - max(updated, 0)
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the database file without blocking the writer (PASSIVE)."""
@@ -130,18 +194,24 @@ class ServiceStore:
         for seq, kind, data in self._reader().execute(
                 "SELECT seq, kind, data FROM events WHERE wearer_id = ? AND seq >= ? ORDER BY seq",
                 (wearer_id, from_seq)):
-            width = 1 if kind == "flush" else 1 + N_VALUES[kind]  # t, then the signal's values
+            width = 1 if kind in FLUSH_KINDS else 1 + N_VALUES[kind]  # t, then the signal's values
             yield Event(wearer_id, seq, kind, np.frombuffer(data, dtype="<f8").reshape(-1, width))
 
-    def epochs(self, wearer_id: str, since_s: float = -np.inf, until_s: float = np.inf) -> list[EpochRow]:
-        """The wearer's stored epochs starting at or after since_s (and before until_s), in time order."""
+    def epochs(self, wearer_id: str, since_s: float = -np.inf, until_s: float = np.inf) -> list[StoredEpoch]:
+        """The wearer's stored epochs starting at or after since_s (and before until_s), in time order,
+        each with its revision where one was stored."""
         rows = self._reader().execute(
-            "SELECT epoch_start, stage, p_wake, p_light, p_deep, p_rem FROM epochs "
-            "WHERE wearer_id = ? AND epoch_start >= ? AND epoch_start < ? ORDER BY epoch_start",
+            "SELECT epoch_start, stage, p_wake, p_light, p_deep, p_rem, revised_stage, r_wake, r_light, r_deep, "
+            "r_rem FROM epochs WHERE wearer_id = ? AND epoch_start >= ? AND epoch_start < ? ORDER BY epoch_start",
             (wearer_id, max(since_s, -1e300), min(until_s, 1e300)))
-        return [EpochRow(wearer_id, start, stage, None if p[0] is None else tuple(p)) for start, stage, *p in rows]
+        return [StoredEpoch(wearer_id, row[0], row[1], _probabilities(row[2:6]), row[6], _probabilities(row[7:11]))
+                for row in rows]
 
     def epoch_counts(self) -> dict[str, tuple[int, float]]:
         """Per wearer: (stored epochs, start of the last one)."""
         return {w: (n, last) for w, n, last in self._reader().execute(
             "SELECT wearer_id, COUNT(*), MAX(epoch_start) FROM epochs GROUP BY wearer_id")}
+
+
+def _probabilities(values: tuple) -> tuple[float, float, float, float] | None:
+    return None if values[0] is None else tuple(values)

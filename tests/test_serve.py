@@ -1,5 +1,6 @@
 """serve.py: the API contract and its errors, equality with `--realtime`, restart after a crash (a real
-server process killed with SIGKILL), the WebSocket feed and the token."""
+server process killed with SIGKILL), the WebSocket feed and the token, the revised stage of a model with
+a lookahead (a tiny one trained here: the shipped causal checkpoints have none yet), database migration."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ import data_loader as dl
 import evaluation
 import realtime
 import serve
+import serve_store
 import sleep_metrics as sm
+import training
 from loadtest import free_port
 from checkpoint import load_model_from_checkpoint
 
@@ -36,6 +39,7 @@ CHECKPOINT = serve.DEFAULT_CHECKPOINT
 BASE_S = 1_767_225_600.0  # 2026-01-01T00:00Z, a multiple of 30 s
 SUBJECT = "46343"
 API_NAMES = {"heart_rate": "heart_rate", "counts": "counts", "motion": "acceleration", "steps": "steps"}
+LOOKAHEAD = 10  # epochs (5 min): the tiny model's revision
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -60,19 +64,51 @@ def night_pushes(small_data_dir):
     return pushes, BASE_S + start, BASE_S + end, night
 
 
-def make_service(db: Path, **kwargs) -> serve.Service:
-    return serve.Service(CHECKPOINT, db, **kwargs)
+@pytest.fixture(scope="module")
+def lookahead_ckpt(small_data_dir, tmp_path_factory):
+    """A tiny causal hybrid with a lookahead, trained for one pass over the small data (seconds)."""
+    out = tmp_path_factory.mktemp("lookahead")
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
+            "--stride", "10", "--causal"]
+    config = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2, "lookahead": LOOKAHEAD}
+    with evaluation.single_thread():
+        assert training.run("hybrid", config, training.TrainConfig(), argv) == 0
+    return out / "model.pth"
 
 
-def run_night(client, wearer: str, pushes, start: float, end: float) -> list[dict]:
-    """Open the night at its first epoch, push everything, close it at its end: every epoch answered."""
-    epochs = client.post(f"/v1/wearers/{wearer}/flush", json={"now": start}).json()["epochs"]
+def make_service(db: Path, checkpoint: Path = CHECKPOINT, **kwargs) -> serve.Service:
+    return serve.Service(checkpoint, db, **kwargs)
+
+
+def night_answers(client, wearer: str, pushes, start: float, end: float) -> list[dict]:
+    """Open the night at its first epoch (a clock tick), push everything, end it at its end (a flush that
+    revises what waits): every answer, in order."""
+    answers = [client.post(f"/v1/wearers/{wearer}/flush", json={"now": start}).json()]
     for body in pushes:
         response = client.post(f"/v1/wearers/{wearer}/readings", json=body)
         assert response.status_code == 200, response.text
-        epochs += response.json()["epochs"]
-    epochs += client.post(f"/v1/wearers/{wearer}/flush", json={"now": end}).json()["epochs"]
-    return epochs
+        answers.append(response.json())
+    answers.append(client.post(f"/v1/wearers/{wearer}/flush", json={"now": end, "revise": True}).json())
+    return answers
+
+
+def run_night(client, wearer: str, pushes, start: float, end: float) -> list[dict]:
+    """night_answers' epochs: every epoch answered."""
+    return [e for answer in night_answers(client, wearer, pushes, start, end) for e in answer["epochs"]]
+
+
+def answered(stored: list[dict]) -> list[dict]:
+    """GET .../epochs items as a push answered them: the immediate stage."""
+    return [{"epoch_start": e["epoch_start"], "stage": e["immediate_stage"],
+             "stage_name": serve.STAGE_NAMES[e["immediate_stage"]], "probabilities": e["immediate_probabilities"]}
+            for e in stored]
+
+
+def latest(answers: list[dict]) -> list[dict]:
+    """Each epoch's latest stage from a run's answers: its revision where one was answered."""
+    out = {e["epoch_start"]: e for a in answers for e in a["epochs"]}
+    out.update({e["epoch_start"]: e for a in answers for e in a["revised"]})
+    return [out[t] for t in sorted(out)]
 
 
 def assert_same_epochs(a: list[dict], b: list[dict]) -> None:
@@ -87,10 +123,11 @@ def assert_same_epochs(a: list[dict], b: list[dict]) -> None:
 class ServerProcess:
     """python serve.py in its own process, as a user runs it."""
 
-    def __init__(self, db: Path, token: str | None = None):
+    def __init__(self, db: Path, token: str | None = None, checkpoint: Path = CHECKPOINT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, str(ROOT / "serve.py"), "--port", str(self.port), "--db", str(db)]
+        command = [sys.executable, str(ROOT / "serve.py"), "--port", str(self.port), "--db", str(db),
+                   "--checkpoint", str(checkpoint)]
         env = {k: v for k, v in os.environ.items() if k != serve.TOKEN_ENV}
         if token:
             command += ["--token", token]
@@ -127,6 +164,18 @@ def uninterrupted(night_pushes, tmp_path_factory):
         return run_night(client, "w1", pushes, start, end)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_revised(night_pushes, lookahead_ckpt, tmp_path_factory):
+    """The night through one in-process service with the lookahead model: its answers, then what GET
+    .../epochs, the summary and /metrics give at the end."""
+    pushes, start, end, _ = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path_factory.mktemp("db") / "r.db", lookahead_ckpt))) as client:
+        answers = night_answers(client, "w1", pushes, start, end)
+        return {"answers": answers, "stored": client.get("/v1/wearers/w1/epochs").json()["epochs"],
+                "summary": client.get("/v1/wearers/w1/summary").json(), "metrics": client.get("/metrics").text,
+                "wearers": client.get("/v1/wearers").json()}
+
+
 # ----------------------------------------------------------------------------- the contract
 
 def test_replaying_a_night_through_the_api_gives_the_realtime_stages(night_pushes, uninterrupted, small_data_dir):
@@ -149,14 +198,15 @@ def test_push_answers_and_stores(tmp_path, night_pushes, uninterrupted):
         epochs = run_night(client, "w1", pushes[:5], start, start + 600)
         assert [e["epoch_start"] for e in epochs] == [start + 30 * k for k in range(20)]
         stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
-        assert stored == epochs
-        assert client.get("/v1/wearers/w1/epochs", params={"since": start + 300}).json()["epochs"] == epochs[10:]
+        assert answered(stored) == epochs and not any(e["revised"] for e in stored)  # no lookahead: no revision
+        assert [{k: e[k] for k in epochs[0]} for e in stored] == epochs  # the latest stage is the immediate one
+        assert answered(client.get("/v1/wearers/w1/epochs", params={"since": start + 300}).json()["epochs"]) == epochs[10:]
         iso = datetime.fromtimestamp(start + 300, timezone.utc).isoformat()
-        assert client.get("/v1/wearers/w1/epochs", params={"since": iso}).json()["epochs"] == epochs[10:]
-        assert client.get("/v1/wearers").json()["wearers"] == [
-            {"wearer_id": "w1", "epochs": 20, "last_epoch_start": start + 570}]
+        assert answered(client.get("/v1/wearers/w1/epochs", params={"since": iso}).json()["epochs"]) == epochs[10:]
+        assert client.get("/v1/wearers").json() == {
+            "wearers": [{"wearer_id": "w1", "epochs": 20, "last_epoch_start": start + 570}], "lookahead": 0}
         summary = client.get("/v1/wearers/w1/summary").json()
-        assert summary["epochs"] == 20 and summary["night_start"] == start
+        assert summary["epochs"] == 20 and summary["night_start"] == start and summary["revised_epochs"] == 0
         assert summary["metrics"]["time_in_bed_min"] == 10.0
         sleep_min = sum(e["stage"] >= 1 for e in epochs) / 2
         assert summary["metrics"]["total_sleep_time_min"] == sleep_min
@@ -384,6 +434,8 @@ def test_other_bad_requests(tmp_path):
         assert client.post("/v1/wearers/w/flush", json={}).status_code == 422
         response = client.post("/v1/wearers/w/flush", json={"now": 1.0e9, "then": 1})
         assert response.status_code == 422 and "then" in response.json()["detail"]
+        response = client.post("/v1/wearers/w/flush", json={"now": 1.0e9, "revise": "yes"})
+        assert response.status_code == 422 and "revise: expected true or false" in response.json()["detail"]
         response = client.get("/v1/wearers/w/epochs", params={"since": "soon"})
         assert response.status_code == 422 and "since" in response.json()["detail"]
         # a form post (what another web site's page can send without asking) is refused
@@ -475,6 +527,202 @@ def test_grouping_a_push_by_epoch_gives_the_time_ordered_result(small_data_dir):
     np.testing.assert_array_equal(rows_a, rows_b)
 
 
+# ----------------------------------------------------------------------------- the revised stage (a model with a lookahead)
+
+def test_revisions_are_answered_stored_and_equal_the_realtime_replay(night_pushes, lookahead_ckpt,
+                                                                     uninterrupted_revised, small_data_dir):
+    """Each epoch's revision comes once, with the push that closed epoch t + lookahead (the same model
+    call), the last ones with the flush that ends the night; they are `--realtime`'s pred_revised. The
+    immediate stages stay as they are. GET .../epochs gives the latest stage and says it is revised,
+    the summary counts on the latest stages."""
+    pushes, start, end, night = night_pushes
+    model, scaler, ckpt = load_model_from_checkpoint(lookahead_ckpt)
+    assert realtime.lookahead_of(model) == LOOKAHEAD
+    expected = realtime.replay_nights(model, scaler, ckpt, small_data_dir, [night])
+    answers = uninterrupted_revised["answers"]
+    epochs = [e for a in answers for e in a["epochs"]]
+    revised = [e for a in answers for e in a["revised"]]
+    starts = list(BASE_S + night.epoch_start_s)
+    assert [e["epoch_start"] for e in epochs] == [e["epoch_start"] for e in revised] == starts  # each once, in order
+    assert [e["stage"] for e in epochs] == expected["pred"].tolist()
+    assert [e["stage"] for e in revised] == expected["pred_revised"].tolist()
+    np.testing.assert_allclose(np.array([e["probabilities"] for e in revised], dtype=float),
+                               expected[realtime.REVISED_COLUMNS[1:]].to_numpy(), atol=1e-5)
+    assert all(e["stage_name"] == serve.STAGE_NAMES[e["stage"]] for e in revised)
+    assert [e["stage"] for e in epochs] != [e["stage"] for e in revised]  # another output, not a copy
+    for i, answer in enumerate(answers):
+        closed = {e["epoch_start"] for e in answer["epochs"]}
+        for e in answer["revised"]:
+            assert e["epoch_start"] + 30 * LOOKAHEAD in closed or (
+                i == len(answers) - 1 and e["epoch_start"] >= end - 30 * LOOKAHEAD), (i, e["epoch_start"])
+    assert len(answers[-1]["revised"]) == LOOKAHEAD + len(answers[-1]["epochs"])  # the last window's, then the end's
+    stored = uninterrupted_revised["stored"]
+    assert all(e["revised"] for e in stored) and answered(stored) == epochs
+    assert [{k: e[k] for k in revised[0]} for e in stored] == revised
+    summary = uninterrupted_revised["summary"]
+    assert summary["epochs"] == summary["revised_epochs"] == len(starts)
+    on_revised = sm.night_metrics(np.array([e["stage"] for e in revised]))
+    assert summary["metrics"] == {k: None if math.isnan(v) else pytest.approx(v) for k, v in on_revised.items()}
+    assert uninterrupted_revised["wearers"]["lookahead"] == LOOKAHEAD
+    counted = uninterrupted_revised["metrics"]
+    for name in dl.STAGE_NAMES:
+        n = sum(e["stage_name"] == name for e in revised)
+        assert f'sleep_staging_epochs_revised_total{{stage="{name}"}} {float(n)}' in counted
+
+
+def test_a_clock_tick_leaves_the_revisions_waiting_and_the_nights_end_gives_them(tmp_path, night_pushes,
+                                                                                  lookahead_ckpt):
+    """flush {"now"} is a clock tick: the last `lookahead` epochs stay provisional (GET says so, the summary
+    counts their immediate stage); {"now", "revise": true} revises them from the latest window, once."""
+    pushes, start, _, _ = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db", lookahead_ckpt))) as client:
+        client.post("/v1/wearers/w/flush", json={"now": start})
+        answers = [client.post("/v1/wearers/w/readings", json=body).json() for body in pushes[:6]]
+        epochs = [e for a in answers for e in a["epochs"]]
+        clock = max(r[0] for rows in pushes[5].values() for r in rows)
+        tick = client.post("/v1/wearers/w/flush", json={"now": clock}).json()
+        epochs += tick["epochs"]
+        assert tick["revised"] == [] and len(epochs) > LOOKAHEAD + 5
+        assert len([e for a in answers for e in a["revised"]]) == len(epochs) - LOOKAHEAD - len(tick["epochs"])
+        stored = client.get("/v1/wearers/w/epochs").json()["epochs"]
+        assert [e["revised"] for e in stored] == [True] * (len(epochs) - LOOKAHEAD) + [False] * LOOKAHEAD
+        assert [e["stage"] for e in stored[-LOOKAHEAD:]] == [e["stage"] for e in epochs[-LOOKAHEAD:]]
+        assert client.get("/v1/wearers/w/summary").json()["revised_epochs"] == len(epochs) - LOOKAHEAD
+        end = client.post("/v1/wearers/w/flush", json={"now": clock, "revise": True}).json()
+        assert end["epochs"] == [] and [e["epoch_start"] for e in end["revised"]] == \
+            [e["epoch_start"] for e in epochs[-LOOKAHEAD:]]
+        np.testing.assert_allclose(end["revised"][-1]["probabilities"], epochs[-1]["probabilities"], atol=1e-6)  # lag 0
+        assert client.post("/v1/wearers/w/flush", json={"now": clock, "revise": True}).json()["revised"] == []
+        stored = client.get("/v1/wearers/w/epochs").json()["epochs"]
+        assert all(e["revised"] for e in stored) and stored[-1]["immediate_stage"] == epochs[-1]["stage"]
+        # the night goes on: later epochs are revised as usual, the ones revised already are not again
+        later = [client.post("/v1/wearers/w/readings", json=body).json() for body in pushes[6:9]]
+        revised_later = [e["epoch_start"] for a in later for e in a["revised"]]
+        assert revised_later and min(revised_later) > epochs[-1]["epoch_start"]
+
+
+def test_the_live_feed_sends_revisions_beside_the_epochs(tmp_path, night_pushes, lookahead_ckpt):
+    """The backlog: the stored immediate epochs, then one {"revised": [...]} message; then each push's
+    epochs as before and its revisions in a {"revised": [...]} message of their own."""
+    pushes, start, _, _ = night_pushes
+    with TestClient(serve.create_app(make_service(tmp_path / "s.db", lookahead_ckpt))) as client:
+        client.post("/v1/wearers/w/flush", json={"now": start})
+        first = [client.post("/v1/wearers/w/readings", json=body).json() for body in pushes[:4]]
+        with client.websocket_connect(f"/v1/wearers/w/live?since={start}") as ws:
+            epochs = [e for a in first for e in a["epochs"]]
+            assert [ws.receive_json() for _ in epochs] == epochs
+            assert ws.receive_json() == {"revised": [e for a in first for e in a["revised"]]}
+            answer = client.post("/v1/wearers/w/readings", json=pushes[4]).json()
+            assert answer["epochs"] and answer["revised"]
+            assert [ws.receive_json() for _ in answer["epochs"]] == answer["epochs"]
+            assert ws.receive_json() == {"revised": answer["revised"]}
+            end = client.post("/v1/wearers/w/flush", json={"now": answer["epochs"][-1]["epoch_start"] + 30,
+                                                           "revise": True}).json()
+            assert len(end["revised"]) == LOOKAHEAD and ws.receive_json() == {"revised": end["revised"]}
+
+
+def test_restart_keeps_every_revision_once(tmp_path, night_pushes, lookahead_ckpt):
+    """In process, a restart between pushes for three wearers: one whose last epochs wait for their
+    revision (revised by the next pushes), one whose night ends right after the restart (revised from
+    the latest window, run again on start), one whose night was ended before the restart (nothing
+    revised twice). The answers and the database equal a run without the restart."""
+    pushes, start, _, _ = night_pushes
+    half = len(pushes) // 2
+    clock = max(r[0] for rows in pushes[half - 1].values() for r in rows)
+
+    def first_half(client):
+        for w in ("a", "b", "c"):
+            client.post(f"/v1/wearers/{w}/flush", json={"now": start})
+        out = [client.post("/v1/readings", json={w: body for w in ("a", "b", "c")}).json() for body in pushes[:half]]
+        out.append({"c": client.post("/v1/wearers/c/flush", json={"now": clock, "revise": True}).json()})
+        return out
+
+    def second_half(client):
+        out = [{"b": client.post("/v1/wearers/b/flush", json={"now": clock, "revise": True}).json()}]
+        out += [client.post("/v1/readings", json={"a": body, "c": body}).json() for body in pushes[half:half + 6]]
+        return out
+
+    runs = {}
+    for restart in (False, True):
+        db = tmp_path / f"{restart}.db"
+        with TestClient(serve.create_app(make_service(db, lookahead_ckpt))) as client:
+            answers = first_half(client)
+            if not restart:
+                answers += second_half(client)
+        if restart:
+            with TestClient(serve.create_app(make_service(db, lookahead_ckpt))) as client:
+                answers += second_half(client)
+        with TestClient(serve.create_app(make_service(db, lookahead_ckpt))) as client:
+            stored = {w: client.get(f"/v1/wearers/{w}/epochs").json()["epochs"] for w in "abc"}
+        runs[restart] = answers, stored
+    for w in "abc":
+        (plain, plain_stored), (restarted, restarted_stored) = (
+            ([a[w] for a in answers if w in a], stored[w]) for answers, stored in (runs[False], runs[True]))
+        for key in ("epochs", "revised"):
+            assert [len(a[key]) for a in restarted] == [len(a[key]) for a in plain], (w, key)
+            assert_same_epochs([e for a in restarted for e in a[key]], [e for a in plain for e in a[key]])
+        assert [e["revised"] for e in restarted_stored] == [e["revised"] for e in plain_stored]
+        assert_same_epochs(restarted_stored, plain_stored)
+        revised = [e["epoch_start"] for a in restarted for e in a["revised"]]
+        assert len(revised) == len(set(revised)), w
+    b_end = [a["b"] for a in runs[True][0] if "b" in a][-1]
+    assert len(b_end["revised"]) == LOOKAHEAD and b_end["epochs"] == []  # from the window run again on start
+
+
+OLD_SCHEMA = """
+CREATE TABLE events (wearer_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, received_s REAL NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (wearer_id, seq)) WITHOUT ROWID;
+CREATE TABLE wearers (wearer_id TEXT PRIMARY KEY, night_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE epochs (wearer_id TEXT NOT NULL, epoch_start REAL NOT NULL, stage INTEGER NOT NULL,
+    p_wake REAL, p_light REAL, p_deep REAL, p_rem REAL, PRIMARY KEY (wearer_id, epoch_start)) WITHOUT ROWID;
+"""  # serve_store.py before the revised stage (schema version 0)
+
+
+def test_a_database_of_the_previous_version_is_migrated_and_others_are_refused(tmp_path, night_pushes,
+                                                                                 uninterrupted):
+    """A database written by serve.py before the revised stage (no revision columns, user_version 0) gets
+    them on start, keeps every epoch, and its streams go on as before; a newer version or another
+    program's tables are refused with a message, the file left as it was."""
+    pushes, start, end, _ = night_pushes
+    half = len(pushes) // 2
+    new = tmp_path / "new.db"
+    with TestClient(serve.create_app(make_service(new))) as client:
+        epochs = client.post("/v1/wearers/w1/flush", json={"now": start}).json()["epochs"]
+        for body in pushes[:half]:
+            epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+    old = tmp_path / "old.db"  # the same content as the previous version stored it
+    with sqlite3.connect(old) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute("ATTACH DATABASE ? AS new", (str(new),))
+        db.execute("INSERT INTO events SELECT * FROM new.events")
+        db.execute("INSERT INTO wearers SELECT * FROM new.wearers")
+        db.execute("INSERT INTO epochs SELECT wearer_id, epoch_start, stage, p_wake, p_light, p_deep, p_rem "
+                   "FROM new.epochs")
+    with TestClient(serve.create_app(make_service(old))) as client:
+        assert answered(client.get("/v1/wearers/w1/epochs").json()["epochs"]) == epochs
+        for body in pushes[half:]:
+            epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+        epochs += client.post("/v1/wearers/w1/flush", json={"now": end}).json()["epochs"]
+    assert_same_epochs(epochs, uninterrupted)
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == serve_store.SCHEMA_VERSION == 1
+        assert [r[1] for r in db.execute("PRAGMA table_info(epochs)")] == list(serve_store.COLUMNS["epochs"])
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 2")
+    with pytest.raises(ValueError, match="schema version 2, newer than this serve.py knows"):
+        serve_store.ServiceStore(newer)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE epochs (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(ValueError, match="not a serve.py database: its table epochs lacks wearer_id"):
+        serve_store.ServiceStore(other)
+    with sqlite3.connect(other) as db:  # left as it was: the migration is one transaction
+        assert [r[1] for r in db.execute("PRAGMA table_info(epochs)")] == ["id", "name"]
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'events'").fetchall() == []
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
 # ----------------------------------------------------------------------------- nothing lost
 
 def test_restart_rebuilds_each_stream_from_the_database(tmp_path, night_pushes, uninterrupted):
@@ -500,7 +748,7 @@ def test_restart_rebuilds_each_stream_from_the_database(tmp_path, night_pushes, 
         for body in shifted[half:]:
             other += client.post("/v1/wearers/w2/readings", json=body).json()["epochs"]
         stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
-    assert epochs == stored
+    assert epochs == answered(stored)
     assert_same_epochs(epochs, uninterrupted)
     with TestClient(serve.create_app(make_service(tmp_path / "fresh.db"))) as client:
         expected = []
@@ -509,34 +757,54 @@ def test_restart_rebuilds_each_stream_from_the_database(tmp_path, night_pushes, 
     assert_same_epochs(other, expected)
 
 
-def test_sigkill_mid_night_loses_nothing(tmp_path, night_pushes, uninterrupted):
-    """A real server process killed with SIGKILL between pushes; the restarted one continues the night."""
+@pytest.mark.parametrize("model", ["shipped", "lookahead"])
+def test_sigkill_mid_night_loses_nothing(model, tmp_path, night_pushes, request):
+    """A real server process killed with SIGKILL between pushes; the restarted one continues the night.
+    With a lookahead, the epochs waiting for their revision at the kill (their windows rebuilt by the
+    replay) are revised once the later epochs come: every epoch revised once, as without the kill."""
     pushes, start, end, _ = night_pushes
+    if model == "shipped":
+        checkpoint, expected = CHECKPOINT, request.getfixturevalue("uninterrupted")
+        expected_revised = []
+    else:
+        checkpoint, reference = request.getfixturevalue("lookahead_ckpt"), request.getfixturevalue("uninterrupted_revised")
+        expected = [e for a in reference["answers"] for e in a["epochs"]]
+        expected_revised = [e for a in reference["answers"] for e in a["revised"]]
     db = tmp_path / "crash.db"
     kill_after = len(pushes) // 3
-    server = ServerProcess(db)
-    epochs = []
+    server = ServerProcess(db, checkpoint=checkpoint)
+    answers = []
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            epochs += client.post("/v1/wearers/w1/flush", json={"now": start}).json()["epochs"]
+            answers.append(client.post("/v1/wearers/w1/flush", json={"now": start}).json())
             for body in pushes[:kill_after]:
-                epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
+                answers.append(client.post("/v1/wearers/w1/readings", json=body).json())
     finally:
         server.stop(signal.SIGKILL)
     assert server.process.returncode == -signal.SIGKILL
-    server = ServerProcess(db)
+    before = len(answers)
+    server = ServerProcess(db, checkpoint=checkpoint)
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for body in pushes[kill_after:]:
-                epochs += client.post("/v1/wearers/w1/readings", json=body).json()["epochs"]
-            epochs += client.post("/v1/wearers/w1/flush", json={"now": end}).json()["epochs"]
+                answers.append(client.post("/v1/wearers/w1/readings", json=body).json())
+            answers.append(client.post("/v1/wearers/w1/flush", json={"now": end, "revise": True}).json())
             stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
     finally:
         server.stop()
+    epochs = [e for a in answers for e in a["epochs"]]
+    revised = [e for a in answers for e in a["revised"]]
     starts = [e["epoch_start"] for e in epochs]
-    assert len(starts) == len(set(starts)) == len(uninterrupted)  # none missing, none twice
-    assert_same_epochs(epochs, uninterrupted)
-    assert stored == epochs
+    assert len(starts) == len(set(starts)) == len(expected)  # none missing, none twice
+    assert_same_epochs(epochs, expected)
+    assert_same_epochs(revised, expected_revised)  # none missing, none twice, in epoch order
+    assert answered(stored) == epochs
+    assert [{k: e[k] for k in epochs[0]} for e in stored] == latest(answers)
+    if model == "lookahead":
+        last_before = max(e["epoch_start"] for a in answers[:before] for e in a["epochs"])
+        waiting = [e["epoch_start"] for a in answers[before:] for e in a["revised"] if e["epoch_start"] <= last_before]
+        assert len(waiting) == LOOKAHEAD  # waited through the kill, revised after it
+        assert all(e["revised"] for e in stored)
     assert "Traceback" not in server.log.read_text()
 
 
