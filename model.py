@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass
@@ -23,6 +24,7 @@ class LSTMConfig:
     dropout: float = 0.25
     causal: bool = False   # True: one-directional LSTM and masked attention (real-time use)
     lookahead: int = 0     # the revision: position t also stages epochs t-1 .. t-lookahead (see forward)
+    pool: int = 1          # offline: the LSTM and attention run on means of `pool` epochs (whole nights)
 
 
 def causal_mask(length: int, device: torch.device) -> torch.Tensor:
@@ -41,6 +43,8 @@ class SleepLSTM(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden
+        if config.causal and config.pool > 1:
+            raise ValueError("pool > 1 mixes later epochs into each step: offline models only")
         per_direction = h if config.causal else h // 2
         self.input_proj = nn.Linear(config.n_features, h)
         self.lstms = nn.ModuleList(
@@ -57,12 +61,18 @@ class SleepLSTM(nn.Module):
         """(batch, seq_len, n_features) -> (batch, seq_len, n_classes) logits; with lags,
         (batch, seq_len, 1 + lookahead, n_classes): [:, t, j] stages epoch t - j from inputs up to t."""
         h = self.input_proj(x)
+        length, pool = x.shape[1], self.config.pool
+        epochs = h
+        if pool > 1:  # a night of ~1,000 epochs as ~250 steps: 4x fewer sequential LSTM steps
+            h = F.avg_pool1d(F.pad(h.transpose(1, 2), (0, -length % pool), mode="replicate"), pool).transpose(1, 2)
         for lstm, norm in zip(self.lstms, self.lstm_norms):
             out, _ = lstm(h)
             h = norm(h + self.dropout(out))  # residual keeps gradients flowing through depth
-        mask = causal_mask(x.shape[1], x.device) if self.config.causal else None
+        mask = causal_mask(h.shape[1], x.device) if self.config.causal else None
         attended, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
         h = self.attention_norm(h + self.dropout(attended))
+        if pool > 1:  # back to epochs; each adds its own projected input
+            h = h.repeat_interleave(pool, dim=1)[:, :length] + epochs
         return lag_logits(self.head(h), self.config.n_classes, lags)
 
     def forward_last(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
@@ -72,6 +82,8 @@ class SleepLSTM(nn.Module):
         Only the last position's query is attended and classified (keys and values still come from
         every position). The last query may look at every position, causal or not: no mask.
         """
+        if self.config.pool > 1:
+            return self.forward(x, lags)[:, -1]
         h = self.input_proj(x)
         for lstm, norm in zip(self.lstms, self.lstm_norms):
             out, _ = lstm(h)

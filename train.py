@@ -17,11 +17,11 @@ from model import LSTMConfig
 from training import TrainConfig, run, script_config
 
 # -----------------------------------------------------------------------------
-# offline: the BiLSTM + attention over whole nights
-MODEL = LSTMConfig(hidden=128, n_layers=2, n_heads=4)
+# offline: the BiLSTM + attention over whole nights, on means of 4 epochs (2 min; fewer sequential steps)
+MODEL = LSTMConfig(hidden=128, n_layers=2, n_heads=4, pool=4)
 TRAIN = TrainConfig(
     seq_len=0, crop_epochs=(240, 960), crops_per_night=8,  # whole nights: crops of 2-8 h in training
-    batch_size=32, epochs=15, lr=2e-3, dropout=0.25,  # few, large batches: the LSTM steps through time
+    batch_size=8, epochs=15, lr=2e-3, dropout=0.25,
     validate=False,          # fixed passes, chosen by cross-validation: no validation hold-out
     p_recorded=0.5,          # half the training nights as recorded, half under drawn conditions
     rem_noise=0.1,
@@ -30,7 +30,7 @@ TRAIN = TrainConfig(
     smooth=False,
 )
 # real time: a 30 min window ending at the epoch, and a revision of epoch t - lookahead (10 min later)
-CAUSAL_MODEL = replace(MODEL, hidden=256, lookahead=20)
+CAUSAL_MODEL = replace(MODEL, hidden=256, pool=1, lookahead=20)
 CAUSAL_TRAIN = replace(TRAIN, seq_len=61, stride=20, batch_size=96, epochs=20, lr=8e-4, causal=True)
 # -----------------------------------------------------------------------------
 
