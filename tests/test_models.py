@@ -102,3 +102,26 @@ def test_dilated_conv_stack_embeds_as_forward_and_stays_causal(causal):
             later = x.clone()
             later[:, 40:] += 3.0
             torch.testing.assert_close(model(later)[:, :40], model(x)[:, :40])
+
+
+@pytest.mark.parametrize("arch", ["lstm", "hybrid"])
+def test_pooled_whole_night_models_label_every_epoch_of_any_length(arch):
+    """pool > 1 (offline): sequences that are not a multiple of pool still get one output per epoch, each
+    epoch's own input still counts, and a causal model refuses pooling (it would mix in later epochs)."""
+    torch.manual_seed(0)
+    if arch == "lstm":
+        model, config = SleepLSTM(LSTMConfig(n_features=6, hidden=16, n_layers=1, n_heads=2, pool=4)), LSTMConfig
+    else:
+        model, config = SleepHybrid(HybridConfig(n_features=6, channels=16, n_layers=1, n_heads=2, pool=4)), HybridConfig
+    model.eval()
+    x = torch.randn(2, 37, 6)
+    changed = x.clone()
+    changed[:, 9] += 3.0  # one epoch inside a token of four
+    with torch.no_grad():
+        out, out_changed = model(x), model(changed)
+        assert out.shape == (2, 37, 4)
+        torch.testing.assert_close(model.forward_last(x), out[:, -1])
+    per_epoch = (out - out_changed).abs().amax(dim=(0, 2))
+    assert per_epoch[9] > per_epoch[8]  # the changed epoch moves most: not just its token's mean
+    with pytest.raises(ValueError, match="offline"):
+        (SleepLSTM if arch == "lstm" else SleepHybrid)(config(n_features=6, causal=True, pool=4))
