@@ -819,11 +819,13 @@ def css_rgb(color: str) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
-def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_pushes):
+def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_pushes, lookahead_ckpt):
     """The page (token passed in the URL, no wearer named) picks the most recently active wearer and shows
     its stored epochs, "no data" for the watch-off stretch, and new epochs as they close; times in the
-    browser's zone, colours of the PNG reports, no failed request (the favicon). An unknown wearer says so.
-    SCREENSHOT_OUT=path saves what it shows (docs/img/live_page.png)."""
+    browser's zone, colours of the PNG reports, no failed request (the favicon). With a model that has a
+    look-ahead it draws each epoch's latest stage, redraws epochs as their revisions come, and draws the
+    ones still waiting paler. An unknown wearer says so. SCREENSHOT_OUT=path saves what it shows
+    (docs/img/live_page.png)."""
     from zoneinfo import ZoneInfo
     from playwright.sync_api import sync_playwright
     pushes, start, _, _ = night_pushes
@@ -834,8 +836,19 @@ def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_push
                   if min(r[0] for rows in pushes[i].values() for r in rows) > min(
                       r[0] for rows in pushes[cut].values() for r in rows) + 1500)
     shown = pushes[:cut] + pushes[resume:resume + len(pushes) // 3]
-    server = ServerProcess(tmp_path / "page.db", token="tok")
+    server = ServerProcess(tmp_path / "page.db", token="tok", checkpoint=lookahead_ckpt)
     headers = {"Authorization": "Bearer tok"}
+
+    def shows_latest(page) -> None:
+        """What the page draws is what GET .../epochs gives: each epoch's latest stage, and which are revised."""
+        stored = client.get("/v1/wearers/night-1/epochs").json()["epochs"]
+        n, done = len(stored), sum(e["revised"] for e in stored)
+        assert done == n - LOOKAHEAD
+        page.wait_for_function(f"document.getElementById('revised').textContent === '{done} of {n} epochs; "
+                               f"{LOOKAHEAD} provisional (revised {LOOKAHEAD / 2:g} min later)'", timeout=30_000)
+        drawn = page.evaluate("epochs.map(e => [e.epoch_start, e.stage, e.probabilities, !!e.revised])")
+        assert drawn == [[e["epoch_start"], e["stage"], e["probabilities"], e["revised"]] for e in stored]
+
     try:
         with httpx.Client(base_url=server.url, timeout=30, headers=headers) as client:
             # an earlier wearer: the page must pick night-1, whose last epoch is later
@@ -866,6 +879,22 @@ def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_push
                 swatches = page.eval_on_selector_all(".swatch", "all => all.map(s => getComputedStyle(s).backgroundColor)")
                 assert swatches == [css_rgb(c) for c in [*evaluation.STAGE_COLORS.values(), evaluation.NO_DATA_COLOR]]
                 assert list(evaluation.STAGE_COLORS) == list(dl.STAGE_NAMES)  # the legend's order
+                shows_latest(page)
+                assert page.is_visible("#provisional-legend")
+                # revised epochs in their colour, the last ones (provisional) paler: drawn at 0.35 opacity
+                stored = client.get("/v1/wearers/night-1/epochs").json()["epochs"]
+                first, last_shown = stored[0], stored[-1]
+                assert first["revised"] and first["stage"] >= 0 and not last_shown["revised"] and last_shown["stage"] >= 0
+                width, height = page.evaluate("[hypnogram.clientWidth, hypnogram.clientHeight]")
+                row = (height - 34) / 4
+                level = {0: 0, 3: 1, 1: 2, 2: 3}  # the page's rows top to bottom: Wake, REM, Light, Deep
+                pixels = page.evaluate("""([points]) => points.map(([x, y]) => Array.from(hypnogram.getContext("2d")
+                    .getImageData(Math.floor(x * devicePixelRatio), Math.floor(y * devicePixelRatio), 1, 1).data))""",
+                                       [[[48.5, 10 + row * (level[first["stage"]] + 0.5)],
+                                         [width - 8.5, 10 + row * (level[last_shown["stage"]] + 0.5)]]])
+                colors = [css_rgb(evaluation.STAGE_COLORS[e["stage_name"]]) for e in (first, last_shown)]
+                assert f"rgb({pixels[0][0]}, {pixels[0][1]}, {pixels[0][2]})" == colors[0] and pixels[0][3] == 255
+                assert abs(pixels[1][3] - 0.35 * 255) < 3, pixels  # the provisional epoch: paler
                 # live: the next pushes' epochs appear without a reload
                 more = []
                 for body in pushes[resume + len(pushes) // 3:][:4]:
@@ -873,6 +902,7 @@ def test_live_page_shows_a_replayed_night_in_a_real_browser(tmp_path, night_push
                 assert more
                 page.wait_for_function("document.getElementById('epoch-count').textContent === "
                                        f"'{len(epochs) + len(more)}'", timeout=30_000)
+                shows_latest(page)  # the revisions that came live redrew their epochs
                 assert page.inner_text("#status") == "watching night-1"
                 assert not errors, errors
                 if os.environ.get("SCREENSHOT_OUT"):
