@@ -2,8 +2,9 @@
 
 - evaluate (default): a checkpoint on nights with PSG: metrics, report, per-epoch CSV, plots;
   `--sleep-metrics` adds sleep metrics against PSG, `--workers K` scores in K processes;
-- `--realtime`: the same, each night's files streamed reading by reading (realtime.StreamingStager);
-- `--follow FILE ...`: tail growing files and print a line per closed epoch (live demo);
+- `--realtime`: the same, each night's files streamed reading by reading (realtime.StreamingStager); a
+  model with a lookahead adds its revised stage (pred_revised columns, its metrics beside the immediate's);
+- `--follow FILE ...`: tail growing files and print a line per closed epoch, and per revision (live demo);
 - `--hr FILE` and/or `--motion FILE` (`--steps FILE`): a sleep report on a user's own recording (user_data.py);
 - `--apple-health export.zip`: a report per night of an Apple Health export (apple_health.py).
 """
@@ -231,6 +232,9 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
     if ((y_true >= 0) & (y_pred >= 0)).any():
         metrics = compute_metrics(y_true, y_pred)
         print(format_report(metrics, y_true, y_pred))
+        if "pred_revised" in frame:  # a model with a lookahead, streamed: its revised stage beside
+            revised = compute_metrics(y_true, frame["pred_revised"].to_numpy())
+            print(format_revised(metrics, revised, realtime.lookahead_of(model)))
     elif (y_true >= 0).any():
         print("no PSG-scored epoch got a stage (no heart rate or motion there): no metrics")
     else:
@@ -257,6 +261,18 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
             sm.plot_bland_altman(comparison, plots / f"{stem}_bland_altman.png")
         print(f"plots in {plots}/ ({stem}_*.png)")
     return 0
+
+
+def format_revised(immediate: dict, revised: dict, lookahead: int) -> str:
+    """The revised stage's headline figures beside the immediate stage's (compute_metrics of each)."""
+    keys = ["accuracy", "kappa", "macro_f1", *(f"recall_{name.lower()}" for name in dl.STAGE_NAMES)]
+    header = ["accuracy", "kappa", "macro-F1", *(f"{name} rec." for name in dl.STAGE_NAMES)]
+    lines = [f"revised stage: each epoch staged again {lookahead} epochs ({lookahead * 30 / 60:g} min) later "
+             "(pred_revised)",
+             f"{'':<10}" + "".join(f"{h:>11}" for h in header)]
+    for name, m in (("immediate", immediate), ("revised", revised)):
+        lines.append(f"{name:<10}" + "".join(f"{m[k]:>11.3f}" for k in keys))
+    return "\n".join(lines) + "\n"
 
 
 def plot_stem(arch: str, streamed: bool, checkpoint: dict, mode: str) -> str:
@@ -405,29 +421,33 @@ class FollowedFile:
             warn(f"{self.path}, line {self.line_no}: {reason}: {raw[:80]!r} (skipped)")
 
 
-def format_epoch(epoch: StagedEpoch, start_s: float) -> str:
-    """One printed line: epoch start (s), time since the night's start, stage, probabilities."""
+def format_epoch(epoch: StagedEpoch, start_s: float, revised: bool = False) -> str:
+    """One printed line: epoch start (s), time since the night's start, stage, probabilities; a revision
+    (an earlier epoch staged again, a model with a lookahead) ends in "revised"."""
     since = max(epoch.epoch_start_s - start_s, 0.0)
     hms = f"{int(since // 3600):02d}:{int(since % 3600 // 60):02d}:{int(since % 60):02d}"
     p = epoch.probabilities
     if epoch.stage < 0:
-        return f"{epoch.epoch_start_s:12.1f} s  {hms}  no data (no heart rate or motion for 10 min)"
-    return (f"{epoch.epoch_start_s:12.1f} s  {hms}  {dl.STAGE_NAMES[epoch.stage]:<5}  "
-            f"wake {p[0]:.3f}  light {p[1]:.3f}  deep {p[2]:.3f}  rem {p[3]:.3f}")
+        line = f"{epoch.epoch_start_s:12.1f} s  {hms}  no data (no heart rate or motion for 10 min)"
+    else:
+        line = (f"{epoch.epoch_start_s:12.1f} s  {hms}  {dl.STAGE_NAMES[epoch.stage]:<5}  "
+                f"wake {p[0]:.3f}  light {p[1]:.3f}  deep {p[2]:.3f}  rem {p[3]:.3f}")
+    return line + ("  revised" if revised else "")
 
 
 def follow(stager: StreamingStager, specs: list[str], *, timeout_s: float | None = None, poll_s: float = 0.2,
            out=None, err=None) -> int:
-    """Tail growing files, push new rows (merged by time) and print one line per closed epoch.
+    """Tail growing files, push new rows (merged by time) and print one line per closed epoch, and one
+    per revision as it comes (a model with a lookahead; the line ends in "revised").
 
     Stops after timeout_s seconds without new data (None: never) or on Ctrl-C. Returns the
-    number of epochs printed.
+    number of epochs printed (revisions not counted).
     """
     out = out or sys.stdout
     err = err or sys.stderr
     warn = lambda message: print(f"warning: {message}", file=err, flush=True)  # noqa: E731
     files = [FollowedFile(spec) for spec in specs]
-    printed, last_data = 0, time.monotonic()
+    printed, revised, last_data = 0, 0, time.monotonic()
     try:
         while True:
             rows = [row for f in files for row in f.read_new(warn)]
@@ -443,6 +463,9 @@ def follow(stager: StreamingStager, specs: list[str], *, timeout_s: float | None
                     for epoch in stager.push(rows[i][0], block[:, 0], *block[:, 1:].T):
                         print(format_epoch(epoch, stager.start_s), file=out, flush=True)
                         printed += 1
+                    for epoch in stager.take_revised():
+                        print(format_epoch(epoch, stager.start_s, revised=True), file=out, flush=True)
+                        revised += 1
                     i = j
             elif timeout_s is not None and time.monotonic() - last_data >= timeout_s:
                 break
@@ -451,5 +474,6 @@ def follow(stager: StreamingStager, specs: list[str], *, timeout_s: float | None
     except KeyboardInterrupt:
         pass
     summary = ", ".join(f"{k} {v}" for k, v in stager.stats.items() if v)
-    print(f"stopped: {printed} epoch(s) staged; {summary or 'no readings'}", file=err, flush=True)
+    revisions = f", {revised} revised" if stager.lookahead else ""
+    print(f"stopped: {printed} epoch(s) staged{revisions}; {summary or 'no readings'}", file=err, flush=True)
     return printed

@@ -3,6 +3,7 @@
 One tiny causal hybrid is trained for the whole file (module fixture); untrained checkpoints
 stand in where only the plumbing matters (all 19 features, the LSTM, an offline model).
 """
+import io
 import math
 import shutil
 import subprocess
@@ -909,3 +910,60 @@ def test_pool_and_batch_revise_as_one_stager_each(arch, small_data_dir):
         assert starts_of(revised) == starts_of(immediate) == starts_of(pooled[w]) == batched[w][0]
         np.testing.assert_allclose(probs_of(pooled[w]), probs_of(revised), atol=1e-6, rtol=0)
         np.testing.assert_allclose(np.stack(batched[w][1]), probs_of(revised), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the revised stage on the command line
+
+def test_cli_realtime_with_a_lookahead_model_writes_and_reports_the_revised_stage(two_subject_dir, tmp_path, capsys):
+    """--realtime with a lookahead: the CSV adds pred_revised and its probabilities (predict_nights(revised=True)
+    of the same nights), the report prints the revised stage's figures beside the immediate one's."""
+    nights = [dl.load_night(two_subject_dir, s, cache_dir=None) for s in REPLAY_SUBJECTS]
+    model, scaler, ckpt = lookahead_model("hybrid", 3, [features.night_features(n, causal=True,
+                                                                                features=features.DEFAULT_FEATURES)
+                                                         for n in nights])
+    path, csv = tmp_path / "lookahead.pth", tmp_path / "streamed.csv"
+    save_checkpoint(ckpt, path)
+    assert inference_cli.main("hybrid", path, ["--checkpoint", str(path), "--realtime", "--data-dir",
+                                               str(two_subject_dir), "--predictions-out", str(csv),
+                                               "--plots-dir", ""]) == 0
+    text = capsys.readouterr().out
+    streamed = pd.read_csv(csv)
+    assert list(streamed.columns) == evaluation.PREDICTION_COLUMNS + realtime.REVISED_COLUMNS
+    order = list(streamed["subject"].astype(str).unique())
+    offline = evaluation.predict_nights(model, scaler, ckpt, sorted(nights, key=lambda n: order.index(n.subject_id)),
+                                        revised=True)
+    assert_same_predictions(streamed[REVISED_PROBS].to_numpy(), offline[PROB_COLUMNS].to_numpy(), atol=1e-5)
+    near_tie = np.diff(np.sort(offline[PROB_COLUMNS].to_numpy(), axis=1)[:, -2:], axis=1)[:, 0] <= 1e-4
+    assert ((streamed["pred_revised"] == offline["pred"]) | near_tie).all()
+    assert "revised stage: each epoch staged again 3 epochs (1.5 min) later (pred_revised)" in text
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in text.splitlines()
+            if line.split()[:1] in (["immediate"], ["revised"]) and len(line.split()) == 8}
+    y_true = streamed["true_stage"].to_numpy()
+    for name, column in (("immediate", "pred"), ("revised", "pred_revised")):
+        m = evaluation.compute_metrics(y_true, streamed[column].to_numpy())
+        assert rows[name] == [round(m[k], 3) for k in ("accuracy", "kappa", "macro_f1", "recall_wake",
+                                                          "recall_light", "recall_deep", "recall_rem")], name
+    assert rows["immediate"] != rows["revised"]
+    assert f"kappa {rows['immediate'][1]:.3f}" in text  # the headline is the immediate stage's, as before
+
+
+def test_cli_follow_prints_revisions_as_they_come(tmp_path, small_data_dir):
+    """--follow with a lookahead: a line per closed epoch as before, and a line ending in "revised" for each
+    revision, right after the push that gave it."""
+    readings = realtime.recorded_readings(small_data_dir, "46343")
+    hr = readings["heart_rate"][(readings["heart_rate"][:, 0] >= 0) & (readings["heart_rate"][:, 0] < 900)]
+    night, x = hr_night(hr, 30)
+    model, scaler, ckpt = lookahead_model("lstm", 3, [x])
+    path = tmp_path / "hr.csv"
+    path.write_text("".join(f"{t:.3f},{bpm:g}\n" for t, bpm in hr))
+    out, err = io.StringIO(), io.StringIO()
+    stager = StreamingStager(model, scaler, ckpt)
+    assert inference_cli.follow(stager, [f"hr={path}"], timeout_s=0.3, poll_s=0.05, out=out, err=err) == 29
+    alone = StreamingStager(model, scaler, ckpt)
+    immediate = realtime.replay(alone, {"heart_rate": hr})
+    revised = alone.take_revised()
+    assert len(immediate) == 29 and len(revised) == 26  # the last epoch is open, 3 wait for their look-ahead
+    lines = out.getvalue().splitlines()
+    assert lines == [inference_cli.format_epoch(e, 0.0) for e in immediate] + \
+        [inference_cli.format_epoch(e, 0.0, revised=True) for e in revised]
+    assert "stopped: 29 epoch(s) staged, 26 revised" in err.getvalue()
