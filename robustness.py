@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(summary)
         print(table)
         atomic_write(args.markdown_out, lambda f: f.write((table + "\n").encode()))
+        curves = {variant: rows["as recorded"]["rem_tradeoff"] for variant, rows in summary.items()
+                  if "rem_tradeoff" in rows.get("as recorded", {})}
+        if curves:
+            plot_rem_tradeoff(curves, Path(args.markdown_out).with_name("rem_tradeoff.png"))
         return 0
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]

@@ -706,8 +706,10 @@ REVISED_PROBS = [c + "_revised" for c in PROB_COLUMNS]
 def lookahead_model(arch="hybrid", lookahead=3, matrices=None, names=features.DEFAULT_FEATURES):
     """A randomly initialised causal model with a lookahead: (model, scaler fitted on matrices, checkpoint dict)."""
     torch.manual_seed(1)
-    config = {**(TINY_HYBRID if arch == "hybrid" else TINY_LSTM), "n_features": len(names), "causal": True,
-              "lookahead": lookahead}
+    tcn = {**TINY_HYBRID, "n_layers": 0, "kernel_size": 3, "dilated": 2}  # dilated convolutions alone
+    config = {**{"hybrid": TINY_HYBRID, "lstm": TINY_LSTM, "tcn": tcn}[arch], "n_features": len(names),
+              "causal": True, "lookahead": lookahead}
+    arch = "lstm" if arch == "lstm" else "hybrid"
     model = build_model(arch, config).eval()
     scaler = dl.FeatureScaler.fit(matrices)
     return model, scaler, make_checkpoint(model, arch, features=list(names), seq_len=25, target_pos=24, scaler=scaler)
@@ -863,7 +865,7 @@ def by_wearer(revised_batches, n_wearers):
     return out
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "lstm"])  # StagerBatch: the conv cache, and predict_windows
+@pytest.mark.parametrize("arch", ["hybrid", "lstm", "tcn"])  # StagerBatch: the conv cache, and predict_windows
 def test_pool_and_batch_revise_as_one_stager_each(arch, small_data_dir):
     subjects = ("46343", "3509524", "4018081")
     n_epochs = 90
@@ -896,7 +898,7 @@ def test_pool_and_batch_revise_as_one_stager_each(arch, small_data_dir):
         pooled[w] += epochs
     # the batch: one step per epoch for everyone; the night's end for wearer 0 by reset, the rest by end_night
     batch = StagerBatch(model, scaler, ckpt, n_wearers=len(subjects))
-    assert (batch.conv is not None) == (arch == "hybrid")
+    assert (batch.conv is not None) == (arch != "lstm")
     steps = []
     for k in range(n_epochs):
         batch.step(**epoch_aggregates(batch, readings, k))
