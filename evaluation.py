@@ -103,7 +103,10 @@ def predict_whole_night(model: torch.nn.Module, x_scaled: np.ndarray) -> np.ndar
     if len(x_scaled) == 0:
         return np.zeros((0, 4))
     device = next(model.parameters()).device
-    logits = model(torch.from_numpy(np.asarray(x_scaled, np.float32)[None]).to(device))[0]
+    # one torch thread: the same sums in the same order however many threads or worker processes
+    # the caller has, so a night's probabilities never depend on how it was scheduled
+    with single_thread():
+        logits = model(torch.from_numpy(np.asarray(x_scaled, np.float32)[None]).to(device))[0]
     return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 
 
