@@ -54,6 +54,8 @@ class StagerBatch:
     the one computed when that epoch closed (the last position of its own window, built the same
     way: edge padding included). Each step runs the convolutions at the first receptive_field
     positions (replicate padding) and at the new epoch only, then the encoder on whole windows.
+    Where the window is not more than twice the receptive field, no cache is kept (it would save
+    nothing): the step is the plain batched model call.
 
     A model with a lookahead L also revises each wearer's epochs, as a StreamingStager does
     (realtime.Revisions): the step that closes epoch k gives, from the same model call, the revision
@@ -75,8 +77,10 @@ class StagerBatch:
         self._ring = features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos)
         config = getattr(model, "config", None)
         self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
+        # the cache pays where most of a window's positions come from it: a window not twice the receptive
+        # field (the dilated models, whose field is the window) would run the convolutions twice instead
         if (hasattr(model, "encode_last") and getattr(config, "causal", False)
-                and self.target_pos == self.seq_len - 1 and self.seq_len > model.receptive_field):
+                and self.target_pos == self.seq_len - 1 and self.seq_len > 2 * model.receptive_field):
             device = next(model.parameters()).device
             self.conv = torch.zeros(self.n_wearers, self.seq_len, config.channels, device=device)
         self.lookahead = lookahead_of(model)

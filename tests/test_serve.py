@@ -157,11 +157,17 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(night_pushes, tmp_path_factory):
-    """The night through one in-process service that never stops."""
+def uninterrupted_answers(night_pushes, tmp_path_factory):
+    """The night through one in-process service with the shipped model that never stops: every answer."""
     pushes, start, end, _ = night_pushes
     with TestClient(serve.create_app(make_service(tmp_path_factory.mktemp("db") / "a.db"))) as client:
-        return run_night(client, "w1", pushes, start, end)
+        return night_answers(client, "w1", pushes, start, end)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_answers):
+    """Its epochs (the immediate stages), every one answered."""
+    return [e for answer in uninterrupted_answers for e in answer["epochs"]]
 
 
 @pytest.fixture(scope="module")
@@ -194,21 +200,26 @@ def test_replaying_a_night_through_the_api_gives_the_realtime_stages(night_pushe
 
 def test_push_answers_and_stores(tmp_path, night_pushes, uninterrupted):
     pushes, start, end, night = night_pushes
-    with TestClient(serve.create_app(make_service(tmp_path / "s.db"))) as client:
-        epochs = run_night(client, "w1", pushes[:5], start, start + 600)
+    service = make_service(tmp_path / "s.db")
+    lookahead = service.lookahead
+    with TestClient(serve.create_app(service)) as client:
+        answers = night_answers(client, "w1", pushes[:5], start, start + 600)
+        epochs = [e for answer in answers for e in answer["epochs"]]
         assert [e["epoch_start"] for e in epochs] == [start + 30 * k for k in range(20)]
         stored = client.get("/v1/wearers/w1/epochs").json()["epochs"]
-        assert answered(stored) == epochs and not any(e["revised"] for e in stored)  # no lookahead: no revision
-        assert [{k: e[k] for k in epochs[0]} for e in stored] == epochs  # the latest stage is the immediate one
+        # the night's end revised every epoch still waiting (all 20 with a lookahead, none without)
+        assert answered(stored) == epochs and all(e["revised"] == (lookahead > 0) for e in stored)
+        assert [{k: e[k] for k in epochs[0]} for e in stored] == latest(answers)  # the latest stage
         assert answered(client.get("/v1/wearers/w1/epochs", params={"since": start + 300}).json()["epochs"]) == epochs[10:]
         iso = datetime.fromtimestamp(start + 300, timezone.utc).isoformat()
         assert answered(client.get("/v1/wearers/w1/epochs", params={"since": iso}).json()["epochs"]) == epochs[10:]
         assert client.get("/v1/wearers").json() == {
-            "wearers": [{"wearer_id": "w1", "epochs": 20, "last_epoch_start": start + 570}], "lookahead": 0}
+            "wearers": [{"wearer_id": "w1", "epochs": 20, "last_epoch_start": start + 570}], "lookahead": lookahead}
         summary = client.get("/v1/wearers/w1/summary").json()
-        assert summary["epochs"] == 20 and summary["night_start"] == start and summary["revised_epochs"] == 0
+        assert summary["epochs"] == 20 and summary["night_start"] == start
+        assert summary["revised_epochs"] == (20 if lookahead else 0)
         assert summary["metrics"]["time_in_bed_min"] == 10.0
-        sleep_min = sum(e["stage"] >= 1 for e in epochs) / 2
+        sleep_min = sum(e["stage"] >= 1 for e in latest(answers)) / 2
         assert summary["metrics"]["total_sleep_time_min"] == sleep_min
         metrics = client.get("/metrics").text
         accepted = sum(len(rows) for body in pushes[:5] for rows in body.values())
@@ -764,12 +775,12 @@ def test_sigkill_mid_night_loses_nothing(model, tmp_path, night_pushes, request)
     replay) are revised once the later epochs come: every epoch revised once, as without the kill."""
     pushes, start, end, _ = night_pushes
     if model == "shipped":
-        checkpoint, expected = CHECKPOINT, request.getfixturevalue("uninterrupted")
-        expected_revised = []
+        checkpoint, reference_answers = CHECKPOINT, request.getfixturevalue("uninterrupted_answers")
     else:
-        checkpoint, reference = request.getfixturevalue("lookahead_ckpt"), request.getfixturevalue("uninterrupted_revised")
-        expected = [e for a in reference["answers"] for e in a["epochs"]]
-        expected_revised = [e for a in reference["answers"] for e in a["revised"]]
+        checkpoint = request.getfixturevalue("lookahead_ckpt")
+        reference_answers = request.getfixturevalue("uninterrupted_revised")["answers"]
+    expected = [e for a in reference_answers for e in a["epochs"]]
+    expected_revised = [e for a in reference_answers for e in a["revised"]]
     db = tmp_path / "crash.db"
     kill_after = len(pushes) // 3
     server = ServerProcess(db, checkpoint=checkpoint)
