@@ -67,6 +67,7 @@ class TrainConfig:
     degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
     p_recorded: float = 0.0         # with degrade: share of training nights drawn as recorded
+    middle_lag_weight: float = 1.0  # with a lookahead: loss weight of the lags between 0 and the revision's
     validate: bool = True           # False: no validation subjects; train every given subject for `epochs`
                                     # passes and keep the last (passes chosen by cross-validation)
     stride: int = 5                 # epochs between training windows
@@ -323,13 +324,16 @@ def class_weights(counts: np.ndarray, rem_boost: float, power: float = 1.0) -> t
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float,
-               normaliser: torch.Tensor | None = None) -> torch.Tensor:
+               normaliser: torch.Tensor | None = None, position_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Class-weighted focal loss over positions with target >= 0, divided by the summed weights
-    (or by `normaliser`: under DDP the global weight sum per rank, so ranks average exactly)."""
-    logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    (or by `normaliser`: under DDP the global weight sum per rank, so ranks average exactly);
+    position_weight (broadcast to target's shape) scales each position's weight."""
+    w = weight[target.clamp_min(0)]
+    if position_weight is not None:
+        w = w * position_weight.expand_as(target)
+    logits, target, w = logits.reshape(-1, logits.shape[-1]), target.reshape(-1), w.reshape(-1)
     keep = target >= 0
-    logits, target = logits[keep], target[keep]
-    w = weight[target]
+    logits, target, w = logits[keep], target[keep], w[keep]
     if normaliser is None:
         normaliser = w.sum()
     if target.numel() == 0:
@@ -357,14 +361,20 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
     lookahead = unwrap(ddp_model).config.lookahead
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cuda"):
         logits = ddp_model(x, lags=lookahead > 0)
+    lag_weight = None
     if lookahead > 0:  # the revision: position t also learns epoch t - j's stage, for every lag j
         y = lag_targets(y, lookahead)
+        # the lags the stream reads (0: immediate, lookahead: the revision) weigh 1, those between
+        # (read only at a night's end) middle_lag_weight
+        lag_weight = torch.full((lookahead + 1,), cfg.middle_lag_weight, device=y.device)
+        lag_weight[[0, lookahead]] = 1.0
     normaliser = None
     if ctx.enabled:  # DDP averages gradients over ranks: divide by the global weight sum / world size
-        normaliser = weight[y[y >= 0]].sum().detach()
+        w = weight[y.clamp_min(0)] * (y >= 0)
+        normaliser = (w if lag_weight is None else w * lag_weight).sum().detach()
         dist.all_reduce(normaliser)
         normaliser = normaliser / ctx.world_size
-    loss = focal_loss(logits, y, weight, cfg.focal_gamma, normaliser)
+    loss = focal_loss(logits, y, weight, cfg.focal_gamma, normaliser, lag_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)

@@ -296,3 +296,15 @@ def test_p_recorded_draws_that_share_of_nights_as_recorded():
     none = [degrade.draw_condition(np.random.default_rng(s), night) for s in range(400)]
     assert sum(c.hr_period_s is None and not c.drop_motion and not c.drop_heart_rate and c.watch_off_s == 0
                for c in none) / 400 < 0.12
+
+
+def test_lag_weights_scale_each_lag_of_the_revision_loss():
+    torch.manual_seed(0)
+    logits, y = torch.randn(2, 6, 3, 4), torch.randint(0, 4, (2, 6))
+    target = training.lag_targets(y, 2)
+    weight = torch.tensor([1.0, 0.5, 2.0, 3.0])
+    dropped_middle = training.focal_loss(logits, target, weight, 2.0, position_weight=torch.tensor([1.0, 0.0, 1.0]))
+    ends = training.focal_loss(logits[:, :, [0, 2]], target[:, :, [0, 2]], weight, 2.0)
+    torch.testing.assert_close(dropped_middle, ends)
+    ones = training.focal_loss(logits, target, weight, 2.0, position_weight=torch.ones(3))
+    torch.testing.assert_close(ones, training.focal_loss(logits, target, weight, 2.0))
