@@ -38,6 +38,16 @@ def lag_logits(logits: torch.Tensor, n_classes: int, lags: bool) -> torch.Tensor
     return logits.unflatten(-1, (-1, n_classes)) if lags else logits[..., :n_classes]
 
 
+def pool_epochs(h: torch.Tensor, pool: int) -> torch.Tensor:
+    """(B, L, C) -> (B, ceil(L / pool), C): means of `pool` epochs (the last group padded by repetition)."""
+    return F.avg_pool1d(F.pad(h.transpose(1, 2), (0, -h.shape[1] % pool), mode="replicate"), pool).transpose(1, 2)
+
+
+def unpool_epochs(tokens: torch.Tensor, pool: int, length: int) -> torch.Tensor:
+    """pool_epochs' inverse in shape: each token's output back on each of its `length` epochs."""
+    return tokens.repeat_interleave(pool, dim=1)[:, :length]
+
+
 class SleepLSTM(nn.Module):
     def __init__(self, config: LSTMConfig):
         super().__init__()
@@ -64,7 +74,7 @@ class SleepLSTM(nn.Module):
         length, pool = x.shape[1], self.config.pool
         epochs = h
         if pool > 1:  # a night of ~1,000 epochs as ~250 steps: 4x fewer sequential LSTM steps
-            h = F.avg_pool1d(F.pad(h.transpose(1, 2), (0, -length % pool), mode="replicate"), pool).transpose(1, 2)
+            h = pool_epochs(h, pool)
         for lstm, norm in zip(self.lstms, self.lstm_norms):
             out, _ = lstm(h)
             h = norm(h + self.dropout(out))  # residual keeps gradients flowing through depth
@@ -72,7 +82,7 @@ class SleepLSTM(nn.Module):
         attended, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
         h = self.attention_norm(h + self.dropout(attended))
         if pool > 1:  # back to epochs; each adds its own projected input
-            h = h.repeat_interleave(pool, dim=1)[:, :length] + epochs
+            h = unpool_epochs(h, pool, length) + epochs
         return lag_logits(self.head(h), self.config.n_classes, lags)
 
     def forward_last(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:

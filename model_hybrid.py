@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import causal_mask, lag_logits
+from model import causal_mask, lag_logits, pool_epochs, unpool_epochs
 
 
 @dataclass
@@ -113,9 +113,9 @@ class SleepHybrid(nn.Module):
             h = h + block(h)
         h = h.transpose(1, 2)
         if pool > 1:  # tokens of `pool` epochs; each epoch then adds its token's output to its own features
-            tokens = F.avg_pool1d(F.pad(h.transpose(1, 2), (0, -length % pool), mode="replicate"), pool).transpose(1, 2)
+            tokens = pool_epochs(h, pool)
             tokens = self.encode(tokens + self.position(tokens.shape[1]))
-            h = self.norm(h + tokens.repeat_interleave(pool, dim=1)[:, :length])
+            h = self.norm(h + unpool_epochs(tokens, pool, length))
         else:
             h = h + self.position(length)
             mask = causal_mask(length, x.device) if self.config.causal else None

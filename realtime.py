@@ -98,13 +98,6 @@ class StagedEpoch(NamedTuple):
 NO_DATA_PROBABILITIES = np.full(4, np.nan)
 
 
-def predict_every_lag(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
-                      batch_size: int = 1024) -> np.ndarray:
-    """Probabilities (n, 1 + lookahead, 4) of every lag at the last position of scaled windows: the
-    one model call (predict_windows) of a model with a lookahead."""
-    return predict_windows(model, windows, target_pos, batch_size, lags="all")
-
-
 class _Closed(NamedTuple):
     """A closed epoch whose feature row is not computed yet (see StreamWindows.featurize)."""
     epoch_start_s: float
@@ -416,21 +409,19 @@ class Revisions:
         self.lookahead = int(lookahead)
         self.revised: list[StagedEpoch] = []
         self._waiting: deque[tuple[float, bool]] = deque()  # the night's epochs no window revises yet
+        self._waiting_with_data = 0                          # how many of them have data
         self._last: _Revision | None = None                  # the night's latest window
-
-    @property
-    def waiting(self) -> int:
-        """Epochs of the night still waiting for their revising window."""
-        return len(self._waiting)
 
     def add(self, epoch_start_s: float, no_data: bool) -> tuple[_Revision, bool]:
         """The window that ends at this epoch: what it revises, and whether its model call is needed
         (some epoch it stages or may still revise has data)."""
         self._waiting.append((epoch_start_s, bool(no_data)))
-        needed = not all(nd for _, nd in self._waiting)
+        self._waiting_with_data += not no_data
+        needed = self._waiting_with_data > 0
         revision = self._last = _Revision(self)
         if len(self._waiting) > self.lookahead:
             start, nd = self._waiting.popleft()
+            self._waiting_with_data -= not nd
             revision.epochs.append((start, nd, self.lookahead))
         return revision, needed
 
@@ -440,6 +431,7 @@ class Revisions:
         if n:
             self._last.add([(start, nd, n - 1 - i) for i, (start, nd) in enumerate(self._waiting)])
         self._waiting.clear()
+        self._waiting_with_data = 0
         self._last = None
 
     def take(self) -> list[StagedEpoch]:
@@ -569,7 +561,7 @@ def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: 
     if called:
         windows = scaler.transform(np.stack([pending[i].window for i in called]))
         if lookahead:
-            probs = predict_every_lag(model, windows, target_pos, batch_size)
+            probs = predict_windows(model, windows, target_pos, batch_size, lags="all")
         else:
             probs = predict_windows(model, windows, target_pos, batch_size)[:, None]
     out = [StagedEpoch(item.epoch_start_s, -1, NO_DATA_PROBABILITIES.copy()) for item in pending]

@@ -60,7 +60,7 @@ from checkpoint import ARCHITECTURES, load_model_from_checkpoint
 from evaluation import NO_DATA_COLOR, STAGE_COLORS, single_thread
 from realtime import (StagedEpoch, StagerPool, StreamingStager, lookahead_of, new_stats, stage_pending,
                       time_ordered_runs)
-from serve_store import EpochRow, Event, ServiceStore, StoredEpoch, WearerRow
+from serve_store import FLUSH_KINDS, EpochRow, Event, ServiceStore, StoredEpoch, WearerRow
 from sleep_metrics import night_metrics
 
 log = logging.getLogger("serve")
@@ -392,7 +392,7 @@ class Service:
                               self.pool.batch_size)  # the immediate stages were stored before
 
     def _apply(self, wearer_id: str, kind: str, rows: np.ndarray) -> None:
-        if kind in ("flush", "end_night"):  # a clock tick; end_night: a flush that also revises what waits
+        if kind in FLUSH_KINDS:  # flush: a clock tick; end_night: a flush that also revises what waits
             self.pool.flush(float(rows[0, 0]), [wearer_id], revise=kind == "end_night")
         else:
             self.pool.push(wearer_id, kind, rows[:, 0], *rows[:, 1:].T)

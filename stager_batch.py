@@ -13,7 +13,7 @@ import torch
 import data_loader as dl
 import features
 from evaluation import in_parallel, predict_windows, thread_parts
-from realtime import StreamingStager, lookahead_of, predict_every_lag
+from realtime import StreamingStager, lookahead_of
 
 
 class RevisedEpochs(NamedTuple):
@@ -171,7 +171,7 @@ class StagerBatch:
         if self.conv is not None:  # every wearer, so each one's conv cache holds its new epoch
             probs = self._predict_cached(windows, slots)
         elif self.lookahead:
-            probs = predict_every_lag(self.model, windows, self.target_pos, self.batch_size)
+            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size, lags="all")
         else:
             probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
         if self.lookahead:

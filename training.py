@@ -323,14 +323,20 @@ def class_weights(counts: np.ndarray, rem_boost: float, power: float = 1.0) -> t
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def loss_weights(target: torch.Tensor, weight: torch.Tensor,
+                 position_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each position's weight in the loss (target's shape): its class weight, times position_weight
+    (broadcast to target's shape) where given, 0 where unscored (target -1)."""
+    w = weight[target.clamp_min(0)] * (target >= 0)
+    return w if position_weight is None else w * position_weight
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float,
                normaliser: torch.Tensor | None = None, position_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Class-weighted focal loss over positions with target >= 0, divided by the summed weights
     (or by `normaliser`: under DDP the global weight sum per rank, so ranks average exactly);
     position_weight (broadcast to target's shape) scales each position's weight."""
-    w = weight[target.clamp_min(0)]
-    if position_weight is not None:
-        w = w * position_weight.expand_as(target)
+    w = loss_weights(target, weight, position_weight)
     logits, target, w = logits.reshape(-1, logits.shape[-1]), target.reshape(-1), w.reshape(-1)
     keep = target >= 0
     logits, target, w = logits[keep], target[keep], w[keep]
@@ -370,8 +376,7 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
         lag_weight[[0, lookahead]] = 1.0
     normaliser = None
     if ctx.enabled:  # DDP averages gradients over ranks: divide by the global weight sum / world size
-        w = weight[y.clamp_min(0)] * (y >= 0)
-        normaliser = (w if lag_weight is None else w * lag_weight).sum().detach()
+        normaliser = loss_weights(y, weight, lag_weight).sum().detach()
         dist.all_reduce(normaliser)
         normaliser = normaliser / ctx.world_size
     loss = focal_loss(logits, y, weight, cfg.focal_gamma, normaliser, lag_weight)

@@ -779,7 +779,7 @@ def test_predict_windows_gives_every_lag_from_one_call(arch, monkeypatch):
     assert every.shape == (70, 4, 4) and calls == [(32, True), (32, True), (4, True), (2, True)]  # power-of-two chunks
     np.testing.assert_allclose(every[:, 0], immediate, atol=1e-6, rtol=0)
     np.testing.assert_allclose(every[np.arange(len(lags)), lags], picked, atol=1e-6, rtol=0)
-    assert realtime.predict_every_lag(model, windows[:0], 24).shape == (0, 4, 4)
+    assert evaluation.predict_windows(model, windows[:0], 24, lags="all").shape == (0, 4, 4)
     with pytest.raises(ValueError, match="all"):
         evaluation.predict_windows(model, windows, 24, lags="every")
 
