@@ -57,6 +57,7 @@ class TrainConfig:
     restart_epochs: int = 10        # first cosine cycle length (warm restarts double it)
     weight_decay: float = 5e-5
     grad_clip: float = 0.5
+    ema: float = 0.0                # >0: keep (select, save) an exponential moving average of the weights, this decay per step
     dropout: float = 0.25
     focal_gamma: float = 2.0
     rem_boost: float = 1.6          # extra weight on REM on top of the balanced class weights
@@ -435,6 +436,13 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     torch.manual_seed(cfg.seed)
     model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
     model = build_model(arch, model_config).to(device)
+    # the weights kept (evaluated, selected, saved): the trained ones, or their moving average, which
+    # smooths the step-to-step noise of a small cohort
+    averaged = None
+    if cfg.ema > 0:
+        averaged = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    kept = model if averaged is None else averaged.module
     if cfg.seq_len == 0:
         dataset = CropDataset(data, train_ids, cfg.crop_epochs, cfg.crops_per_night, cfg.seed)
     else:
@@ -452,7 +460,9 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     best_path = out_dir / "model.pth" if out_dir else None
     if cfg.resume and last_path is not None and last_path.exists():
         saved = read_checkpoint(last_path)
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(saved["trained_state_dict"] if averaged is not None else saved["state_dict"])
+        if averaged is not None:
+            averaged.load_state_dict(saved["averaged"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng_state"])
@@ -461,7 +471,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             print(f"resumed from {last_path} after epoch {state['epoch']} (best {cfg.select_metric} "
                   f"{state['best']:.4f} at epoch {state['best_epoch']})")
     checkpoint_extra = _checkpoint_extra(cfg, train_ids, val_ids, data.transitions, extra)
-    best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
     if best_path is not None and best_path.exists() and state["best_epoch"] >= 0:
         best_model_state = read_checkpoint(best_path)["state_dict"]
     from tqdm import tqdm
@@ -475,6 +485,8 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main or quiet or None)
         for step, (x, y) in enumerate(bar):
             loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx)
+            if averaged is not None:
+                averaged.update_parameters(model)
             scheduler.step(epoch + (step + 1) / len(loader))
             total += loss.item()
             n_batches += 1
@@ -483,7 +495,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         train_loss = float(np.mean([v for v in gather(total / max(n_batches, 1), ctx)]))
         windows_per_s = len(dataset) / (time.perf_counter() - t0)  # all ranks together (the global pass)
         if cfg.validate:
-            metrics, *_ = evaluate_subjects(model, data, val_keys, cfg, ctx, device)
+            metrics, *_ = evaluate_subjects(kept, data, val_keys, cfg, ctx, device)
         else:  # no selection: every pass "improves", the last one is kept
             metrics = dict.fromkeys(("loss", "accuracy", "kappa", "macro_f1", "recall_rem", cfg.select_metric), math.nan)
         improved, row = False, None
@@ -504,7 +516,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         state["epoch"] = epoch + 1
         if improved:
             state.update(best=metrics[cfg.select_metric] if ctx.is_main else state["best"], best_epoch=epoch + 1, stale=0)
-            best_model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_model_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         else:
             state["stale"] += 1
         state = broadcast(state if ctx.is_main else None, ctx) if ctx.enabled else state
@@ -512,21 +524,23 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
             state["log"].append(row)
             if out_dir is not None:
                 if improved:
-                    save_checkpoint(make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                    save_checkpoint(make_checkpoint(kept, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                                     target_pos=cfg.target_pos, scaler=data.scaler,
                                                     extra={**checkpoint_extra, "val_metrics": _jsonable(metrics),
                                                            "epoch": epoch + 1}),
                                     best_path, out_dir / "scaler.pkl")
                 _write_log(state["log"], out_dir / "train_log.csv")
-                last = make_checkpoint(model, arch, features=list(cfg.features), seq_len=cfg.seq_len,
+                last = make_checkpoint(kept, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                        target_pos=cfg.target_pos, scaler=data.scaler, extra=checkpoint_extra)
+                if averaged is not None:  # resuming needs the trained weights and the average's state
+                    last.update(trained_state_dict=model.state_dict(), averaged=averaged.state_dict())
                 last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             rng_state=torch.get_rng_state(), train_state=state)
                 save_checkpoint(last, last_path)
-    model.load_state_dict(best_model_state)
+    kept.load_state_dict(best_model_state)
     if ctx.is_main and out_dir is not None and state["log"]:
         plot_curves(state["log"], out_dir / "curves.png", cfg.select_metric)
-    return model, state
+    return kept, state
 
 
 def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],

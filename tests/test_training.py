@@ -308,3 +308,20 @@ def test_lag_weights_scale_each_lag_of_the_revision_loss():
     torch.testing.assert_close(dropped_middle, ends)
     ones = training.focal_loss(logits, target, weight, 2.0, position_weight=torch.ones(3))
     torch.testing.assert_close(ones, training.focal_loss(logits, target, weight, 2.0))
+
+
+def test_ema_keeps_the_moving_average_and_resumes_to_the_same_weights(small_data_dir, tmp_path):
+    plain, straight, resumed = tmp_path / "plain", tmp_path / "straight", tmp_path / "resumed"
+    assert tiny_run("hybrid", small_data_dir, plain, "--epochs", "3", "--no-validate") == 0
+    assert tiny_run("hybrid", small_data_dir, straight, "--epochs", "3", "--no-validate", "--ema", "0.9") == 0
+    assert tiny_run("hybrid", small_data_dir, resumed, "--epochs", "2", "--no-validate", "--ema", "0.9") == 0
+    assert tiny_run("hybrid", small_data_dir, resumed, "--epochs", "3", "--no-validate", "--ema", "0.9", "--resume") == 0
+    last = read_checkpoint(straight / "last.pth")
+    kept, trained = last["state_dict"], last["trained_state_dict"]
+    # the same seed trains the same weights; what is kept is their average, not the last step
+    for k, v in read_checkpoint(plain / "last.pth")["state_dict"].items():
+        torch.testing.assert_close(trained[k], v)
+    assert any(not torch.allclose(kept[k], trained[k]) for k in kept if kept[k].is_floating_point())
+    torch.testing.assert_close(read_checkpoint(straight / "model.pth")["state_dict"], kept)
+    for k, v in read_checkpoint(resumed / "last.pth")["state_dict"].items():
+        torch.testing.assert_close(v, kept[k])
