@@ -28,13 +28,15 @@ TRAIN_WATCH_OFF_S = (600.0, 3 * 3600.0)
 class Condition:
     """How a night is degraded. hr_period_s: keep the first heart-rate reading in each interval of this
     length (None: as recorded); drop_*: remove a channel for the whole night; watch_off_s: a stretch
-    with neither channel, starting watch_off_start_frac of the way into the night."""
+    with neither channel, starting watch_off_start_frac of the way into the night; hr_offset_bpm shifts
+    every heart-rate reading (training draws it to keep models off a person's absolute level)."""
     name: str = "as recorded"
     hr_period_s: float | None = None
     drop_motion: bool = False
     drop_heart_rate: bool = False
     watch_off_s: float = 0.0
     watch_off_start_frac: float = 0.5
+    hr_offset_bpm: float = 0.0  # added to every heart-rate reading: a watch (or a person) that reads higher or lower
 
 
 # what robustness.py measures; the watch-off stretch is centred on the night
@@ -112,6 +114,8 @@ def degrade(night: dl.Night, condition: Condition, rng: np.random.Generator | No
         samples = thin(samples, condition.hr_period_s, phase)
     if condition.drop_heart_rate:
         samples = samples[:0]
+    if condition.hr_offset_bpm:
+        samples = samples + [0.0, condition.hr_offset_bpm]
     activity = night.activity_count.copy()
     motion_mean, motion_std, steps = night.motion_mag_mean_g.copy(), night.motion_mag_std_g.copy(), night.steps.copy()
     if condition.drop_motion:

@@ -68,6 +68,7 @@ class TrainConfig:
     degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
     p_recorded: float = 0.0         # with degrade: share of training nights drawn as recorded
+    hr_shift_bpm: float = 0.0       # with degrade: std of a heart-rate offset drawn per training night and pass
     middle_lag_weight: float = 1.0  # with a lookahead: loss weight of the lags between 0 and the revision's
     validate: bool = True           # False: no validation subjects; train every given subject for `epochs`
                                     # passes and keep the last (passes chosen by cross-validation)
@@ -172,6 +173,7 @@ class Prepared:
     data_dir: str | None = None
     causal: bool = False
     p_recorded: float = 0.0
+    hr_shift_bpm: float = 0.0
     nights: dict[str, dl.Night] = field(default_factory=dict)
     degraded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -212,6 +214,8 @@ class Prepared:
         for s in subjects:
             night = self.night(s)
             condition = degrade.draw_condition(rng, night, self.p_recorded)
+            if self.hr_shift_bpm > 0:
+                condition = replace(condition, hr_offset_bpm=float(rng.normal(0.0, self.hr_shift_bpm)))
             self.degraded[s] = self._under(degrade.degrade(night, condition, rng))
 
     def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:
@@ -243,7 +247,8 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
     scaler = dl.FeatureScaler.fit(
         features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
         for s in train_ids for condition in degrade.CONDITIONS.values())
-    return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, cfg.p_recorded, nights)
+    return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, cfg.p_recorded, cfg.hr_shift_bpm,
+                    nights)
 
 
 class WindowDataset(Dataset):

@@ -89,3 +89,22 @@ def test_training_draws_a_condition_per_night_and_pass_and_unscores_no_data_epoc
     stages = store.read(subjects[0], "stage")
     np.testing.assert_array_equal(data.y(key)[~no_data], stages[~no_data])
     assert data.add_conditions(subjects[:1], ("as recorded",)) == subjects[:1]
+
+
+def test_a_heart_rate_offset_shifts_every_reading_and_training_draws_it_per_night(night, small_data_dir):
+    shifted = degrade.degrade(night, degrade.Condition("offset", hr_offset_bpm=7.5))
+    np.testing.assert_allclose(shifted.heart_rate_samples[:, 1], night.heart_rate_samples[:, 1] + 7.5)
+    has = ~np.isnan(night.heart_rate_bpm)
+    np.testing.assert_allclose(shifted.heart_rate_bpm[has], night.heart_rate_bpm[has] + 7.5)
+    np.testing.assert_array_equal(shifted.activity_count, night.activity_count)
+    cfg = training.TrainConfig(causal=True, data_dir=str(small_data_dir), p_recorded=1.0)
+    store = feature_store.build_feature_store(small_data_dir, causal=True, features=cfg.features, cache_dir=None)
+    subjects = store.subjects[:3]
+    column = list(cfg.features).index("heart_rate_bpm")
+    means = {}
+    for shift in (0.0, 10.0):
+        data = training.prepare(store, subjects, training.replace(cfg, hr_shift_bpm=shift))
+        data.draw(subjects, seed=1)
+        means[shift] = [(data.x(s)[:, column] * data.scaler.scale[column]).mean() for s in subjects]
+    offsets = np.subtract(means[10.0], means[0.0])
+    assert np.abs(offsets).max() > 1.0 and len(set(np.round(offsets, 3))) == len(subjects)  # one offset per night
