@@ -11,6 +11,8 @@ Nights: the readings whose own local time (each record's UTC offset: daylight sa
 change it) lies between 18:00 on date D and 12:00 the next day form night D, trimmed to its first
 and last heart-rate reading, or to the span of Apple's in-bed/asleep records where there are any.
 A night needs MIN_READINGS heart-rate readings between 00:00 and 06:00 (the watch worn in bed).
+Its resting heart rate comes from the export's heart-rate readings of the days before it
+(data_loader.resting_heart_rate; readings by day, 12:00-18:00 local, are not kept).
 """
 from __future__ import annotations
 
@@ -107,13 +109,15 @@ def parse_time(text: str) -> tuple[float, float]:
 def read_export(path: str | Path, since: date | None = None, until: date | None = None,
                 progress: bool = False) -> HealthExport:
     """Stream an export's heart-rate, step and sleep records (optionally only those between the
-    evening of `since` and the morning after `until`, local time)."""
+    evening of `since` and the morning after `until`, local time; heart rate also from the
+    data_loader.RESTING_HR_DAYS days before, which give the first nights their resting heart rate)."""
     path = Path(path)
     stream, size, archive = _open(path)
     lo = -math.inf if since is None else datetime(since.year, since.month, since.day, NIGHT_FROM_H,
                                                   tzinfo=timezone.utc).timestamp() - 14 * 3600
     hi = math.inf if until is None else datetime(until.year, until.month, until.day, NIGHT_TO_H,
                                                  tzinfo=timezone.utc).timestamp() + 86400 + 14 * 3600
+    hr_lo = lo - dl.RESTING_HR_DAYS * 86400.0
     kept = {"heart_rate": array("d"), "steps": array("d"), "sleep": array("d")}
     counts = {"records": 0, "heart_rate": 0, "steps": 0, "sleep": 0, "implausible_heart_rate": 0,
               "daytime_heart_rate": 0, "implausible_steps": 0, "implausible_sleep": 0, "unknown_sleep_values": 0,
@@ -150,7 +154,7 @@ def read_export(path: str | Path, since: date | None = None, until: date | None 
                                f"{exc} attribute") from None
         except ValueError as exc:
             raise dl.DataError(f"{path}, line {parser.CurrentLineNumber}: {kind} record: {exc}") from None
-        if not lo <= t0 <= hi:
+        if not (hr_lo if kind == HEART_RATE else lo) <= t0 <= hi:
             counts["outside_dates"] += 1
             return
         if kind == HEART_RATE:
@@ -301,7 +305,8 @@ def nights(export: HealthExport, only: date | None = None, since: date | None = 
             spells = sleep[(sleep[:, 1] > begin) & (sleep[:, 0] < end)]
         start = math.floor(begin / EPOCH_S) * EPOCH_S
         n = int((end - start) // EPOCH_S) + 1
-        lo, hi = np.searchsorted(hr[:, 0], [start, start + n * EPOCH_S])
+        # the readings of the night and of the days before it (its resting heart rate)
+        lo, hi = np.searchsorted(hr[:, 0], [start - dl.RESTING_HR_DAYS * 86400.0, start + n * EPOCH_S])
         steps = export.steps[(export.steps[:, 1] > start) & (export.steps[:, 0] < start + n * EPOCH_S)]
         day = epoch0 + timedelta(days=d)
         night = dl.night_from_arrays(day.isoformat(), EPOCH_S * np.arange(n, dtype=np.float64),

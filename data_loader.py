@@ -7,7 +7,8 @@ Reading is in two layers:
    documented input rules below or raising `DataError` naming the file, line and value.
 2. `load_night` crops every signal to the PSG window and reduces it to per-epoch aggregates
    (a `Night`): heart-rate mean/std, activity counts, motion magnitude, steps, with NaN where a
-   signal is missing. Parsed nights are cached on disk.
+   signal is missing, plus the wearer's resting heart rate from the days of heart rate before the
+   night (`resting_heart_rate`). Parsed nights are cached on disk.
 
 Features (features.py) and the cohort store (feature_store.py) build on the Night.
 
@@ -33,6 +34,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -55,7 +57,7 @@ HR_MIN_BPM, HR_MAX_BPM = 25.0, 250.0
 MOTION_MAX_G = 16.0
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "sleep-accel"
 DEFAULT_CACHE_DIR = Path(os.environ.get("SLEEP_STAGING_CACHE", Path(__file__).resolve().parent / ".cache"))
-CACHE_VERSION = 5  # 5: raw heart-rate samples kept; heart rate optional
+CACHE_VERSION = 6  # 5: raw heart-rate samples kept; heart rate optional; 6: resting heart rate
 
 # file kind -> (folder, file suffix, number of columns)
 FILE_KINDS = {
@@ -73,6 +75,11 @@ COUNTS_FILTER_ORDER = 5
 COUNTS_BIN_S = 15
 STEPS_MARGIN_S = 600.0  # steps are unknown (not zero) this far beyond the first and last steps reading
 MIN_MOTION_COVERAGE = 0.5  # an epoch with fewer raw samples than this share of 50 Hz is "motion missing"
+# The personal baseline (resting_heart_rate): a low percentile of the days before the night, not the
+# minimum, so that a few artefacts do not set it; too few readings give none rather than a noisy one.
+RESTING_HR_DAYS = 7
+RESTING_HR_PERCENTILE = 5
+RESTING_HR_MIN_READINGS = 50
 
 
 class DataError(ValueError):
@@ -366,12 +373,31 @@ class Night:
     report: dict = field(default_factory=dict)  # what the input rules repaired, signal ends
     # (m, 2) the heart-rate readings (t_s, bpm) inside the epochs, sorted: what degrade.py thins
     heart_rate_samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    resting_hr_bpm: float = math.nan  # the wearer's resting heart rate before the night (resting_heart_rate); NaN: none
 
     ARRAYS = ("epoch_start_s", "stage", "heart_rate_bpm", "heart_rate_std_bpm", "activity_count",
               "motion_mag_mean_g", "motion_mag_std_g", "steps")
 
     def __len__(self) -> int:
         return len(self.epoch_start_s)
+
+
+def resting_heart_rate(readings: np.ndarray | None, night_start_s: float) -> float:
+    """The wearer's resting heart rate before a night: the RESTING_HR_PERCENTILE-th percentile of the
+    heart-rate readings (t_s, bpm rows, already cleaned) in the RESTING_HR_DAYS days before the night,
+    night_start_s - RESTING_HR_DAYS days <= t_s < night_start_s; NaN (no baseline) with fewer than
+    RESTING_HR_MIN_READINGS readings there. Readings inside the night are not used.
+
+    The one definition of the baseline: the study files, user recordings and Apple Health exports all
+    come through night_from_arrays, which calls it on the readings it is given.
+    """
+    if readings is None or len(readings) == 0:
+        return math.nan
+    t = readings[:, 0]
+    before = (t >= night_start_s - RESTING_HR_DAYS * 86400.0) & (t < night_start_s)
+    if before.sum() < RESTING_HR_MIN_READINGS:
+        return math.nan
+    return float(np.percentile(readings[before, 1], RESTING_HR_PERCENTILE))
 
 
 def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndarray,
@@ -381,7 +407,8 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
     """Reduce parsed signals ((n, 2) t,bpm; (n, 4) t,x,y,z; (n, 2) t,count; (n, 2) t,steps) to a Night.
 
     Any signal may be missing (None); a night with neither heart rate nor motion inside the epochs
-    is a DataError naming the subject.
+    is a DataError naming the subject. Heart-rate readings before the first epoch give the resting
+    heart rate (resting_heart_rate); the per-epoch aggregates use only the readings inside the epochs.
     """
     n = len(epoch_start_s)
     report = {} if report is None else report
@@ -415,7 +442,8 @@ def night_from_arrays(subject_id: str, epoch_start_s: np.ndarray, stage: np.ndar
         step_values[(epoch_start_s < steps[0, 0] - STEPS_MARGIN_S) | (epoch_start_s > steps[-1, 0] + STEPS_MARGIN_S)] = np.nan
     return Night(subject_id, np.asarray(epoch_start_s, np.float64), np.asarray(stage, np.int8),
                  hr_mean, hr_std, motion_aggs["activity_count"], motion_aggs["motion_mag_mean_g"],
-                 motion_aggs["motion_mag_std_g"], step_values, report, samples[np.argsort(samples[:, 0], kind="stable")])
+                 motion_aggs["motion_mag_std_g"], step_values, report, samples[np.argsort(samples[:, 0], kind="stable")],
+                 resting_heart_rate(heart_rate, float(epoch_start_s[0])))
 
 
 def _read_optional(files: dict, kind: str, report: dict, valid) -> np.ndarray | None:
@@ -451,7 +479,8 @@ def plausible(kind: str, values: np.ndarray) -> np.ndarray:
 
 
 def parse_night(data_dir: str | Path, subject_id: str) -> Night:
-    """Read and align one subject's files (no cache)."""
+    """Read and align one subject's files (no cache). The heart-rate file's days before the night give
+    the resting heart rate."""
     files = subject_files(data_dir, subject_id)
     if "labels" not in files:
         folder, suffix, _ = FILE_KINDS["labels"]
@@ -485,7 +514,8 @@ def _save_night(path: Path, night: Night) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, subject_id=np.array(night.subject_id), report=np.array(json.dumps(night.report)),
-                     heart_rate_samples=night.heart_rate_samples, **{name: getattr(night, name) for name in Night.ARRAYS})
+                     heart_rate_samples=night.heart_rate_samples, resting_hr_bpm=np.array(night.resting_hr_bpm),
+                     **{name: getattr(night, name) for name in Night.ARRAYS})
         os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -497,13 +527,13 @@ def _load_cached_night(path: Path, subject_id: str) -> Night | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in Night.ARRAYS}
-            samples = z["heart_rate_samples"]
+            samples, resting_hr_bpm = z["heart_rate_samples"], float(z["resting_hr_bpm"])
             cached_id, report = str(z["subject_id"]), json.loads(str(z["report"]))
         n = len(arrays["epoch_start_s"])
         if (cached_id != subject_id or n == 0 or any(a.shape != (n,) for a in arrays.values())
                 or samples.ndim != 2 or samples.shape[1] != 2):
             return None
-        return Night(subject_id, **arrays, report=report, heart_rate_samples=samples)
+        return Night(subject_id, **arrays, report=report, heart_rate_samples=samples, resting_hr_bpm=resting_hr_bpm)
     except Exception:  # any damage means rebuild, never trust
         return None
 

@@ -1,14 +1,16 @@
 """Real-world recording conditions applied to recorded nights: sparse heart rate, no motion channel,
-no heart rate, the watch taken off. Training draws a condition per night and pass; evaluation
-(robustness.py) measures each named condition.
+no heart rate, the watch taken off, no resting heart rate (a new wearer, or too little history).
+Training draws a condition per night and pass; evaluation (robustness.py) measures each named condition.
 
 A condition thins the night's raw heart-rate readings (keeping the first reading in each
 interval, as a watch that samples periodically records), drops a channel for the whole night, or
-removes both channels over a stretch, then recomputes the per-epoch aggregates as the loader does.
+removes both channels over a stretch, then recomputes the per-epoch aggregates as the loader does;
+dropping the baseline clears the night's resting heart rate.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,7 @@ TRAIN_P_DROP_MOTION = 0.3
 TRAIN_P_DROP_HEART_RATE = 0.15
 TRAIN_P_WATCH_OFF = 0.3
 TRAIN_WATCH_OFF_S = (600.0, 3 * 3600.0)
+TRAIN_P_DROP_BASELINE = 0.5  # in every drawn condition, as-recorded ones too: each is seen with and without one
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class Condition:
     """How a night is degraded. hr_period_s: keep the first heart-rate reading in each interval of this
     length (None: as recorded); drop_*: remove a channel for the whole night; watch_off_s: a stretch
     with neither channel, starting watch_off_start_frac of the way into the night; hr_offset_bpm shifts
-    every heart-rate reading (training draws it to keep models off a person's absolute level)."""
+    every heart-rate reading (training draws it to keep models off a person's absolute level);
+    drop_baseline: no resting heart rate (resting_hr_bpm NaN)."""
     name: str = "as recorded"
     hr_period_s: float | None = None
     drop_motion: bool = False
@@ -37,6 +41,7 @@ class Condition:
     watch_off_s: float = 0.0
     watch_off_start_frac: float = 0.5
     hr_offset_bpm: float = 0.0  # added to every heart-rate reading: a watch (or a person) that reads higher or lower
+    drop_baseline: bool = False
 
 
 # what robustness.py measures; the watch-off stretch is centred on the night
@@ -49,6 +54,8 @@ CONDITIONS = {c.name: c for c in (
     Condition("motion only", drop_heart_rate=True),
     Condition("heart rate every 300 s, no motion", hr_period_s=300.0, drop_motion=True),
     Condition("2 h watch off", watch_off_s=7200.0),
+    Condition("as recorded, no baseline", drop_baseline=True),
+    Condition("heart rate only, no baseline", drop_motion=True, drop_baseline=True),
 )}
 # what training selects models on (training.validation_keys): the recording and the common real-world cases
 VALIDATION_CONDITIONS = ("as recorded", "heart rate every 60 s", "heart rate every 300 s, no motion",
@@ -58,15 +65,19 @@ VALIDATION_CONDITIONS = ("as recorded", "heart rate every 60 s", "heart rate eve
 def draw_condition(rng: np.random.Generator, night: dl.Night, p_recorded: float = 0.0) -> Condition:
     """A training condition: with probability p_recorded the recording as it is; else heart-rate
     interval uniform over TRAIN_HR_PERIODS_S, then the motion channel dropped, or else (on a night
-    with motion) the heart rate dropped, and a watch-off stretch of 10 min to 3 h at a random place."""
+    with motion) the heart rate dropped, and a watch-off stretch of 10 min to 3 h at a random place.
+    In both cases the resting heart rate is then dropped with probability TRAIN_P_DROP_BASELINE
+    (drawn last: the other fields come from the same draws as before it existed)."""
     if p_recorded > 0 and rng.random() < p_recorded:
-        return Condition("drawn")
+        return Condition("drawn", drop_baseline=bool(rng.random() < TRAIN_P_DROP_BASELINE))
     period = TRAIN_HR_PERIODS_S[rng.integers(len(TRAIN_HR_PERIODS_S))]
     has_motion = bool((~np.isnan(night.activity_count)).any())
     drop_motion = bool(rng.random() < TRAIN_P_DROP_MOTION)
     drop_hr = bool(not drop_motion and has_motion and rng.random() < TRAIN_P_DROP_HEART_RATE)
     off = float(rng.uniform(*TRAIN_WATCH_OFF_S)) if rng.random() < TRAIN_P_WATCH_OFF else 0.0
-    return Condition("drawn", period, drop_motion, drop_hr, off, float(rng.uniform(0.0, 1.0)))
+    start_frac = float(rng.uniform(0.0, 1.0))
+    return Condition("drawn", period, drop_motion, drop_hr, off, start_frac,
+                     drop_baseline=bool(rng.random() < TRAIN_P_DROP_BASELINE))
 
 
 def heart_rate_samples(night: dl.Night) -> np.ndarray:
@@ -127,6 +138,9 @@ def degrade(night: dl.Night, condition: Condition, rng: np.random.Generator | No
         for values in (activity, motion_mean, motion_std, steps):
             values[off] = np.nan
     hr_mean, hr_std, _ = epoch_mean_std(dl.epoch_index(samples[:, 0], night.epoch_start_s), samples[:, 1], len(night))
+    # the same watch (or person) reads the days before the night with the same offset
+    resting = math.nan if condition.drop_baseline else night.resting_hr_bpm + condition.hr_offset_bpm
     return dataclasses.replace(night, heart_rate_bpm=hr_mean, heart_rate_std_bpm=hr_std, activity_count=activity,
                                motion_mag_mean_g=motion_mean, motion_mag_std_g=motion_std, steps=steps,
-                               heart_rate_samples=samples, report={**night.report, "condition": condition.name})
+                               heart_rate_samples=samples, resting_hr_bpm=resting,
+                               report={**night.report, "condition": condition.name})

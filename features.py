@@ -15,6 +15,11 @@ and come off: the features read heart rate over time (the epoch mean where the e
 readings, else interpolated up to HR_INTERP_EPOCHS between readings offline, or the last reading
 held in real time), give the time since the last reading explicitly (`hr_age_log_min`), and use
 no per-epoch sample count or within-epoch spread, which would tell the sampling rate.
+
+The personal baseline (opt-in: not in DEFAULT_FEATURES): `hr_minus_resting_bpm` reads the filled
+heart rate against the wearer's resting heart rate from the days before the night (the night's
+`resting_hr_bpm`, data_loader.resting_heart_rate; IncrementalFeatures.set_resting in a stream),
+0 without one, and `resting_hr_missing` says there is none.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 
 EPOCH_S = 30
 SEQ_LEN = 25
-FEATURES_VERSION = 2  # part of every feature-store key: bump when a formula here changes
+FEATURES_VERSION = 3  # part of every feature-store key: bump when a formula here changes
 HR_PRIOR_BPM = 60.0  # heart rate assumed before the first reading of a night (causal) or without any
 MOVE_COUNT = 10.0    # an activity count above this is a movement (log_epochs_since_move)
 HR_INTERP_EPOCHS = 20  # offline: interpolate heart rate across gaps up to 10 min; hold it across longer ones
@@ -57,6 +62,8 @@ FEATURES = (
     "motion_mag_std_g",
     "steps",                   # steps file only (0 without it)
     "steps_missing",
+    "hr_minus_resting_bpm",    # heart_rate_bpm minus the resting heart rate before the night (0 without one)
+    "resting_hr_missing",      # 1 where the night has no resting heart rate (too little history)
 )
 # The bundled data has neither raw motion nor steps, so the default models leave those out.
 DEFAULT_FEATURES = FEATURES[:FEATURES.index("motion_missing") + 1]
@@ -66,13 +73,15 @@ AGGREGATES = ("heart_rate_bpm", "heart_rate_std_bpm") + FEATURE_AGGREGATES[1:]
 
 
 class EpochAggregates(Protocol):
-    """What the features read of a night (data_loader.Night has it): per-epoch arrays, NaN = missing."""
+    """What the features read of a night (data_loader.Night has it): per-epoch arrays, NaN = missing,
+    and the wearer's resting heart rate before the night (NaN: none)."""
     epoch_start_s: np.ndarray
     heart_rate_bpm: np.ndarray
     activity_count: np.ndarray
     motion_mag_mean_g: np.ndarray
     motion_mag_std_g: np.ndarray
     steps: np.ndarray
+    resting_hr_bpm: float
 
 
 def check_features(features) -> tuple[str, ...]:
@@ -163,6 +172,11 @@ def hr_age_feature(age_epochs: np.ndarray) -> np.ndarray:
     return np.log1p(np.minimum(age_epochs * (EPOCH_S / 60.0), HR_AGE_CAP_MIN))
 
 
+def hr_minus_resting(hr: np.ndarray, resting_hr_bpm) -> np.ndarray:
+    """The filled heart rate against the resting heart rate (scalar or per row); 0 where there is none (NaN)."""
+    return np.where(np.isnan(resting_hr_bpm), 0.0, hr - resting_hr_bpm)
+
+
 def stages_of(probabilities: np.ndarray) -> np.ndarray:
     """The stage of each row of probabilities (n, 4): its argmax, or -1 for a NaN row (no data)."""
     missing = np.isnan(probabilities).any(axis=1)
@@ -231,6 +245,7 @@ def night_features(night: EpochAggregates, causal: bool = True, features: tuple[
     np.maximum.accumulate(moved, out=moved)
     since_move = np.where(moved >= 0, np.arange(len(counts)) - moved, np.arange(len(counts)) + 1)
     log_counts = np.log1p(counts)
+    resting = np.full(len(hr), night.resting_hr_bpm, np.float64)
     hrv = [_rolling(hr, w, "std", centred) for w in HRV_EPOCHS]
     activity = [_rolling(log_counts, w, "mean", centred) for w in ACTIVITY_EPOCHS]
     columns = {
@@ -248,6 +263,8 @@ def night_features(night: EpochAggregates, causal: bool = True, features: tuple[
         "motion_mag_std_g": np.nan_to_num(night.motion_mag_std_g),
         "steps": np.nan_to_num(night.steps),
         "steps_missing": np.isnan(night.steps).astype(np.float64),
+        "hr_minus_resting_bpm": hr_minus_resting(hr, resting),
+        "resting_hr_missing": np.isnan(resting).astype(np.float64),
     }
     return np.stack([columns[name] for name in features], axis=1).astype(np.float32)
 
@@ -262,12 +279,14 @@ class IncrementalFeatures:
     ACTIVITY_RING values of the running cumulative sums in ring buffers, so every number comes
     from the same float64 operations as the whole-night form. Each wearer (a row) has its own
     night: `reset(rows)` starts a new one, `update` closes one epoch for every wearer or for the
-    given rows. `add_rows` makes room for more wearers (StagerPool).
+    given rows. `add_rows` makes room for more wearers (StagerPool). `set_resting` gives wearers their
+    resting heart rate (the night's `resting_hr_bpm`); none (NaN) until set, and again after `reset`.
     """
 
     _STATE = {"n": (np.int64, 0), "hr_last": (np.float64, np.nan), "hr_last_k": (np.int64, -1),
               "count_last": (np.float64, np.nan), "n_seen": (np.int64, 0), "s1": (np.float64, 0.0),
-              "s2": (np.float64, 0.0), "last_move": (np.int64, -1), "last_data_k": (np.int64, -1)}
+              "s2": (np.float64, 0.0), "last_move": (np.int64, -1), "last_data_k": (np.int64, -1),
+              "resting_hr_bpm": (np.float64, np.nan)}
     _RINGS = {"hr_c1": HR_RING, "hr_c2": HR_RING, "la_c1": ACTIVITY_RING}
 
     def __init__(self, n_wearers: int, features: tuple[str, ...] = FEATURES):
@@ -296,15 +315,26 @@ class IncrementalFeatures:
         self.reset(rows)
         return rows
 
-    def reset(self, rows=None) -> None:
-        """A new night for the given rows (indices or boolean mask; None: all)."""
+    @staticmethod
+    def _select(rows):
+        """An index of rows given as indices or a boolean mask (None: all)."""
         w = slice(None) if rows is None else np.asarray(rows)
         if not isinstance(w, slice) and w.dtype != bool:
             w = w.astype(np.int64)  # an empty list is a float array
+        return w
+
+    def reset(self, rows=None) -> None:
+        """A new night for the given rows (indices or boolean mask; None: all); their resting heart rate is cleared."""
+        w = self._select(rows)
         for name, (_, start) in self._STATE.items():
             getattr(self, name)[w] = start
         for name in self._RINGS:
             getattr(self, name)[w] = 0.0
+
+    def set_resting(self, rows, resting_hr_bpm) -> None:
+        """The resting heart rate (bpm; NaN or None: none) of the given rows (indices or boolean mask; None:
+        all), scalar or one per row; it holds for their epochs closed from now on, until `reset`."""
+        self.resting_hr_bpm[self._select(rows)] = np.asarray(resting_hr_bpm, np.float64)  # None -> NaN
 
     def update(self, hours_since_start, heart_rate_bpm=None, activity_count=None, steps=None,
                motion_mag_mean_g=None, motion_mag_std_g=None, rows=None) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +352,7 @@ class IncrementalFeatures:
         hr_observed, count_observed = ~np.isnan(hr_raw), ~np.isnan(count_raw)
         hr_last = np.where(hr_observed, hr_raw, self.hr_last[w])
         hr_last_k = np.where(hr_observed, k, self.hr_last_k[w])
+        resting = self.resting_hr_bpm[w]
         n_seen = self.n_seen[w] + hr_observed
         s1 = np.where(hr_observed, self.s1[w] + hr_raw, self.s1[w])
         s2 = np.where(hr_observed, self.s2[w] + hr_raw * hr_raw, self.s2[w])
@@ -370,6 +401,8 @@ class IncrementalFeatures:
             "motion_mag_std_g": lambda: np.nan_to_num(mag_std),
             "steps": lambda: np.nan_to_num(steps),
             "steps_missing": lambda: np.isnan(steps).astype(np.float64),
+            "hr_minus_resting_bpm": lambda: hr_minus_resting(hr, resting),
+            "resting_hr_missing": lambda: np.isnan(resting).astype(np.float64),
         }
         out = np.empty((len(w), len(self.features)), np.float32)
         for j, name in enumerate(self.features):

@@ -333,6 +333,14 @@ class StreamIntake:
                        {name: aggregates[name] for name in features.FEATURE_AGGREGATES})
 
 
+def checked_resting_hr(resting_hr_bpm: float | None) -> float:
+    """A resting heart rate given to a stream: NaN for none (None or NaN), else within the heart-rate input rules."""
+    value = math.nan if resting_hr_bpm is None else float(resting_hr_bpm)
+    if not (math.isnan(value) or dl.HR_MIN_BPM <= value <= dl.HR_MAX_BPM):
+        raise ValueError(f"resting_hr_bpm must be None or {dl.HR_MIN_BPM:g}-{dl.HR_MAX_BPM:g} bpm, got {resting_hr_bpm}")
+    return value
+
+
 def epoch_aggregates(intake: StreamIntake, k: int) -> dict[str, float]:
     """Epoch k's aggregates from the samples the intake held for it (taken out), with the formulas
     data_loader.night_from_arrays uses for a whole night."""
@@ -460,12 +468,15 @@ class StreamWindows:
     epochs waiting for their feature rows, the windows waiting for the model call, the revisions.
 
     Feature rows and windows are made when the epochs are taken (`take`; a pool makes them for all its
-    wearers at once, `featurize_many`), so closing an epoch costs nothing here.
+    wearers at once, `featurize_many`), so closing an epoch costs nothing here. The wearer's resting
+    heart rate (NaN: none) is the wearer's, not a night's: every night of the stream starts with it.
     """
 
-    def __init__(self, state: FeatureState, row: int, lookahead: int, record_features: bool):
+    def __init__(self, state: FeatureState, row: int, lookahead: int, record_features: bool,
+                 resting_hr_bpm: float = math.nan):
         self.state, self.row = state, int(row)
         self.lookahead, self.record_features = int(lookahead), record_features
+        self.resting_hr_bpm = float(resting_hr_bpm)
         self.reset(new_stats())
 
     def reset(self, stats: dict[str, int]) -> None:
@@ -475,7 +486,17 @@ class StreamWindows:
         self.closed: list[_Closed | None] = []
         self.pending: list[PendingEpoch] = []
         self.revisions = Revisions(self.lookahead) if self.lookahead else None
+        self._start_feature_night()
+
+    def _start_feature_night(self) -> None:
         self.state.features.reset([self.row])
+        self.state.features.set_resting([self.row], self.resting_hr_bpm)
+
+    def set_resting(self, resting_hr_bpm: float) -> None:
+        """The resting heart rate for the epochs closed from now on (those closed before keep theirs)."""
+        self.featurize()
+        self.resting_hr_bpm = float(resting_hr_bpm)
+        self.state.features.set_resting([self.row], self.resting_hr_bpm)
 
     @property
     def n_waiting(self) -> int:
@@ -494,7 +515,7 @@ class StreamWindows:
         """Finish the night (its closed epochs read its feature state, its revisions end), start the next."""
         self.end_night()
         self.featurize()
-        self.state.features.reset([self.row])
+        self._start_feature_night()
 
     def featurize(self) -> None:
         StreamWindows.featurize_many([self])
@@ -587,7 +608,10 @@ class StreamingStager:
     readings. max_gap_s: a jump of the clock larger than this starts a new night.
     record_features: keep every emitted epoch's raw feature row in `feature_rows` (tests, debugging;
     grows with the night). shared, row: a StagerPool's shared feature state and this wearer's row in it
-    (default: a state of its own).
+    (default: a state of its own). resting_hr_bpm: the wearer's resting heart rate before the night
+    (data_loader.resting_heart_rate of their earlier readings; None: none), which the features
+    hr_minus_resting_bpm and resting_hr_missing read; kept across nights and reset(), changed by
+    set_resting_hr.
 
     Three pieces: `intake` (StreamIntake: the input rules, the clock, the samples of open epochs, the
     counters), epoch_aggregates (closing an epoch), `windows` (StreamWindows: feature rows, windows
@@ -599,7 +623,7 @@ class StreamingStager:
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
                  start_s: float | None = 0.0, *, max_delay_s: float = 0.0,
                  max_gap_s: float = DEFAULT_MAX_GAP_S, record_features: bool = False,
-                 shared: FeatureState | None = None, row: int = 0):
+                 shared: FeatureState | None = None, row: int = 0, resting_hr_bpm: float | None = None):
         if not checkpoint.get("causal"):
             raise ValueError("StreamingStager needs a causal checkpoint (trained with --causal, e.g. "
                              "checkpoints/hybrid_causal/model.pth): an offline model reads epochs after the one "
@@ -624,7 +648,7 @@ class StreamingStager:
         self.windows = StreamWindows(
             shared or FeatureState(features.IncrementalFeatures(1, self.features),
                                    features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)),
-            row, self.lookahead, record_features)
+            row, self.lookahead, record_features, checked_resting_hr(resting_hr_bpm))
         self.reset()
 
     @classmethod
@@ -712,6 +736,15 @@ class StreamingStager:
         """Advance the clock to now_s under the normal rule: closes epochs ending at or before now_s - max_delay_s."""
         self._advance(now_s, wait_delay=True)
         return self._emit()
+
+    @property
+    def resting_hr_bpm(self) -> float:
+        """The wearer's resting heart rate the features read (NaN: none)."""
+        return self.windows.resting_hr_bpm
+
+    def set_resting_hr(self, resting_hr_bpm: float | None) -> None:
+        """The wearer's resting heart rate (bpm; None or NaN: none) for the epochs closed from now on."""
+        self.windows.set_resting(checked_resting_hr(resting_hr_bpm))
 
     def take_revised(self) -> list[StagedEpoch]:
         """The revised stages given since the last call, in epoch order: StagedEpoch(start of the earlier
@@ -836,6 +869,11 @@ class StagerPool:
         """StreamingStager.flush for these wearers (default all); the epochs wait for predict()."""
         for wearer in (self.stagers if wearers is None else wearers):
             self[wearer]._flush(now_s, revise)
+
+    def set_resting_hr(self, wearer, resting_hr_bpm: float | None) -> None:
+        """One wearer's resting heart rate (StreamingStager.set_resting_hr); the default is stager_kwargs'
+        resting_hr_bpm, or none."""
+        self[wearer].set_resting_hr(resting_hr_bpm)
 
     def remove(self, wearer) -> None:
         """Forget a wearer; a StreamingStager of it still held elsewhere keeps working on a state of its own."""
@@ -991,11 +1029,12 @@ def replay_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: 
     """The offline evaluation's frame (evaluation.PREDICTION_COLUMNS), computed by streaming each night's files.
 
     A model with a lookahead adds REVISED_COLUMNS (pred_revised, p_wake_revised, ...): the revised stage
-    of each epoch, as predict_nights(..., revised=True) gives it.
+    of each epoch, as predict_nights(..., revised=True) gives it. Each stream gets its night's resting heart rate.
     """
     frames = []
     for night in nights:
-        stager = StreamingStager(model, scaler, checkpoint, start_s=float(night.epoch_start_s[0]), **stager_kwargs)
+        stager = StreamingStager(model, scaler, checkpoint, start_s=float(night.epoch_start_s[0]),
+                                 resting_hr_bpm=night.resting_hr_bpm, **stager_kwargs)
         end_s = float(night.epoch_start_s[-1] + EPOCH_S)
         epochs = replay(stager, recorded_readings(data_dir, night.subject_id), end_s)
         frame = prediction_frame(night, _night_probabilities(night, epochs, "closed"))

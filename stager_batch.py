@@ -57,6 +57,10 @@ class StagerBatch:
     Where the window is not more than twice the receptive field, no cache is kept (it would save
     nothing): the step is the plain batched model call.
 
+    resting_hr_bpm: each wearer's resting heart rate (scalar or (n,); None or NaN: none), which the
+    features hr_minus_resting_bpm and resting_hr_missing read; kept across reset(), changed by
+    set_resting_hr (a row given to another wearer).
+
     A model with a lookahead L also revises each wearer's epochs, as a StreamingStager does
     (realtime.Revisions): the step that closes epoch k gives, from the same model call, the revision
     of epoch k - L, in `revised` (RevisedEpochs, replaced by every step: read it after each);
@@ -65,7 +69,7 @@ class StagerBatch:
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
-                 start_s=0.0, batch_size: int = 128):
+                 start_s=0.0, batch_size: int = 128, resting_hr_bpm=None):
         StreamingStager(model, scaler, checkpoint)  # the same checks: causal, known features
         self.model, self.scaler, self.checkpoint = model, scaler, checkpoint
         self.features = tuple(checkpoint["features"])
@@ -74,6 +78,8 @@ class StagerBatch:
         self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
         self._wearers = np.arange(self.n_wearers)
         self._features = features.IncrementalFeatures(self.n_wearers, self.features)
+        self.resting_hr_bpm = np.full(self.n_wearers, np.nan)
+        self.set_resting_hr(None, resting_hr_bpm)
         self._ring = features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos)
         config = getattr(model, "config", None)
         self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
@@ -106,11 +112,20 @@ class StagerBatch:
         the night that ends (end_night)."""
         revised = self.end_night(wearers)
         self._features.reset(wearers)
+        w = self._select(wearers)
+        self._features.set_resting(w, self.resting_hr_bpm[w])  # the wearer's, not the night's
         if self.lookahead:
-            self._revised_n[self._select(wearers)] = 0
+            self._revised_n[w] = 0
         # the ring, self.conv and the revision state need no more: a window reads only epochs of its
         # night, each written when it closed
         return revised
+
+    def set_resting_hr(self, wearers, resting_hr_bpm) -> None:
+        """The resting heart rate (bpm; None or NaN: none) of these wearers (indices or boolean mask; None: all),
+        scalar or one per wearer, for their epochs closed from now on."""
+        w = self._select(wearers)
+        self.resting_hr_bpm[w] = np.asarray(resting_hr_bpm, np.float64)
+        self._features.set_resting(w, self.resting_hr_bpm[w])
 
     def end_night(self, wearers=None) -> RevisedEpochs:
         """The night ends for the given wearers (None: all): each epoch still waiting for its look-ahead is

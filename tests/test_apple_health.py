@@ -4,6 +4,7 @@ Apple's stages on some nights) through apple_health.py and `--apple-health`, and
 import json
 import re
 import zipfile
+from datetime import date
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,22 @@ def test_nights_are_found_by_local_evening_across_daylight_saving(export):
     assert [n.day.isoformat() for n in with_stages] == ["2026-03-28", "2026-03-30"]
     expected = truth["nights"][1]["apple_stage"]
     np.testing.assert_array_equal(with_stages[0].apple_stage[:len(expected)], expected)
+
+
+def test_nights_get_their_resting_heart_rate_from_the_days_before_also_when_read_from_a_date(export):
+    path, _ = export
+    full = apple_health.read_export(path)
+    found = list(apple_health.nights(full))
+    for night in found[1:]:  # the export's readings before the night: the evening, the nights before
+        assert night.night.resting_hr_bpm == dl.resting_heart_rate(full.heart_rate[:, :2], night.start_s)
+        assert 45.0 < night.night.resting_hr_bpm < 60.0  # asleep about 56 bpm, awake 78
+    day = date(2026, 3, 29)  # reading from a date keeps the heart rate of the days before it
+    dated = apple_health.read_export(path, day, day)
+    (later,) = apple_health.nights(dated, only=day)
+    assert later.night.resting_hr_bpm == found[2].night.resting_hr_bpm
+    t = full.heart_rate[:, 0]
+    week = full.heart_rate[(t >= later.start_s - dl.RESTING_HR_DAYS * 86400.0) & (t < later.start_s)]
+    np.testing.assert_array_equal(dated.heart_rate[dated.heart_rate[:, 0] < later.start_s], week)
 
 
 def test_the_command_writes_a_report_per_night_nights_csv_and_a_diary(export, offline_ckpt, tmp_path, capsys):

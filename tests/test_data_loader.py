@@ -1,4 +1,5 @@
-"""Data pipeline: alignment, counts, input rules, cache, splits, scaling, windows."""
+"""Data pipeline: alignment, counts, input rules, resting heart rate, cache, splits, scaling, windows."""
+import dataclasses
 import gzip
 import os
 import time
@@ -217,7 +218,8 @@ def test_causal_features_never_look_ahead():
     night = dl.load_night(BUNDLED, "46343", cache_dir=None)
     full = features.night_features(night, causal=True)
     k = 300
-    prefix = dl.Night(night.subject_id, *(getattr(night, a)[:k] for a in dl.Night.ARRAYS))
+    prefix = dl.Night(night.subject_id, *(getattr(night, a)[:k] for a in dl.Night.ARRAYS),
+                      resting_hr_bpm=night.resting_hr_bpm)
     np.testing.assert_allclose(features.night_features(prefix, causal=True), full[:k], rtol=1e-5, atol=1e-5)
     # offline features use the whole night, so they may differ on a prefix
     assert not np.allclose(features.night_features(prefix, causal=False), features.night_features(night, causal=False)[:k])
@@ -279,10 +281,86 @@ def test_a_subject_with_heart_rate_only_or_counts_only_loads(tmp_path):
     assert night.report["heart_rate_last_s"] is None and len(night.heart_rate_samples) == 0
 
 
+def test_heart_rate_against_the_resting_heart_rate_reads_the_filled_heart_rate_and_flags_none():
+    # as above: readings of 70 bpm in epochs 2-4, 50 bpm in 8-9; a resting heart rate of 55 bpm
+    hr = np.array([np.nan, np.nan, 70, 70, 70, np.nan, np.nan, np.nan, 50, 50])
+    night = dl.Night("1", 30.0 * np.arange(10), np.zeros(10, np.int8), hr, np.zeros(10), np.zeros(10),
+                     np.full(10, np.nan), np.full(10, np.nan), np.full(10, np.nan), resting_hr_bpm=55.0)
+    names = ("heart_rate_bpm", "hr_minus_resting_bpm", "resting_hr_missing")
+    causal = features.night_features(night, causal=True, features=names)
+    offline = features.night_features(night, causal=False, features=names)
+    np.testing.assert_allclose(causal[:, 1], [5] * 2 + [15] * 6 + [-5] * 2)  # held (60 bpm before the first)
+    np.testing.assert_allclose(offline[:, 1], [15] * 5 + [10, 5, 0] + [-5] * 2)  # interpolated, lead backwards
+    assert (causal[:, 2] == 0).all() and (offline[:, 2] == 0).all()
+    none = dataclasses.replace(night, resting_hr_bpm=np.nan)  # no baseline: 0, and the flag says so
+    for causal_form in (True, False):
+        x = features.night_features(none, causal=causal_form, features=names)
+        assert (x[:, 1] == 0).all() and (x[:, 2] == 1).all()
+        np.testing.assert_array_equal(x[:, 0], features.night_features(night, causal_form, names)[:, 0])
+    # opt-in: the default features (the shipped checkpoints' list) do not read it
+    assert not {"hr_minus_resting_bpm", "resting_hr_missing"} & set(features.DEFAULT_FEATURES)
+    default = features.DEFAULT_FEATURES
+    np.testing.assert_array_equal(features.night_features(night, features=default),
+                                  features.night_features(none, features=default))
+
+
 def test_unknown_feature_name_is_rejected():
     night = dl.load_night(BUNDLED, "46343", cache_dir=None)
     with pytest.raises(ValueError, match="unknown feature"):
         features.night_features(night, features=("heart_rate_bpm", "pulse"))
+
+
+# ----------------------------------------------------------------------------- resting heart rate
+
+def test_resting_heart_rate_is_the_5th_percentile_of_the_week_before_the_night():
+    start = 3600.0
+    week = start - dl.RESTING_HR_DAYS * 86400.0
+    history = np.column_stack([np.linspace(week, start - 1.0, 100), np.arange(41.0, 141.0)])
+    older = np.column_stack([week - 1.0 - np.arange(200.0)[::-1], np.full(200, 30.0)])  # more than a week before
+    inside = np.column_stack([start + np.arange(200.0), np.full(200, 35.0)])            # the night itself
+    readings = np.concatenate([older, history, inside])
+    assert dl.resting_heart_rate(readings, start) == pytest.approx(np.percentile(np.arange(41.0, 141.0), 5))
+    assert dl.resting_heart_rate(readings, start) == pytest.approx(45.95)
+
+
+def test_resting_heart_rate_needs_enough_readings_inside_the_window():
+    week = -dl.RESTING_HR_DAYS * 86400.0
+    t = np.linspace(week, -1.0, dl.RESTING_HR_MIN_READINGS)  # the first exactly where the window starts
+    readings = np.column_stack([t, np.full(len(t), 55.0)])
+    assert dl.resting_heart_rate(readings, 0.0) == 55.0
+    assert np.isnan(dl.resting_heart_rate(readings[1:], 0.0))  # one too few: no baseline
+    early = readings.copy()
+    early[0, 0] -= 1.0  # just before the week
+    assert np.isnan(dl.resting_heart_rate(early, 0.0))
+    late = readings.copy()
+    late[-1, 0] = 0.0  # the night's first instant belongs to the night
+    assert np.isnan(dl.resting_heart_rate(late, 0.0))
+    assert np.isnan(dl.resting_heart_rate(None, 0.0)) and np.isnan(dl.resting_heart_rate(np.zeros((0, 2)), 0.0))
+
+
+def test_the_loader_takes_the_resting_heart_rate_from_the_day_before_and_caches_it(tmp_path, cache_dir):
+    before = "".join(f"{t:.0f},{50 + i % 20}\n" for i, t in enumerate(np.arange(-86400.0, 0.0, 600.0)))
+    night = "".join(f"{t:.0f},30\n" for t in np.arange(0.0, 1200.0, 5.0))  # lower, but inside the night
+    make_subject(tmp_path, hr=before + night)
+    first = dl.load_night(tmp_path, "1", cache_dir)
+    assert first.resting_hr_bpm == pytest.approx(np.percentile(50 + np.arange(144) % 20, 5))
+    cached = dl.load_night(tmp_path, "1", cache_dir)
+    assert cached.report.get("from_cache") and cached.resting_hr_bpm == first.resting_hr_bpm
+    make_subject(tmp_path / "short", hr=before.splitlines(keepends=True)[0] + night)  # one reading before: none
+    assert np.isnan(dl.load_night(tmp_path / "short", "1", cache_dir).resting_hr_bpm)
+
+
+def test_every_bundled_subject_gets_a_resting_heart_rate_from_its_days_before_the_night():
+    resting = {s: dl.load_night(BUNDLED, s, cache_dir=None).resting_hr_bpm for s in dl.find_subjects(BUNDLED)}
+    assert len(resting) == 25 and all(45.0 < r < 80.0 for r in resting.values()), resting
+    assert resting["5383425"] == 60.0  # 80 readings in the 14 h before its night: enough
+    # the history alone: the same night without its days before has none
+    files = dl.subject_files(BUNDLED, "46343")
+    epoch_start_s, stage = dl.read_labels(files["labels"])
+    hr = dl.read_signal(files["heart_rate"], 2)
+    inside = dl.night_from_arrays("46343", epoch_start_s, stage, hr[hr[:, 0] >= epoch_start_s[0]])
+    assert np.isnan(inside.resting_hr_bpm)
+    assert dl.night_from_arrays("46343", epoch_start_s, stage, hr).resting_hr_bpm == resting["46343"]
 
 
 # ----------------------------------------------------------------------------- cache

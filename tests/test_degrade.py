@@ -1,6 +1,8 @@
 """Real-world conditions (degrade.py) and how training uses them: thinning keeps the first reading per
 interval, watch-off stretches remove both channels, drawn conditions are reproducible per seed (every
 torchrun rank draws the same), and no-data epochs are not trained or scored."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,31 @@ def test_dropping_channels_and_a_watch_off_stretch(night):
     np.testing.assert_array_equal(features.no_data(watch_off, causal=False), off)
     causal = features.no_data(watch_off, causal=True)
     assert causal.sum() == off.sum() - features.NO_DATA_EPOCHS and not causal[~off].any()
+
+
+def test_dropping_the_baseline_clears_the_resting_heart_rate_and_nothing_else(night):
+    assert np.isfinite(night.resting_hr_bpm)
+    assert degrade.degrade(night, degrade.CONDITIONS["as recorded"]).resting_hr_bpm == night.resting_hr_bpm
+    dropped = degrade.degrade(night, degrade.CONDITIONS["as recorded, no baseline"])
+    assert np.isnan(dropped.resting_hr_bpm)
+    np.testing.assert_array_equal(dropped.heart_rate_bpm, night.heart_rate_bpm)
+    np.testing.assert_array_equal(dropped.activity_count, night.activity_count)
+    x = features.night_features(dropped, causal=True, features=("hr_minus_resting_bpm", "resting_hr_missing"))
+    assert (x[:, 0] == 0).all() and (x[:, 1] == 1).all()
+    hr_only = degrade.degrade(night, degrade.CONDITIONS["heart rate only, no baseline"])
+    assert np.isnan(hr_only.resting_hr_bpm) and np.isnan(hr_only.activity_count).all()
+    assert not np.isnan(hr_only.heart_rate_bpm).all()
+
+
+@pytest.mark.parametrize("p_recorded", [0.0, 1.0])
+def test_drawn_conditions_drop_the_baseline_half_the_time_as_recorded_or_not(night, p_recorded):
+    rng = np.random.default_rng(0)
+    drawn = [degrade.draw_condition(rng, night, p_recorded) for _ in range(2000)]
+    assert 0.46 < np.mean([c.drop_baseline for c in drawn]) < 0.54
+    if p_recorded == 1.0:  # every one as recorded, with or without the baseline
+        assert {dataclasses.replace(c, drop_baseline=False) for c in drawn} == {degrade.Condition("drawn")}
+    rng = np.random.default_rng(0)
+    assert [degrade.draw_condition(rng, night, p_recorded) for _ in range(2000)] == drawn  # reproducible
 
 
 def test_drawn_conditions_cover_the_documented_range_and_repeat_per_seed(night):

@@ -3,6 +3,7 @@
 One tiny causal hybrid is trained for the whole file (module fixture); untrained checkpoints
 stand in where only the plumbing matters (all 19 features, the LSTM, an offline model).
 """
+import dataclasses
 import io
 import math
 import shutil
@@ -126,11 +127,13 @@ def test_stager_needs_a_causal_checkpoint(tmp_path, loaded, causal_ckpt):
 
 # ----------------------------------------------------------------------------- features and replay
 
-@pytest.mark.parametrize("condition", ["as recorded", "heart rate every 300 s, no motion", "2 h watch off"])
+@pytest.mark.parametrize("condition", ["as recorded", "heart rate every 300 s, no motion", "2 h watch off",
+                                       "as recorded, no baseline"])
 def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night(condition):
     for subject in dl.find_subjects(BUNDLED):  # 7749105: counts stop early, heart rate turns sparse
         night = degrade.degrade(dl.load_night(BUNDLED, subject, cache_dir=None), degrade.CONDITIONS[condition])
         state = features.IncrementalFeatures(1, features.FEATURES)
+        state.set_resting([0], night.resting_hr_bpm)  # every bundled night has one, unless the condition drops it
         rows, no_data = [], []
         for k in range(len(night)):
             hours = (night.epoch_start_s[k] - night.epoch_start_s[0]) / 3600.0
@@ -141,6 +144,64 @@ def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night(c
         np.testing.assert_allclose(np.array(rows, np.float32), expected, atol=1e-5, rtol=0, err_msg=subject)
         np.testing.assert_array_equal(no_data, features.no_data(night, causal=True), err_msg=subject)
     assert state.hr_c1.shape == (1, 61) and state.la_c1.shape == (1, 21)  # ring buffers, not the night's history
+
+
+def test_incremental_features_keep_a_resting_heart_rate_per_wearer_until_reset():
+    state = features.IncrementalFeatures(3, ("heart_rate_bpm", "hr_minus_resting_bpm", "resting_hr_missing"))
+    state.set_resting([0, 2], [50.0, 70.0])  # wearer 1: none
+    rows, _ = state.update(0.0, heart_rate_bpm=60.0)
+    np.testing.assert_array_equal(rows[:, 1:], [[10, 0], [0, 1], [-10, 0]])
+    assert state.take_row(2).resting_hr_bpm[0] == 70.0  # a wearer leaving a pool takes it along
+    new = state.add_rows(1)
+    assert np.isnan(state.resting_hr_bpm[new]).all()  # a new wearer has none
+    state.reset([0])
+    state.set_resting(np.array([False, True, False, False]), 65.0)  # a mask, as reset takes
+    rows, _ = state.update(0.0, heart_rate_bpm=[60.0, 60.0, 60.0], rows=[0, 1, 2])
+    np.testing.assert_array_equal(rows[:, 1:], [[0, 1], [-5, 0], [-10, 0]])
+
+
+BASELINE_FEATURES = features.DEFAULT_FEATURES + ("hr_minus_resting_bpm", "resting_hr_missing")
+
+
+def test_streams_reading_the_resting_heart_rate_equal_the_offline_causal_scoring(small_data_dir, tmp_path):
+    """A model whose features include the personal baseline: replayed nights (each stream given its night's
+    resting heart rate), a pool with one wearer's set and a batch give the offline causal scoring."""
+    nights = [dl.load_night(small_data_dir, s, cache_dir=None) for s in REPLAY_SUBJECTS]
+    assert all(np.isfinite(n.resting_hr_bpm) for n in nights)
+    matrices = [features.night_features(n, causal=True, features=BASELINE_FEATURES) for n in nights]
+    model, scaler, ckpt = load_model_from_checkpoint(
+        untrained_checkpoint(tmp_path / "baseline.pth", features=BASELINE_FEATURES, matrices=matrices))
+    offline = evaluation.predict_nights(model, scaler, ckpt, nights)
+    streamed = realtime.replay_nights(model, scaler, ckpt, small_data_dir, nights)
+    assert_same_predictions(streamed[PROB_COLUMNS].to_numpy(), offline[PROB_COLUMNS].to_numpy())
+    # one wearer with a resting heart rate, one without (the pool's default): their nights' first hour
+    without = dataclasses.replace(nights[1], resting_hr_bpm=math.nan)
+    expected = [offline[offline["subject"] == REPLAY_SUBJECTS[0]][PROB_COLUMNS].to_numpy()[:120],
+                evaluation.predict_nights(model, scaler, ckpt, [without])[PROB_COLUMNS].to_numpy()[:120]]
+    pool = StagerPool(model, scaler, ckpt)
+    pool.set_resting_hr(REPLAY_SUBJECTS[0], nights[0].resting_hr_bpm)
+    for s in REPLAY_SUBJECTS:
+        for kind, rows in realtime.time_ordered_runs(realtime.recorded_readings(small_data_dir, s), 0.0, 3600.0):
+            pool.push(s, kind, rows[:, 0], *rows[:, 1:].T)
+    pool.flush(3600.0)
+    pooled = pool.predict()
+    for s, probs in zip(REPLAY_SUBJECTS, expected):
+        assert_same_predictions(probs_of(pooled[s]), probs)
+    assert math.isnan(pool[REPLAY_SUBJECTS[1]].resting_hr_bpm)
+    # the batch: the same feature rows, and a wearer's resting heart rate outlives a new night
+    batch = StagerBatch(model, scaler, ckpt, n_wearers=2, resting_hr_bpm=[nights[0].resting_hr_bpm, None])
+    rows = np.stack([batch.feature_rows(**{name: [getattr(nights[0], name)[k], getattr(without, name)[k]]
+                                           for name in features.FEATURE_AGGREGATES})[1] for k in range(120)], axis=1)
+    np.testing.assert_array_equal(rows[0], features.night_features(nights[0], True, BASELINE_FEATURES)[:120])
+    np.testing.assert_array_equal(rows[1], features.night_features(without, True, BASELINE_FEATURES)[:120])
+    batch.reset()
+    batch.set_resting_hr([1], 55.0)
+    _, rows, _ = batch.feature_rows(heart_rate_bpm=[60.0, 60.0])
+    np.testing.assert_array_equal(rows[:, -2:], [[60.0 - nights[0].resting_hr_bpm, 0.0], [5.0, 0.0]])
+    _, stages, probs = batch.step(heart_rate_bpm=[60.0, 60.0])
+    assert probs.shape == (2, 4) and np.isfinite(probs).all() and (stages >= 0).all()
+    with pytest.raises(ValueError, match="resting_hr_bpm"):
+        StreamingStager(model, scaler, ckpt, resting_hr_bpm=600.0)
 
 
 @pytest.mark.parametrize("subject", REPLAY_SUBJECTS)
@@ -170,7 +231,9 @@ def test_replaying_a_synthetic_night_with_raw_motion_and_steps(tmp_path):
     model, scaler, ckpt = load_model_from_checkpoint(
         untrained_checkpoint(tmp_path / "all.pth", features=features.FEATURES, matrices=[x]))
     offline = evaluation.predict_nights(model, scaler, ckpt, [night])
-    stager = StreamingStager(model, scaler, ckpt, start_s=0.0, record_features=True)
+    assert np.isfinite(night.resting_hr_bpm)  # its heart rate starts before the night
+    stager = StreamingStager(model, scaler, ckpt, start_s=0.0, record_features=True,
+                             resting_hr_bpm=night.resting_hr_bpm)
     readings = realtime.recorded_readings(tmp_path, "77")
     assert set(readings) == {"heart_rate", "motion", "steps"}  # raw motion wins over the counts file
     sizes = np.random.default_rng(1).integers(1, 400, 50)
