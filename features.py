@@ -65,6 +65,15 @@ FEATURES = (
     "hr_minus_resting_bpm",    # heart_rate_bpm minus the resting heart rate before the night (0 without one)
     "resting_hr_missing",      # 1 where the night has no resting heart rate (too little history)
 )
+# the personal-baseline features: only models that read one train with it dropped (degrade.draw_condition)
+BASELINE_FEATURES = ("hr_minus_resting_bpm", "resting_hr_missing")
+
+
+def reads_baseline(feature_names) -> bool:
+    """Whether a feature list reads the personal baseline."""
+    return bool(set(BASELINE_FEATURES) & set(feature_names))
+
+
 # The bundled data has neither raw motion nor steps, so the default models leave those out.
 DEFAULT_FEATURES = FEATURES[:FEATURES.index("motion_missing") + 1]
 # the per-epoch aggregates (data_loader.Night fields) the features read

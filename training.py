@@ -181,6 +181,11 @@ class Prepared:
     def degrades(self) -> bool:
         return self.data_dir is not None
 
+    @property
+    def reads_baseline(self) -> bool:
+        """Whether the features read the personal baseline (then training drops it in half the nights)."""
+        return features.reads_baseline(self.store.feature_names)
+
     def night(self, subject_id: str) -> dl.Night:
         if subject_id not in self.nights:
             self.nights[subject_id] = dl.load_night(self.data_dir, subject_id)
@@ -213,7 +218,8 @@ class Prepared:
         rng = np.random.default_rng(seed)
         for s in subjects:
             night = self.night(s)
-            condition = degrade.draw_condition(rng, night, self.p_recorded)
+            condition = degrade.draw_condition(rng, night, self.p_recorded,
+                                               degrade.TRAIN_P_DROP_BASELINE if self.reads_baseline else 0.0)
             if self.hr_shift_bpm > 0:
                 condition = replace(condition, hr_offset_bpm=float(rng.normal(0.0, self.hr_shift_bpm)))
             self.degraded[s] = self._under(degrade.degrade(night, condition, rng))
@@ -244,9 +250,12 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
     if not cfg.degrade:
         return Prepared(store, store.fit_scaler(train_ids), weight, transitions, causal=cfg.causal)
     nights = {s: dl.load_night(cfg.data_dir, s) for s in train_ids}
+    # the no-baseline conditions repeat others for a model that does not read the baseline
+    conditions = [c for c in degrade.CONDITIONS.values() if features.reads_baseline(store.feature_names)
+                  or not c.drop_baseline]
     scaler = dl.FeatureScaler.fit(
         features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
-        for s in train_ids for condition in degrade.CONDITIONS.values())
+        for s in train_ids for condition in conditions)
     return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, cfg.p_recorded, cfg.hr_shift_bpm,
                     nights)
 

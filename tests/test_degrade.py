@@ -77,12 +77,20 @@ def test_dropping_the_baseline_clears_the_resting_heart_rate_and_nothing_else(ni
 @pytest.mark.parametrize("p_recorded", [0.0, 1.0])
 def test_drawn_conditions_drop_the_baseline_half_the_time_as_recorded_or_not(night, p_recorded):
     rng = np.random.default_rng(0)
-    drawn = [degrade.draw_condition(rng, night, p_recorded) for _ in range(2000)]
+    drawn = [degrade.draw_condition(rng, night, p_recorded, degrade.TRAIN_P_DROP_BASELINE) for _ in range(2000)]
     assert 0.46 < np.mean([c.drop_baseline for c in drawn]) < 0.54
     if p_recorded == 1.0:  # every one as recorded, with or without the baseline
         assert {dataclasses.replace(c, drop_baseline=False) for c in drawn} == {degrade.Condition("drawn")}
     rng = np.random.default_rng(0)
-    assert [degrade.draw_condition(rng, night, p_recorded) for _ in range(2000)] == drawn  # reproducible
+    assert [degrade.draw_condition(rng, night, p_recorded, degrade.TRAIN_P_DROP_BASELINE)
+            for _ in range(2000)] == drawn  # reproducible
+    # without the baseline drawn, nothing more is drawn: the other fields are those drawn with it
+    rng = np.random.default_rng(0)
+    without = [degrade.draw_condition(rng, night, p_recorded) for _ in range(2000)]
+    assert not any(c.drop_baseline for c in without)
+    assert without[0] == dataclasses.replace(drawn[0], drop_baseline=False)
+    if p_recorded == 0.0:  # and after the first draw the streams part
+        assert without[1:] != [dataclasses.replace(c, drop_baseline=False) for c in drawn[1:]]
 
 
 def test_drawn_conditions_cover_the_documented_range_and_repeat_per_seed(night):
@@ -135,3 +143,22 @@ def test_a_heart_rate_offset_shifts_every_reading_and_training_draws_it_per_nigh
         means[shift] = [(data.x(s)[:, column] * data.scaler.scale[column]).mean() for s in subjects]
     offsets = np.subtract(means[10.0], means[0.0])
     assert np.abs(offsets).max() > 1.0 and len(set(np.round(offsets, 3))) == len(subjects)  # one offset per night
+
+
+def test_training_drops_the_baseline_only_for_models_that_read_it(small_data_dir, monkeypatch):
+    passed = []
+    real = degrade.draw_condition
+
+    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0):
+        passed.append(p_drop_baseline)
+        return real(rng, night, p_recorded, p_drop_baseline)
+
+    monkeypatch.setattr(degrade, "draw_condition", spy)
+    for names, expected in ((features.DEFAULT_FEATURES, 0.0),
+                            (features.DEFAULT_FEATURES + features.BASELINE_FEATURES, degrade.TRAIN_P_DROP_BASELINE)):
+        cfg = training.TrainConfig(causal=True, data_dir=str(small_data_dir), features=names)
+        store = feature_store.build_feature_store(small_data_dir, causal=True, features=names, cache_dir=None)
+        data = training.prepare(store, store.subjects[:2], cfg)
+        passed.clear()
+        data.draw(store.subjects[:2], seed=1)
+        assert passed == [expected, expected]
