@@ -63,25 +63,26 @@ VALIDATION_CONDITIONS = ("as recorded", "heart rate every 60 s", "heart rate eve
 
 
 def draw_condition(rng: np.random.Generator, night: dl.Night, p_recorded: float = 0.0,
-                   p_drop_baseline: float = 0.0) -> Condition:
+                   p_drop_baseline: float = 0.0, hr_shift_bpm: float = 0.0) -> Condition:
     """A training condition: with probability p_recorded the recording as it is; else heart-rate
     interval uniform over TRAIN_HR_PERIODS_S, then the motion channel dropped, or else (on a night
     with motion) the heart rate dropped, and a watch-off stretch of 10 min to 3 h at a random place.
     In both cases the resting heart rate is then dropped with probability p_drop_baseline (training
-    passes TRAIN_P_DROP_BASELINE for models that read it; at 0 nothing more is drawn, so models
-    without the baseline features get the same draws as before it existed)."""
-    def drop_baseline() -> bool:
-        return p_drop_baseline > 0 and bool(rng.random() < p_drop_baseline)
+    passes TRAIN_P_DROP_BASELINE for models that read it), and a heart-rate offset drawn from a normal
+    of std hr_shift_bpm. A draw at 0 takes nothing from rng, so the other draws stay as they were."""
+    def finish(condition: Condition) -> Condition:
+        drop = p_drop_baseline > 0 and bool(rng.random() < p_drop_baseline)
+        offset = float(rng.normal(0.0, hr_shift_bpm)) if hr_shift_bpm > 0 else 0.0
+        return dataclasses.replace(condition, drop_baseline=drop, hr_offset_bpm=offset)
 
     if p_recorded > 0 and rng.random() < p_recorded:
-        return Condition("drawn", drop_baseline=drop_baseline())
+        return finish(Condition("drawn"))
     period = TRAIN_HR_PERIODS_S[rng.integers(len(TRAIN_HR_PERIODS_S))]
     has_motion = bool((~np.isnan(night.activity_count)).any())
     drop_motion = bool(rng.random() < TRAIN_P_DROP_MOTION)
     drop_hr = bool(not drop_motion and has_motion and rng.random() < TRAIN_P_DROP_HEART_RATE)
     off = float(rng.uniform(*TRAIN_WATCH_OFF_S)) if rng.random() < TRAIN_P_WATCH_OFF else 0.0
-    start_frac = float(rng.uniform(0.0, 1.0))
-    return Condition("drawn", period, drop_motion, drop_hr, off, start_frac, drop_baseline=drop_baseline())
+    return finish(Condition("drawn", period, drop_motion, drop_hr, off, float(rng.uniform(0.0, 1.0))))
 
 
 def heart_rate_samples(night: dl.Night) -> np.ndarray:

@@ -289,19 +289,20 @@ class IncrementalFeatures:
     from the same float64 operations as the whole-night form. Each wearer (a row) has its own
     night: `reset(rows)` starts a new one, `update` closes one epoch for every wearer or for the
     given rows. `add_rows` makes room for more wearers (StagerPool). `set_resting` gives wearers their
-    resting heart rate (the night's `resting_hr_bpm`); none (NaN) until set, and again after `reset`.
+    resting heart rate (the night's `resting_hr_bpm`): the wearer's, not the night's, so `reset` keeps
+    it; none (NaN) for a new row until set.
     """
 
     _STATE = {"n": (np.int64, 0), "hr_last": (np.float64, np.nan), "hr_last_k": (np.int64, -1),
               "count_last": (np.float64, np.nan), "n_seen": (np.int64, 0), "s1": (np.float64, 0.0),
-              "s2": (np.float64, 0.0), "last_move": (np.int64, -1), "last_data_k": (np.int64, -1),
-              "resting_hr_bpm": (np.float64, np.nan)}
+              "s2": (np.float64, 0.0), "last_move": (np.int64, -1), "last_data_k": (np.int64, -1)}
+    _WEARER = {"resting_hr_bpm": (np.float64, np.nan)}  # per wearer across nights: set by add_rows, not reset
     _RINGS = {"hr_c1": HR_RING, "hr_c2": HR_RING, "la_c1": ACTIVITY_RING}
 
     def __init__(self, n_wearers: int, features: tuple[str, ...] = FEATURES):
         self.features = check_features(features)
         self.n_wearers = 0
-        for name, (dtype, _) in self._STATE.items():
+        for name, (dtype, _) in {**self._STATE, **self._WEARER}.items():
             setattr(self, name, np.zeros(0, dtype))
         for name, size in self._RINGS.items():
             setattr(self, name, np.zeros((0, size)))
@@ -310,17 +311,19 @@ class IncrementalFeatures:
     def take_row(self, row: int) -> "IncrementalFeatures":
         """A one-wearer copy of one row's state (a wearer leaving a shared state)."""
         out = IncrementalFeatures(1, self.features)
-        for name in (*self._STATE, *self._RINGS):
+        for name in (*self._STATE, *self._WEARER, *self._RINGS):
             getattr(out, name)[0] = getattr(self, name)[row]
         return out
 
     def add_rows(self, count: int) -> np.ndarray:
         """Room for `count` more wearers, each at the start of a night; returns their row indices."""
-        for name in (*self._STATE, *self._RINGS):
+        for name in (*self._STATE, *self._WEARER, *self._RINGS):
             old = getattr(self, name)
             setattr(self, name, np.concatenate([old, np.zeros((count, *old.shape[1:]), old.dtype)]))
         rows = np.arange(self.n_wearers, self.n_wearers + count)
         self.n_wearers += count
+        for name, (_, start) in self._WEARER.items():
+            getattr(self, name)[rows] = start
         self.reset(rows)
         return rows
 
@@ -333,7 +336,7 @@ class IncrementalFeatures:
         return w
 
     def reset(self, rows=None) -> None:
-        """A new night for the given rows (indices or boolean mask; None: all); their resting heart rate is cleared."""
+        """A new night for the given rows (indices or boolean mask; None: all); their resting heart rate stays."""
         w = self._select(rows)
         for name, (_, start) in self._STATE.items():
             getattr(self, name)[w] = start
@@ -342,7 +345,7 @@ class IncrementalFeatures:
 
     def set_resting(self, rows, resting_hr_bpm) -> None:
         """The resting heart rate (bpm; NaN or None: none) of the given rows (indices or boolean mask; None:
-        all), scalar or one per row; it holds for their epochs closed from now on, until `reset`."""
+        all), scalar or one per row; it holds for their epochs closed from now on, across `reset`."""
         self.resting_hr_bpm[self._select(rows)] = np.asarray(resting_hr_bpm, np.float64)  # None -> NaN
 
     def update(self, hours_since_start, heart_rate_bpm=None, activity_count=None, steps=None,

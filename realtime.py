@@ -476,8 +476,8 @@ class StreamWindows:
                  resting_hr_bpm: float = math.nan):
         self.state, self.row = state, int(row)
         self.lookahead, self.record_features = int(lookahead), record_features
-        self.resting_hr_bpm = float(resting_hr_bpm)
         self.reset(new_stats())
+        self.state.features.set_resting([self.row], resting_hr_bpm)  # a reused pool row: this wearer's
 
     def reset(self, stats: dict[str, int]) -> None:
         """Forget everything (closed and pending epochs, revisions) and start the feature row's night."""
@@ -486,17 +486,16 @@ class StreamWindows:
         self.closed: list[_Closed | None] = []
         self.pending: list[PendingEpoch] = []
         self.revisions = Revisions(self.lookahead) if self.lookahead else None
-        self._start_feature_night()
-
-    def _start_feature_night(self) -> None:
         self.state.features.reset([self.row])
-        self.state.features.set_resting([self.row], self.resting_hr_bpm)
+
+    @property
+    def resting_hr_bpm(self) -> float:
+        return float(self.state.features.resting_hr_bpm[self.row])
 
     def set_resting(self, resting_hr_bpm: float) -> None:
         """The resting heart rate for the epochs closed from now on (those closed before keep theirs)."""
         self.featurize()
-        self.resting_hr_bpm = float(resting_hr_bpm)
-        self.state.features.set_resting([self.row], self.resting_hr_bpm)
+        self.state.features.set_resting([self.row], resting_hr_bpm)
 
     @property
     def n_waiting(self) -> int:
@@ -515,7 +514,7 @@ class StreamWindows:
         """Finish the night (its closed epochs read its feature state, its revisions end), start the next."""
         self.end_night()
         self.featurize()
-        self._start_feature_night()
+        self.state.features.reset([self.row])
 
     def featurize(self) -> None:
         StreamWindows.featurize_many([self])

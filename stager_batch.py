@@ -78,8 +78,7 @@ class StagerBatch:
         self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
         self._wearers = np.arange(self.n_wearers)
         self._features = features.IncrementalFeatures(self.n_wearers, self.features)
-        self.resting_hr_bpm = np.full(self.n_wearers, np.nan)
-        self.set_resting_hr(None, resting_hr_bpm)
+        self._features.set_resting(None, resting_hr_bpm)  # None: none (NaN)
         self._ring = features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos)
         config = getattr(model, "config", None)
         self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
@@ -111,11 +110,9 @@ class StagerBatch:
         """A new night for the given wearers (indices or boolean mask; None: all); returns the revisions of
         the night that ends (end_night)."""
         revised = self.end_night(wearers)
-        self._features.reset(wearers)
-        w = self._select(wearers)
-        self._features.set_resting(w, self.resting_hr_bpm[w])  # the wearer's, not the night's
+        self._features.reset(wearers)  # keeps each wearer's resting heart rate
         if self.lookahead:
-            self._revised_n[w] = 0
+            self._revised_n[self._select(wearers)] = 0
         # the ring, self.conv and the revision state need no more: a window reads only epochs of its
         # night, each written when it closed
         return revised
@@ -123,10 +120,7 @@ class StagerBatch:
     def set_resting_hr(self, wearers, resting_hr_bpm) -> None:
         """The resting heart rate (bpm; None or NaN: none) of these wearers (indices or boolean mask; None: all),
         scalar or one per wearer, for their epochs closed from now on."""
-        w = self._select(wearers)
-        self.resting_hr_bpm[w] = np.asarray(resting_hr_bpm, np.float64)
-        self._features.set_resting(w, self.resting_hr_bpm[w])
-
+        self._features.set_resting(self._select(wearers), resting_hr_bpm)
     def end_night(self, wearers=None) -> RevisedEpochs:
         """The night ends for the given wearers (None: all): each epoch still waiting for its look-ahead is
         revised from the wearer's latest window at the shorter lag (evaluation.revision_windows), by

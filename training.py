@@ -219,9 +219,8 @@ class Prepared:
         for s in subjects:
             night = self.night(s)
             condition = degrade.draw_condition(rng, night, self.p_recorded,
-                                               degrade.TRAIN_P_DROP_BASELINE if self.reads_baseline else 0.0)
-            if self.hr_shift_bpm > 0:
-                condition = replace(condition, hr_offset_bpm=float(rng.normal(0.0, self.hr_shift_bpm)))
+                                               degrade.TRAIN_P_DROP_BASELINE if self.reads_baseline else 0.0,
+                                               self.hr_shift_bpm)
             self.degraded[s] = self._under(degrade.degrade(night, condition, rng))
 
     def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:

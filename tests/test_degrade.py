@@ -149,9 +149,9 @@ def test_training_drops_the_baseline_only_for_models_that_read_it(small_data_dir
     passed = []
     real = degrade.draw_condition
 
-    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0):
+    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0, hr_shift_bpm=0.0):
         passed.append(p_drop_baseline)
-        return real(rng, night, p_recorded, p_drop_baseline)
+        return real(rng, night, p_recorded, p_drop_baseline, hr_shift_bpm)
 
     monkeypatch.setattr(degrade, "draw_condition", spy)
     for names, expected in ((features.DEFAULT_FEATURES, 0.0),

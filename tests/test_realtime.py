@@ -146,7 +146,7 @@ def test_incremental_features_equal_offline_causal_rows_on_every_bundled_night(c
     assert state.hr_c1.shape == (1, 61) and state.la_c1.shape == (1, 21)  # ring buffers, not the night's history
 
 
-def test_incremental_features_keep_a_resting_heart_rate_per_wearer_until_reset():
+def test_incremental_features_keep_a_resting_heart_rate_per_wearer_across_nights():
     state = features.IncrementalFeatures(3, ("heart_rate_bpm", "hr_minus_resting_bpm", "resting_hr_missing"))
     state.set_resting([0, 2], [50.0, 70.0])  # wearer 1: none
     rows, _ = state.update(0.0, heart_rate_bpm=60.0)
@@ -154,10 +154,13 @@ def test_incremental_features_keep_a_resting_heart_rate_per_wearer_until_reset()
     assert state.take_row(2).resting_hr_bpm[0] == 70.0  # a wearer leaving a pool takes it along
     new = state.add_rows(1)
     assert np.isnan(state.resting_hr_bpm[new]).all()  # a new wearer has none
-    state.reset([0])
+    state.reset([0])  # a new night: the wearer's resting heart rate stays
     state.set_resting(np.array([False, True, False, False]), 65.0)  # a mask, as reset takes
     rows, _ = state.update(0.0, heart_rate_bpm=[60.0, 60.0, 60.0], rows=[0, 1, 2])
-    np.testing.assert_array_equal(rows[:, 1:], [[0, 1], [-5, 0], [-10, 0]])
+    np.testing.assert_array_equal(rows[:, 1:], [[10, 0], [-5, 0], [-10, 0]])
+    state.set_resting([0], None)  # none again
+    rows, _ = state.update(0.0, heart_rate_bpm=60.0, rows=[0])
+    np.testing.assert_array_equal(rows[:, 1:], [[0, 1]])
 
 
 BASELINE_FEATURES = features.DEFAULT_FEATURES + ("hr_minus_resting_bpm", "resting_hr_missing")
@@ -188,6 +191,8 @@ def test_streams_reading_the_resting_heart_rate_equal_the_offline_causal_scoring
     for s, probs in zip(REPLAY_SUBJECTS, expected):
         assert_same_predictions(probs_of(pooled[s]), probs)
     assert math.isnan(pool[REPLAY_SUBJECTS[1]].resting_hr_bpm)
+    pool.remove(REPLAY_SUBJECTS[0])  # its row goes to the next wearer, without its resting heart rate
+    assert math.isnan(pool["next wearer"].resting_hr_bpm)
     # the batch: the same feature rows, and a wearer's resting heart rate outlives a new night
     batch = StagerBatch(model, scaler, ckpt, n_wearers=2, resting_hr_bpm=[nights[0].resting_hr_bpm, None])
     rows = np.stack([batch.feature_rows(**{name: [getattr(nights[0], name)[k], getattr(without, name)[k]]
