@@ -333,12 +333,16 @@ class StreamIntake:
                        {name: aggregates[name] for name in features.FEATURE_AGGREGATES})
 
 
-def checked_resting_hr(resting_hr_bpm: float | None) -> float:
-    """A resting heart rate given to a stream: NaN for none (None or NaN), else within the heart-rate input rules."""
-    value = math.nan if resting_hr_bpm is None else float(resting_hr_bpm)
-    if not (math.isnan(value) or dl.HR_MIN_BPM <= value <= dl.HR_MAX_BPM):
-        raise ValueError(f"resting_hr_bpm must be None or {dl.HR_MIN_BPM:g}-{dl.HR_MAX_BPM:g} bpm, got {resting_hr_bpm}")
-    return value
+def checked_resting_hr(resting_hr_bpm):
+    """Resting heart rates given to streams, a scalar (float) or one per wearer (array): NaN for none
+    (None or NaN), else within the heart-rate input rules."""
+    values = np.asarray(math.nan if resting_hr_bpm is None else resting_hr_bpm, np.float64)  # [None] -> NaN
+    bad = ~(np.isnan(values) | ((values >= dl.HR_MIN_BPM) & (values <= dl.HR_MAX_BPM)))
+    if bad.any():
+        where = f" (wearer {int(np.flatnonzero(bad)[0])})" if values.ndim else ""
+        raise ValueError(f"resting_hr_bpm must be None or {dl.HR_MIN_BPM:g}-{dl.HR_MAX_BPM:g} bpm, "
+                         f"got {values[bad].flat[0]:g}{where}")
+    return float(values) if values.ndim == 0 else values
 
 
 def epoch_aggregates(intake: StreamIntake, k: int) -> dict[str, float]:
@@ -373,11 +377,12 @@ class _Revision:
     """What one window's model output revises: (start, no data, lag) of earlier epochs of its night.
     Released into the stream's Revisions once the output is known (stage_pending), or at once when it
     already is (a night that ends after its last window was staged)."""
-    __slots__ = ("epochs", "probabilities", "staged", "owner")
+    __slots__ = ("epochs", "probabilities", "stages", "staged", "owner")
 
     def __init__(self, owner: "Revisions"):
         self.epochs: list[tuple[float, bool, int]] = []
         self.probabilities: np.ndarray | None = None
+        self.stages: np.ndarray | None = None
         self.staged = False
         self.owner = owner
 
@@ -390,6 +395,7 @@ class _Revision:
     def settle(self, probabilities: np.ndarray | None) -> None:
         """The window's output (1 + lookahead, 4); None: it was not run (every epoch it revises has no data)."""
         self.staged, self.probabilities = True, probabilities
+        self.stages = None if probabilities is None else features.stages_of(probabilities)  # one per lag
         self._release(self.epochs)
         self.epochs = []
 
@@ -398,8 +404,7 @@ class _Revision:
             if no_data:  # only such epochs are left when the window was not run
                 self.owner.revised.append(StagedEpoch(start, -1, NO_DATA_PROBABILITIES.copy()))
             else:
-                p = self.probabilities[lag].copy()
-                self.owner.revised.append(StagedEpoch(start, int(features.stages_of(p[None])[0]), p))
+                self.owner.revised.append(StagedEpoch(start, int(self.stages[lag]), self.probabilities[lag].copy()))
 
 
 class Revisions:

@@ -528,7 +528,9 @@ class Service:
         unmatched = self.store.commit(events, epoch_rows(by_wearer), wearer_rows, epoch_rows(revised))
         if unmatched:  # the stream gives one revision per epoch, of an epoch it staged: a bug if not
             log.error("%d revision(s) of this batch found no stored epoch waiting for one", unmatched)
-        # stored: now answer, publish and count
+        # stored: now answer, publish and count; each epoch's JSON is built once, for the answer and the feeds
+        staged_json = {w: [epoch_json(e) for e in epochs] for w, epochs in by_wearer.items()}
+        revised_json = {w: [epoch_json(e) for e in epochs] for w, epochs in revised.items()}
         answers = [[] for _ in jobs]
         taken: dict[str, int] = {}
         closed_by: dict[tuple[str, float], dict] = {}  # (wearer, epoch start): the answer of the work that closed it
@@ -539,23 +541,23 @@ class Service:
                 epochs = by_wearer.get(wearer, [])[first:first + n]
                 taken[wearer] = first + n
                 stats["epochs_no_data"] = sum(e.stage < 0 for e in epochs)  # counted when staged
-                answer = {"epochs": [epoch_json(e) for e in epochs], "revised": [], "stats": stats}
+                answer = {"epochs": staged_json.get(wearer, [])[first:first + n], "revised": [], "stats": stats}
                 job_answers.append(answer)
                 last_answer[wearer] = answer
                 if self.lookahead:
                     closed_by.update(((wearer, e.epoch_start_s), answer) for e in epochs)
         ahead_s = self.lookahead * features.EPOCH_S
         for wearer, epochs in revised.items():
-            for e in epochs:
+            for e, e_json in zip(epochs, revised_json[wearer]):
                 # with the work that closed the epoch whose window revised it, else (a night's end) the wearer's last
                 answer = closed_by.get((wearer, e.epoch_start_s + ahead_s)) or last_answer.get(wearer)
                 if answer is not None:
-                    answer["revised"].append(epoch_json(e))
+                    answer["revised"].append(e_json)
         for job, job_answers in zip(jobs, answers):
             if not job.future.done():
                 job.future.set_result(job_answers)
         self._count(jobs, staged, revised)
-        self._publish(by_wearer, revised)
+        self._publish(staged_json, revised_json)
 
     def _count(self, jobs: list[Job], staged: list[StagedEpoch], revised: dict[str, list[StagedEpoch]]) -> None:
         metrics = self.metrics
@@ -571,22 +573,20 @@ class Service:
                 metrics.dropped.labels(reason).inc(totals[reason])
         if staged:
             metrics.batch.observe(len(staged))
-            stages, counts = np.unique([e.stage for e in staged], return_counts=True)
+        for counter, epochs in ((metrics.epochs, staged), (metrics.revised, [e for es in revised.values() for e in es])):
+            stages, counts = np.unique([int(e.stage) for e in epochs], return_counts=True)
             for stage, count in zip(stages, counts):
-                metrics.epochs.labels(STAGE_NAMES[int(stage)]).inc(int(count))
-        for epochs in revised.values():
-            for e in epochs:
-                metrics.revised.labels(STAGE_NAMES[int(e.stage)]).inc()
+                counter.labels(STAGE_NAMES[int(stage)]).inc(int(count))
 
-    def _publish(self, by_wearer: dict[str, list[StagedEpoch]], revised: dict[str, list[StagedEpoch]]) -> None:
-        """Each live feed gets its wearer's new epochs, one message each, then {"revised": [...]}."""
-        for wearer in by_wearer.keys() | revised.keys():
+    def _publish(self, staged_json: dict[str, list[dict]], revised_json: dict[str, list[dict]]) -> None:
+        """Each live feed gets its wearer's new epochs (as answered), one message each, then {"revised": [...]}."""
+        for wearer in staged_json.keys() | revised_json.keys():
             queues = self.subscribers.get(wearer)
             if not queues:
                 continue
-            messages = [epoch_json(e) for e in by_wearer.get(wearer, ())]
-            if wearer in revised:
-                messages.append({"revised": [epoch_json(e) for e in revised[wearer]]})
+            messages = list(staged_json.get(wearer, ()))
+            if wearer in revised_json:
+                messages.append({"revised": revised_json[wearer]})
             for queue in list(queues):
                 for message in messages:
                     try:

@@ -13,7 +13,7 @@ import torch
 import data_loader as dl
 import features
 from evaluation import in_parallel, predict_windows, thread_parts
-from realtime import StreamingStager, lookahead_of
+from realtime import StreamingStager, checked_resting_hr, lookahead_of
 
 
 class RevisedEpochs(NamedTuple):
@@ -78,7 +78,7 @@ class StagerBatch:
         self.start_s = np.broadcast_to(np.asarray(start_s, np.float64), (self.n_wearers,)).copy()
         self._wearers = np.arange(self.n_wearers)
         self._features = features.IncrementalFeatures(self.n_wearers, self.features)
-        self._features.set_resting(None, resting_hr_bpm)  # None: none (NaN)
+        self._features.set_resting(None, checked_resting_hr(resting_hr_bpm))  # None: none (NaN)
         self._ring = features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos)
         config = getattr(model, "config", None)
         self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
@@ -120,7 +120,8 @@ class StagerBatch:
     def set_resting_hr(self, wearers, resting_hr_bpm) -> None:
         """The resting heart rate (bpm; None or NaN: none) of these wearers (indices or boolean mask; None: all),
         scalar or one per wearer, for their epochs closed from now on."""
-        self._features.set_resting(self._select(wearers), resting_hr_bpm)
+        self._features.set_resting(self._select(wearers), checked_resting_hr(resting_hr_bpm))
+
     def end_night(self, wearers=None) -> RevisedEpochs:
         """The night ends for the given wearers (None: all): each epoch still waiting for its look-ahead is
         revised from the wearer's latest window at the shorter lag (evaluation.revision_windows), by

@@ -474,8 +474,9 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     if cfg.resume and last_path is not None and last_path.exists():
         saved = read_checkpoint(last_path)
         model.load_state_dict(saved["trained_state_dict"] if averaged is not None else saved["state_dict"])
-        if averaged is not None:
-            averaged.load_state_dict(saved["averaged"])
+        if averaged is not None:  # the saved weights are the average; the count says how far it has come
+            averaged.module.load_state_dict(saved["state_dict"])
+            averaged.n_averaged.fill_(int(saved["ema_n_averaged"]))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng_state"])
@@ -545,8 +546,8 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
                 _write_log(state["log"], out_dir / "train_log.csv")
                 last = make_checkpoint(kept, arch, features=list(cfg.features), seq_len=cfg.seq_len,
                                        target_pos=cfg.target_pos, scaler=data.scaler, extra=checkpoint_extra)
-                if averaged is not None:  # resuming needs the trained weights and the average's state
-                    last.update(trained_state_dict=model.state_dict(), averaged=averaged.state_dict())
+                if averaged is not None:  # resuming needs the trained weights beside the average
+                    last.update(trained_state_dict=model.state_dict(), ema_n_averaged=int(averaged.n_averaged))
                 last.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             rng_state=torch.get_rng_state(), train_state=state)
                 save_checkpoint(last, last_path)

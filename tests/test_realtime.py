@@ -207,6 +207,10 @@ def test_streams_reading_the_resting_heart_rate_equal_the_offline_causal_scoring
     assert probs.shape == (2, 4) and np.isfinite(probs).all() and (stages >= 0).all()
     with pytest.raises(ValueError, match="resting_hr_bpm"):
         StreamingStager(model, scaler, ckpt, resting_hr_bpm=600.0)
+    with pytest.raises(ValueError, match=r"got 600 \(wearer 1\)"):  # the batch checks as the stream does
+        batch.set_resting_hr(None, [55.0, 600.0])
+    with pytest.raises(ValueError, match="got 10"):
+        StagerBatch(model, scaler, ckpt, n_wearers=2, resting_hr_bpm=10.0)
 
 
 @pytest.mark.parametrize("subject", REPLAY_SUBJECTS)
