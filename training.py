@@ -64,6 +64,8 @@ class TrainConfig:
     class_weight_power: float = 1.0  # 1: fully balanced weights; 0.5 tempers them (sqrt), 0: none
     rem_noise: float = 0.1          # std of Gaussian noise added to REM epochs (standardised units)
     ensemble: int = 1               # >1: train this many seeds (seed, seed+1, ...) and average them
+    degraded_members: int = 0       # with ensemble: the last this many members draw every night degraded
+                                    # (p_recorded 0): a mix of members that lean clean and sparse
     smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
     degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
@@ -567,12 +569,15 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
         return train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device, extra, quiet)
     members, best_epochs = [], []
     for i in range(cfg.ensemble):
-        member_cfg = replace(cfg, seed=cfg.seed + i)
+        degraded = i >= cfg.ensemble - cfg.degraded_members
+        member_cfg = replace(cfg, seed=cfg.seed + i, p_recorded=0.0 if degraded else cfg.p_recorded)
         if ctx.is_main and not quiet:
-            print(f"ensemble member {i + 1}/{cfg.ensemble} (seed {member_cfg.seed})", flush=True)
+            print(f"ensemble member {i + 1}/{cfg.ensemble} (seed {member_cfg.seed}, "
+                  f"{member_cfg.p_recorded:.0%} of nights as recorded)", flush=True)
         member_dir = out_dir / "members" / f"seed{member_cfg.seed}" if out_dir is not None else None
-        member, state = train_one(arch, model_config, member_cfg, data, train_ids, val_ids, member_dir, ctx, device,
-                                  extra, quiet)
+        member_data = replace(data, p_recorded=member_cfg.p_recorded)  # the same nights and scaler
+        member, state = train_one(arch, model_config, member_cfg, member_data, train_ids, val_ids, member_dir, ctx,
+                                  device, extra, quiet)
         members.append(member)
         best_epochs.append(state["best_epoch"])
     model = Ensemble(members).eval()
@@ -674,6 +679,8 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
         parser.error("--seq-len 0 (whole nights, both directions) is offline only; a causal model needs a window")
     if args["ensemble"] < 1:
         parser.error(f"--ensemble must be >= 1 (models averaged), got {args['ensemble']}")
+    if not 0 <= args["degraded_members"] <= args["ensemble"]:
+        parser.error(f"--degraded-members must be 0 to --ensemble ({args['ensemble']}), got {args['degraded_members']}")
     return TrainConfig(**args)
 
 

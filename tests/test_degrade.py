@@ -162,3 +162,27 @@ def test_training_drops_the_baseline_only_for_models_that_read_it(small_data_dir
         passed.clear()
         data.draw(store.subjects[:2], seed=1)
         assert passed == [expected, expected]
+
+
+def test_an_ensemble_can_mix_members_that_draw_every_night_degraded(small_data_dir, tmp_path, monkeypatch, capsys):
+    from checkpoint import read_checkpoint
+    from tests.test_training import tiny_run
+    passed = []
+    real = degrade.draw_condition
+
+    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0, hr_shift_bpm=0.0):
+        passed.append(p_recorded)
+        return real(rng, night, p_recorded, p_drop_baseline, hr_shift_bpm)
+
+    monkeypatch.setattr(degrade, "draw_condition", spy)
+    out = tmp_path / "mixed"
+    assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--ensemble", "2", "--degraded-members", "1",
+                    "--p-recorded", "0.7") == 0
+    # member 1 draws at the run's p_recorded, then member 2 with every night degraded; one draw a night a pass
+    assert len(set(passed)) == 2 and passed == sorted(passed, reverse=True) and passed[0] == 0.7 and passed[-1] == 0.0
+    assert passed.count(0.7) == passed.count(0.0)
+    members = [read_checkpoint(out / "members" / f"seed{s}" / "model.pth")["train_config"] for s in (1337, 1338)]
+    assert [m["p_recorded"] for m in members] == [0.7, 0.0]
+    with pytest.raises(SystemExit):
+        training.parse_args(training.TrainConfig(), ["--ensemble", "2", "--degraded-members", "3"], "train.py")
+    assert "--degraded-members must be 0 to --ensemble (2), got 3" in capsys.readouterr().err
