@@ -66,6 +66,8 @@ class TrainConfig:
     ensemble: int = 1               # >1: train this many seeds (seed, seed+1, ...) and average them
     degraded_members: int = 0       # with ensemble: the last this many members draw every night degraded
                                     # (p_recorded 0): a mix of members that lean clean and sparse
+    distill: float = 0.0            # >0 with ensemble: the members teach one student (the model kept), fitted to
+                                    # their averaged stage probabilities with this weight, to the stages with 1 - it
     smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
     degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
@@ -364,6 +366,17 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
     return (-w * (1 - log_p.exp()) ** gamma * log_p).sum() / normaliser.clamp_min(1e-8)
 
 
+def distill_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                 normaliser: torch.Tensor | None = None, position_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against a teacher's stage probabilities, weighted and normalised as focal_loss
+    (so the two add up in one scale): positions without a scored stage count for nothing."""
+    w = loss_weights(target, weight, position_weight)
+    if normaliser is None:
+        normaliser = w.sum()
+    per_position = -(teacher_log_probs.float().exp() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return (w * per_position).sum() / normaliser.clamp_min(1e-8)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -376,8 +389,10 @@ def lag_targets(y: torch.Tensor, lookahead: int) -> torch.Tensor:
 
 
 def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               weight: torch.Tensor, cfg: TrainConfig, ctx: Dist) -> torch.Tensor:
-    """One optimisation step on this rank's share of the global batch; returns the loss."""
+               weight: torch.Tensor, cfg: TrainConfig, ctx: Dist, teacher: torch.nn.Module | None = None
+               ) -> torch.Tensor:
+    """One optimisation step on this rank's share of the global batch; returns the loss. With a teacher
+    (eval mode), the loss also fits its stage probabilities on the same inputs (cfg.distill)."""
     if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
         x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
     lookahead = unwrap(ddp_model).config.lookahead
@@ -396,6 +411,11 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
         dist.all_reduce(normaliser)
         normaliser = normaliser / ctx.world_size
     loss = focal_loss(logits, y, weight, cfg.focal_gamma, normaliser, lag_weight)
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_log_probs = teacher(x, lags=lookahead > 0)
+        loss = (1 - cfg.distill) * loss + cfg.distill * distill_loss(logits, teacher_log_probs, y, weight, normaliser,
+                                                                     lag_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
@@ -446,8 +466,10 @@ def validation_keys(data: Prepared, val_ids: list[str]) -> list[str]:
 
 def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],
               val_ids: list[str], out_dir: Path | None, ctx: Dist, device: torch.device,
-              extra: dict | None = None, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
-    """Train on train_ids, select on val_ids; writes model.pth/scaler.pkl/last.pth/log/curves to out_dir (rank 0)."""
+              extra: dict | None = None, quiet: bool = False, teacher: torch.nn.Module | None = None
+              ) -> tuple[torch.nn.Module, dict]:
+    """Train on train_ids, select on val_ids; writes model.pth/scaler.pkl/last.pth/log/curves to out_dir (rank 0).
+    teacher: a trained model whose stage probabilities the loss also fits (cfg.distill)."""
     torch.manual_seed(cfg.seed)
     model_config = {**model_config, "n_features": len(cfg.features), "causal": cfg.causal, "dropout": cfg.dropout}
     model = build_model(arch, model_config).to(device)
@@ -500,7 +522,7 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         total, n_batches = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main or quiet or None)
         for step, (x, y) in enumerate(bar):
-            loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx)
+            loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx, teacher)
             if averaged is not None:
                 averaged.update_parameters(model)
             scheduler.step(epoch + (step + 1) / len(loader))
@@ -564,7 +586,9 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
                 extra: dict | None = None, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
     """train_one, or with cfg.ensemble > 1 that many members (seeds seed, seed+1, ...), each trained and
     selected on val_ids like a single model in out_dir/members/seed<S>/, then averaged (checkpoint.Ensemble)
-    and saved as one model.pth in out_dir. --resume continues the unfinished member."""
+    and saved as one model.pth in out_dir; with cfg.distill the average instead teaches one student (seed
+    seed + ensemble), trained in out_dir and kept: an ensemble's accuracy at one model's cost. --resume
+    continues the unfinished member or student."""
     if cfg.ensemble <= 1:
         return train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device, extra, quiet)
     members, best_epochs = [], []
@@ -581,6 +605,11 @@ def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared,
         members.append(member)
         best_epochs.append(state["best_epoch"])
     model = Ensemble(members).eval()
+    if cfg.distill > 0:
+        if ctx.is_main and not quiet:
+            print(f"student of the {cfg.ensemble} members (seed {cfg.seed + cfg.ensemble})", flush=True)
+        return train_one(arch, model_config, replace(cfg, seed=cfg.seed + cfg.ensemble), data, train_ids, val_ids,
+                         out_dir, ctx, device, extra, quiet, teacher=model)
     metrics = {}
     if cfg.validate:
         metrics, *_ = evaluate_subjects(model, data, validation_keys(data, val_ids), cfg, ctx, device)
@@ -679,6 +708,9 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
         parser.error("--seq-len 0 (whole nights, both directions) is offline only; a causal model needs a window")
     if args["ensemble"] < 1:
         parser.error(f"--ensemble must be >= 1 (models averaged), got {args['ensemble']}")
+    if not 0 <= args["distill"] <= 1 or (args["distill"] > 0 and args["ensemble"] < 2):
+        parser.error(f"--distill must be 0 to 1 and needs --ensemble 2 or more (the teacher), got --distill "
+                     f"{args['distill']} with --ensemble {args['ensemble']}")
     if not 0 <= args["degraded_members"] <= args["ensemble"]:
         parser.error(f"--degraded-members must be 0 to --ensemble ({args['ensemble']}), got {args['degraded_members']}")
     return TrainConfig(**args)

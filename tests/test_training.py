@@ -325,3 +325,48 @@ def test_ema_keeps_the_moving_average_and_resumes_to_the_same_weights(small_data
     torch.testing.assert_close(read_checkpoint(straight / "model.pth")["state_dict"], kept)
     for k, v in read_checkpoint(resumed / "last.pth")["state_dict"].items():
         torch.testing.assert_close(v, kept[k])
+
+
+def test_distill_loss_is_cross_entropy_against_the_teacher_weighted_as_the_focal_loss():
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 50, 4), torch.randint(0, 4, (6, 50))
+    target[:, :5] = -1  # unscored: they count for nothing
+    weight = torch.tensor([1.0, 0.5, 2.0, 3.0])
+    one_hot = F.one_hot(target.clamp_min(0), 4).float()
+    # a teacher sure of the true stage: the focal loss without focusing
+    torch.testing.assert_close(training.distill_loss(logits, one_hot.log(), target, weight),
+                               training.focal_loss(logits, target, weight, gamma=0.0))
+    teacher = torch.log_softmax(torch.randn(6, 50, 4), -1)
+    expected = -(teacher.exp() * F.log_softmax(logits, -1)).sum(-1)[:, 5:]
+    w = weight[target[:, 5:]]
+    torch.testing.assert_close(training.distill_loss(logits, teacher, target, weight), (w * expected).sum() / w.sum())
+
+
+def test_distilling_an_ensemble_keeps_one_student_taught_by_the_members(small_data_dir, tmp_path, monkeypatch, capsys):
+    from checkpoint import Ensemble, load_model_from_checkpoint, read_checkpoint
+    steps, taught = [], []  # per step: taught or not; the teacher's outputs
+    real_step, real_loss = training.train_step, training.distill_loss
+
+    def step_spy(*args):
+        steps.append(args[-1] is not None)
+        return real_step(*args)
+
+    def loss_spy(logits, teacher_log_probs, *args):
+        taught.append(teacher_log_probs.shape == logits.shape and bool(torch.isfinite(teacher_log_probs).all()))
+        return real_loss(logits, teacher_log_probs, *args)
+
+    monkeypatch.setattr(training, "train_step", step_spy)
+    monkeypatch.setattr(training, "distill_loss", loss_spy)
+    out = tmp_path / "student"
+    assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--ensemble", "2", "--distill", "0.7") == 0
+    model, _, ckpt = load_model_from_checkpoint(out / "model.pth")
+    assert not isinstance(model, Ensemble) and ckpt.get("ensemble_size", 1) == 1
+    assert ckpt["train_config"]["seed"] == 1339 and ckpt["train_config"]["distill"] == 0.7  # after members 1337, 1338
+    assert all((out / "members" / f"seed{s}" / "model.pth").is_file() for s in (1337, 1338))
+    # two members untaught, then the student, the same number of steps each, every one of them taught
+    n = len(steps) // 3
+    assert n > 0 and steps == [False] * 2 * n + [True] * n and taught == [True] * n
+    assert read_checkpoint(out / "last.pth")["train_state"]["epoch"] == 1
+    with pytest.raises(SystemExit):
+        training.parse_args(training.TrainConfig(), ["--distill", "0.5"], "train.py")
+    assert "needs --ensemble 2 or more" in capsys.readouterr().err
