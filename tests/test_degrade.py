@@ -145,39 +145,38 @@ def test_a_heart_rate_offset_shifts_every_reading_and_training_draws_it_per_nigh
     assert np.abs(offsets).max() > 1.0 and len(set(np.round(offsets, 3))) == len(subjects)  # one offset per night
 
 
-def test_training_drops_the_baseline_only_for_models_that_read_it(small_data_dir, monkeypatch):
-    passed = []
+@pytest.fixture
+def draws(monkeypatch) -> list[dict]:
+    """The arguments of every degrade.draw_condition call made while the test runs, in order."""
+    calls = []
     real = degrade.draw_condition
 
     def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0, hr_shift_bpm=0.0):
-        passed.append(p_drop_baseline)
+        calls.append({"p_recorded": p_recorded, "p_drop_baseline": p_drop_baseline})
         return real(rng, night, p_recorded, p_drop_baseline, hr_shift_bpm)
 
     monkeypatch.setattr(degrade, "draw_condition", spy)
+    return calls
+
+
+def test_training_drops_the_baseline_only_for_models_that_read_it(small_data_dir, draws):
     for names, expected in ((features.DEFAULT_FEATURES, 0.0),
                             (features.DEFAULT_FEATURES + features.BASELINE_FEATURES, degrade.TRAIN_P_DROP_BASELINE)):
         cfg = training.TrainConfig(causal=True, data_dir=str(small_data_dir), features=names)
         store = feature_store.build_feature_store(small_data_dir, causal=True, features=names, cache_dir=None)
         data = training.prepare(store, store.subjects[:2], cfg)
-        passed.clear()
+        draws.clear()
         data.draw(store.subjects[:2], seed=1)
-        assert passed == [expected, expected]
+        assert [d["p_drop_baseline"] for d in draws] == [expected, expected]
 
 
-def test_an_ensemble_can_mix_members_that_draw_every_night_degraded(small_data_dir, tmp_path, monkeypatch, capsys):
+def test_an_ensemble_can_mix_members_that_draw_every_night_degraded(small_data_dir, tmp_path, draws, capsys):
     from checkpoint import read_checkpoint
     from tests.test_training import tiny_run
-    passed = []
-    real = degrade.draw_condition
-
-    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0, hr_shift_bpm=0.0):
-        passed.append(p_recorded)
-        return real(rng, night, p_recorded, p_drop_baseline, hr_shift_bpm)
-
-    monkeypatch.setattr(degrade, "draw_condition", spy)
     out = tmp_path / "mixed"
     assert tiny_run("hybrid", small_data_dir, out, "--epochs", "1", "--ensemble", "2", "--degraded-members", "1",
                     "--p-recorded", "0.7") == 0
+    passed = [d["p_recorded"] for d in draws]
     # member 1 draws at the run's p_recorded, then member 2 with every night degraded; one draw a night a pass
     assert len(set(passed)) == 2 and passed == sorted(passed, reverse=True) and passed[0] == 0.7 and passed[-1] == 0.0
     assert passed.count(0.7) == passed.count(0.0)
