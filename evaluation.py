@@ -38,10 +38,10 @@ T, R = TypeVar("T"), TypeVar("R")
 
 @torch.inference_mode()
 def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
-                    batch_size: int = 1024, lags: np.ndarray | str | None = None) -> np.ndarray:
+                    batch_size: int = 1024, lags: str | None = None) -> np.ndarray:
     """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos
-    (lags: of the epoch lags[i] before window i's last, by a model with a lookahead; the revision;
-    lags="all": every lag, (n, 1 + lookahead, 4), lag 0 the immediate stage: a stream's one call).
+    (lags="all", a model with a lookahead: every lag, (n, 1 + lookahead, 4), lag 0 the immediate
+    stage, lag j epoch t - j's revision read from window t: a stream's one call).
 
     The one model call: whole nights (predict_night), streams and batches gather windows and come here. Up to
     SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
@@ -56,9 +56,9 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     """
     if model.training:
         model.eval()
-    every_lag = isinstance(lags, str)
+    every_lag = lags is not None
     if every_lag and lags != "all":
-        raise ValueError(f'lags: an array of lags or "all", got {lags!r}')
+        raise ValueError(f'lags: None or "all", got {lags!r}')
     windows = np.asarray(windows, dtype=np.float32)
     if len(windows) == 0:
         return np.zeros((0, 1 + lookahead_of(model), 4) if every_lag else (0, 4))
@@ -67,8 +67,7 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     if lags is not None and not last_only:
         raise ValueError("lags (the revision) are read at a window's last position: a causal model with forward_last")
 
-    def predict_part(part: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
-        part, part_lags = part
+    def predict_part(part: np.ndarray) -> np.ndarray:
         out, start = [], 0
         while start < len(part):
             rest = len(part) - start
@@ -76,23 +75,28 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
             batch = torch.from_numpy(np.ascontiguousarray(part[start:start + size])).to(device)
             if every_lag:
                 logits = model.forward_last(batch, lags=True)
-            elif part_lags is not None:
-                logits = model.forward_last(batch, lags=True)[torch.arange(len(batch)),
-                                                              torch.from_numpy(part_lags[start:start + size])]
             else:
                 logits = model.forward_last(batch) if last_only else model(batch)[:, target_pos]
             out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
             start += size
         return np.concatenate(out)
 
-    parts = [(windows[part], None if lags is None or every_lag else np.asarray(lags, np.int64)[part])
-             for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
+    parts = [windows[part] for part in thread_parts(len(windows), SPLIT_ABOVE, device)]
     return np.concatenate(in_parallel(predict_part, parts)).astype(np.float64)
 
 
 def lookahead_of(model: torch.nn.Module) -> int:
     """Epochs a causal model's revision looks ahead (its config's `lookahead`; 0: no revision)."""
     return int(getattr(getattr(model, "config", None), "lookahead", 0) or 0)
+
+
+def revision_span_of(model: torch.nn.Module) -> int:
+    """How many of the latest lags a causal model's revision averages (its config's `revision_span`;
+    1, and for checkpoints from before it: lag `lookahead` alone)."""
+    span = int(getattr(getattr(model, "config", None), "revision_span", 1) or 1)
+    if not 1 <= span <= lookahead_of(model) + 1:
+        raise ValueError(f"revision_span must be 1 .. lookahead + 1 = {lookahead_of(model) + 1}, got {span}")
+    return span
 
 
 @torch.inference_mode()
@@ -170,12 +174,25 @@ def single_thread():
 
 # ----------------------------------------------------------------------------- nights
 
-def revision_windows(n_epochs: int, lookahead: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each epoch t of a night: the epoch whose window revises it (t + lookahead, or the night's
-    last epoch: what a stream has when the night ends) and its lag in that window."""
-    epoch = np.arange(n_epochs)
-    end = np.minimum(epoch + lookahead, n_epochs - 1)
-    return end, end - epoch
+def revision_lags(lookahead: int, span: int, later=np.inf):
+    """The lags, (first, last) inclusive, whose windows revise an epoch with `later` epochs after it in
+    its night (inf: the night goes on): the revision is the mean of the model's outputs for the epoch
+    from the windows that end lookahead - span + 1 .. lookahead epochs after it. Near a night's end,
+    those of them the night has; where it has none, its last window (the lag `later`). Scalars or arrays."""
+    return np.minimum(lookahead - span + 1, later), np.minimum(lookahead, later)
+
+
+def revise_night(every_lag: np.ndarray, span: int) -> np.ndarray:
+    """Revised probabilities (n, 4) of a night's epochs from every window's output at every lag
+    (n, 1 + lookahead, 4; predict_windows(lags="all")), by revision_lags: summed in order of lag,
+    as a stream adds them up."""
+    n, lookahead = len(every_lag), every_lag.shape[1] - 1
+    first, last = revision_lags(lookahead, span, n - 1 - np.arange(n))
+    total = np.zeros((n, every_lag.shape[2]))
+    for lag in range(lookahead + 1):
+        epoch = np.flatnonzero((first <= lag) & (lag <= last))
+        total[epoch] += every_lag[epoch + lag, lag]
+    return total / (last - first + 1)[:, None]
 
 
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
@@ -183,14 +200,13 @@ def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, ta
                   batch_size: int = 1024, revised: bool = False) -> np.ndarray:
     """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window (seq_len 0:
     every epoch of the whole night from one pass; revised: a causal model's revision of each epoch,
-    from the window `lookahead` epochs later), NaN where `no_data` (features.no_data), then smoothed
+    from the windows up to `lookahead` epochs later, revise_night), NaN where `no_data` (features.no_data), then smoothed
     over the whole night when a transition matrix is given (offline checkpoints)."""
     if seq_len == 0:
         probs = predict_whole_night(model, x_scaled)
     elif revised:
-        end, lags = revision_windows(len(x_scaled), lookahead_of(model))
-        probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos)[end], target_pos,
-                                batch_size, lags)
+        probs = revise_night(predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos,
+                                             batch_size, "all"), revision_span_of(model))
     else:
         probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
     if no_data is not None:

@@ -24,6 +24,7 @@ class LSTMConfig:
     dropout: float = 0.25
     causal: bool = False   # True: one-directional LSTM and masked attention (real-time use)
     lookahead: int = 0     # the revision: position t also stages epochs t-1 .. t-lookahead (see forward)
+    revision_span: int = 1  # the revision of epoch t: the mean over the windows t+lookahead-span+1 .. t+lookahead
     pool: int = 1          # offline: the LSTM and attention run on means of `pool` epochs (whole nights)
 
 

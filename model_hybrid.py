@@ -33,6 +33,7 @@ class HybridConfig:
     pool: int = 1           # offline: the Transformer sees means of `pool` epochs (a whole night is ~1,000 epochs)
     dilated: int = 0        # residual conv blocks after the first two, dilations 2, 4, 8, ...
     lookahead: int = 0      # the revision: position t also stages epochs t-1 .. t-lookahead (model.lag_logits)
+    revision_span: int = 1  # the revision of epoch t: the mean over the windows t+lookahead-span+1 .. t+lookahead
 
 
 def sinusoid(length: int, channels: int) -> torch.Tensor:

@@ -48,11 +48,12 @@ Rules (each one tested):
   whole-night features instead call a steps gap 0 when steps resume later).
 - Memory: only the samples of open epochs, plus O(seq_len + 60) numbers of feature state.
 
-The revised stage (a model with a lookahead L, e.g. 10 epochs): each epoch is staged again once the L
-epochs after it have arrived, by the model call that stages epoch t + L (every lag from one call);
-at a night's end (flush, a clock jump, the end of a replay) the epochs still waiting are revised from
-the night's last window at the shorter lag, as evaluation.revision_windows does offline. The push
-results stay the immediate stages; take_revised() returns the revisions (see Revisions).
+The revised stage (a model with a lookahead L, e.g. 20 epochs, and a revision span S): each epoch is
+staged again once the L epochs after it have arrived, by the mean of the model calls that staged epochs
+t + L - S + 1 .. t + L (every lag from each one call); at a night's end (flush, a clock jump, the end of
+a replay) the epochs still waiting are revised from the windows of those the night has, else from its
+last window at the shorter lag, as evaluation.revision_lags says offline. The push results stay the
+immediate stages; take_revised() returns the revisions (see Revisions).
 
 `StagerPool` batches the model call across many wearers; `StagerBatch` keeps many wearers in
 lockstep with their state in numpy arrays (no Python work per wearer; for a server that ticks every
@@ -74,7 +75,7 @@ import torch
 import data_loader as dl
 import features
 from checkpoint import load_model_from_checkpoint
-from evaluation import PREDICTION_COLUMNS, lookahead_of, predict_windows, prediction_frame
+from evaluation import PREDICTION_COLUMNS, lookahead_of, predict_windows, prediction_frame, revision_lags, revision_span_of
 
 EPOCH_S = features.EPOCH_S
 KINDS = ("heart_rate", "motion", "counts", "steps")
@@ -373,76 +374,102 @@ def epoch_aggregates(intake: StreamIntake, k: int) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the model side: windows, revisions
 
+class _EpochRevision:
+    """One epoch's revision while its windows' outputs come in: their sum at its lags, and how many."""
+    __slots__ = ("epoch_start_s", "no_data", "total", "count")
+
+    def __init__(self, epoch_start_s: float, no_data: bool):
+        self.epoch_start_s, self.no_data = epoch_start_s, no_data
+        self.total, self.count = np.zeros(4), 0
+
+    def staged(self) -> StagedEpoch:
+        if self.no_data or not self.count:  # no data: the windows that would revise it were not run
+            return StagedEpoch(self.epoch_start_s, -1, NO_DATA_PROBABILITIES.copy())
+        probabilities = self.total / self.count
+        return StagedEpoch(self.epoch_start_s, int(features.stages_of(probabilities[None])[0]), probabilities)
+
+
 class _Revision:
-    """What one window's model output revises: (start, no data, lag) of earlier epochs of its night.
-    Released into the stream's Revisions once the output is known (stage_pending), or at once when it
-    already is (a night that ends after its last window was staged)."""
-    __slots__ = ("epochs", "probabilities", "stages", "staged", "owner")
+    """What one window's model output revises: the (epoch, lag) it adds to and the epochs it completes
+    (their last window). Applied once the output is known (stage_pending), or at once when it already
+    is (a night that ends after its last window was staged)."""
+    __slots__ = ("reads", "completes", "probabilities", "staged", "owner")
 
     def __init__(self, owner: "Revisions"):
-        self.epochs: list[tuple[float, bool, int]] = []
+        self.reads: list[tuple[_EpochRevision, int]] = []
+        self.completes: list[_EpochRevision] = []
         self.probabilities: np.ndarray | None = None
-        self.stages: np.ndarray | None = None
         self.staged = False
         self.owner = owner
 
-    def add(self, epochs: list[tuple[float, bool, int]]) -> None:
+    def add(self, reads: list[tuple[_EpochRevision, int]], completes: list[_EpochRevision]) -> None:
         if self.staged:
-            self._release(epochs)
+            self._apply(reads, completes)
         else:
-            self.epochs.extend(epochs)
+            self.reads += reads
+            self.completes += completes
 
     def settle(self, probabilities: np.ndarray | None) -> None:
         """The window's output (1 + lookahead, 4); None: it was not run (every epoch it revises has no data)."""
         self.staged, self.probabilities = True, probabilities
-        self.stages = None if probabilities is None else features.stages_of(probabilities)  # one per lag
-        self._release(self.epochs)
-        self.epochs = []
+        self._apply(self.reads, self.completes)
+        self.reads, self.completes = [], []
 
-    def _release(self, epochs: list[tuple[float, bool, int]]) -> None:
-        for start, no_data, lag in epochs:
-            if no_data:  # only such epochs are left when the window was not run
-                self.owner.revised.append(StagedEpoch(start, -1, NO_DATA_PROBABILITIES.copy()))
-            else:
-                self.owner.revised.append(StagedEpoch(start, int(self.stages[lag]), self.probabilities[lag].copy()))
+    def _apply(self, reads: list[tuple[_EpochRevision, int]], completes: list[_EpochRevision]) -> None:
+        if self.probabilities is not None:
+            for epoch, lag in reads:
+                epoch.total += self.probabilities[lag]
+                epoch.count += 1
+        self.owner.revised += [epoch.staged() for epoch in completes]
 
 
 class Revisions:
-    """The revised stage of one stream (a model with a lookahead L > 0).
+    """The revised stage of one stream (a model with a lookahead L > 0 and a revision span S).
 
-    Epoch t is revised by the model call on the window that ends at epoch t + L (at lag L), or, when
-    the night ends sooner (flush, a new night), by the night's last window at the shorter lag: the rule
-    of evaluation.revision_windows, so a replayed night gives predict_night(revised=True). An epoch
-    without an immediate stage (no data) gets a no-data revision. Which window revises what is decided
-    when the windows are made (add, end_night); the revisions come out when their model calls are done,
+    Epoch t is revised by the mean of the model calls on the windows that end at epochs
+    t + L - S + 1 .. t + L (at those lags), or, when the night ends sooner (flush, a new night), by
+    those of them the night has, else by the night's last window at the shorter lag: the rule of
+    evaluation.revision_lags, so a replayed night gives predict_night(revised=True). An epoch without
+    an immediate stage (no data) gets a no-data revision. Which windows revise what is decided when
+    the windows are made (add, end_night); the revisions come out when their last model call is done,
     in epoch order, into `revised` (take them with take_revised).
     """
 
-    def __init__(self, lookahead: int):
-        self.lookahead = int(lookahead)
+    def __init__(self, lookahead: int, span: int = 1):
+        self.lookahead, self.span = int(lookahead), int(span)
+        first, last = revision_lags(self.lookahead, self.span)
+        self._lags = range(int(first), int(last) + 1)        # the lags a window reads while the night goes on
         self.revised: list[StagedEpoch] = []
-        self._waiting: deque[tuple[float, bool]] = deque()  # the night's epochs no window revises yet
+        self._waiting: deque[_EpochRevision] = deque()      # the night's epochs not revised yet
         self._waiting_with_data = 0                          # how many of them have data
         self._last: _Revision | None = None                  # the night's latest window
 
     def add(self, epoch_start_s: float, no_data: bool) -> tuple[_Revision, bool]:
         """The window that ends at this epoch: what it revises, and whether its model call is needed
         (some epoch it stages or may still revise has data)."""
-        self._waiting.append((epoch_start_s, bool(no_data)))
+        self._waiting.append(_EpochRevision(epoch_start_s, bool(no_data)))
         self._waiting_with_data += not no_data
         needed = self._waiting_with_data > 0
         revision = self._last = _Revision(self)
-        if len(self._waiting) > self.lookahead:
-            start, nd = self._waiting.popleft()
-            self._waiting_with_data -= not nd
-            revision.epochs.append((start, nd, self.lookahead))
+        n = len(self._waiting)  # the epoch lag j back is at n - 1 - j
+        revision.reads = [(self._waiting[n - 1 - lag], lag) for lag in self._lags if lag < n]
+        if n > self.lookahead:
+            done = self._waiting.popleft()
+            self._waiting_with_data -= not done.no_data
+            revision.completes.append(done)
         return revision, needed
 
     def end_night(self) -> None:
-        """The night ends: its last window revises every epoch still waiting, at the shorter lags."""
+        """The night ends: each epoch still waiting is revised by the windows it has (revision_lags), or
+        by the night's last window at the shorter lag."""
         n = len(self._waiting)
         if n:
-            self._last.add([(start, nd, n - 1 - i) for i, (start, nd) in enumerate(self._waiting)])
+            reads = []
+            for i, epoch in enumerate(self._waiting):
+                later = n - 1 - i
+                if later < self._lags.start:  # no window of the span yet: the last one
+                    reads.append((epoch, later))
+            self._last.add(reads, list(self._waiting))
         self._waiting.clear()
         self._waiting_with_data = 0
         self._last = None
@@ -455,6 +482,13 @@ class Revisions:
     def latest_window(self) -> _Revision | None:
         """The night's latest window while epochs wait (a night's end revises them from it), else None."""
         return self._last if self._waiting else None
+
+    def still_needed(self, revision: _Revision) -> bool:
+        """Whether a window's output still matters once what it completes was revised (a service's
+        replay after a restart): it is the night's latest window while epochs wait, or it adds to the
+        revision of an epoch still waiting."""
+        waiting = {id(epoch) for epoch in self._waiting}
+        return revision is self.latest_window() or any(id(epoch) in waiting for epoch, _ in revision.reads)
 
 
 class PendingEpoch(NamedTuple):
@@ -478,9 +512,9 @@ class StreamWindows:
     """
 
     def __init__(self, state: FeatureState, row: int, lookahead: int, record_features: bool,
-                 resting_hr_bpm: float = math.nan):
+                 resting_hr_bpm: float = math.nan, revision_span: int = 1):
         self.state, self.row = state, int(row)
-        self.lookahead, self.record_features = int(lookahead), record_features
+        self.lookahead, self.revision_span, self.record_features = int(lookahead), int(revision_span), record_features
         self.reset(new_stats())
         self.state.features.set_resting([self.row], resting_hr_bpm)  # a reused pool row: this wearer's
 
@@ -490,7 +524,7 @@ class StreamWindows:
         self.feature_rows: list[np.ndarray] = []
         self.closed: list[_Closed | None] = []
         self.pending: list[PendingEpoch] = []
-        self.revisions = Revisions(self.lookahead) if self.lookahead else None
+        self.revisions = Revisions(self.lookahead, self.revision_span) if self.lookahead else None
         self.state.features.reset([self.row])
 
     @property
@@ -652,7 +686,8 @@ class StreamingStager:
         self.windows = StreamWindows(
             shared or FeatureState(features.IncrementalFeatures(1, self.features),
                                    features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)),
-            row, self.lookahead, record_features, checked_resting_hr(resting_hr_bpm))
+            row, self.lookahead, record_features, checked_resting_hr(resting_hr_bpm),
+            revision_span_of(model) if self.lookahead else 1)
         self.reset()
 
     @classmethod
@@ -913,18 +948,19 @@ class StagerPool:
     def take_replayed(self) -> tuple[list, list[PendingEpoch]]:
         """take_pending after replaying readings whose stages, immediate and revised, were delivered before
         (a service rebuilding its streams after a restart): their epochs are not staged again and what their
-        windows revised is not revised again. Returns the windows still needed, as take_pending does: each
-        stream's latest window while epochs of its night wait for their revision (should the night end
-        before the next window, they are revised from it). stage_pending on them gives nothing new (its
-        immediate stages were delivered) but settles what a night's end will take from them."""
+        windows revised is not revised again. Returns the windows still needed, as take_pending does: those
+        that add to the revision of an epoch still waiting, and each stream's latest window while epochs
+        of its night wait (should the night end before the next window, they are revised from it).
+        stage_pending on them gives nothing new (its immediate stages were delivered) but settles what
+        later windows and a night's end will take from them."""
         owners, pending = self.take_pending()
         needed_owners, needed = [], []
         for wearer, item in zip(owners, pending):
             if item.revision is None:
                 continue
-            item.revision.epochs = []  # revised before the restart
+            item.revision.completes = []  # revised before the restart
             revisions = self.stagers[wearer].windows.revisions
-            if revisions is not None and revisions.latest_window() is item.revision:
+            if revisions is not None and revisions.still_needed(item.revision):
                 needed_owners.append(wearer)
                 needed.append(item)
         return needed_owners, needed

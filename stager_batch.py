@@ -12,7 +12,7 @@ import torch
 
 import data_loader as dl
 import features
-from evaluation import in_parallel, predict_windows, thread_parts
+from evaluation import in_parallel, predict_windows, revision_lags, revision_span_of, thread_parts
 from realtime import StreamingStager, checked_resting_hr, lookahead_of
 
 
@@ -62,10 +62,10 @@ class StagerBatch:
     set_resting_hr (a row given to another wearer).
 
     A model with a lookahead L also revises each wearer's epochs, as a StreamingStager does
-    (realtime.Revisions): the step that closes epoch k gives, from the same model call, the revision
-    of epoch k - L, in `revised` (RevisedEpochs, replaced by every step: read it after each);
-    end_night() revises the epochs still waiting from each wearer's latest window (the night's end),
-    and reset() does so before starting the new night (both return what they revise).
+    (realtime.Revisions): the step that closes epoch k adds its model call's output to the revisions
+    of the epochs it revises and gives the revision of epoch k - L, in `revised` (RevisedEpochs,
+    replaced by every step: read it after each); end_night() revises the epochs still waiting (the
+    night's end), and reset() does so before starting the new night (both return what they revise).
     """
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_wearers: int,
@@ -91,10 +91,14 @@ class StagerBatch:
         self.lookahead = lookahead_of(model)
         self.revised = NO_REVISIONS  # what the last step revised
         if self.lookahead:
-            span = self.lookahead + 1
-            self._every_lag = np.full((self.n_wearers, span, 4), np.nan)  # each wearer's latest window, every lag
-            self._no_data = np.zeros((self.n_wearers, span), bool)       # of the last L + 1 epochs, epoch e at e % span
-            self._revised_n = np.zeros(self.n_wearers, np.int64)         # epochs of the night revised so far
+            first, last = revision_lags(self.lookahead, revision_span_of(model))
+            self._lags = range(int(first), int(last) + 1)                # the lags a window adds to a revision
+            ring = self.lookahead + 1                                     # the last L + 1 epochs, epoch e at e % ring
+            self._every_lag = np.full((self.n_wearers, ring, 4), np.nan)  # each wearer's latest window, every lag
+            self._no_data = np.zeros((self.n_wearers, ring), bool)
+            self._total = np.zeros((self.n_wearers, ring, 4))             # each waiting epoch's revision: the sum
+            self._count = np.zeros((self.n_wearers, ring), np.int64)      # of its windows' outputs, and how many
+            self._revised_n = np.zeros(self.n_wearers, np.int64)          # epochs of the night revised so far
 
     @property
     def n(self) -> np.ndarray:
@@ -124,8 +128,8 @@ class StagerBatch:
 
     def end_night(self, wearers=None) -> RevisedEpochs:
         """The night ends for the given wearers (None: all): each epoch still waiting for its look-ahead is
-        revised from the wearer's latest window at the shorter lag (evaluation.revision_windows), by
-        wearer, in epoch order. Epochs closed later are revised as usual."""
+        revised from the windows it has, or from the wearer's latest window at the shorter lag
+        (evaluation.revision_lags), by wearer, in epoch order. Epochs closed later are revised as usual."""
         if not self.lookahead:
             return NO_REVISIONS
         w = self._select(wearers)
@@ -134,7 +138,10 @@ class StagerBatch:
         wearer = np.repeat(w, count)
         epoch = np.repeat(first, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
         self._revised_n[w] = n
-        return self._revision(wearer, epoch, self.n[wearer] - 1 - epoch)
+        later = self.n[wearer] - 1 - epoch
+        last_only = later < self._lags.start  # no window of the span yet: the latest one
+        self._add(wearer[last_only], epoch[last_only], later[last_only])
+        return self._revision(wearer, epoch)
 
     def _select(self, wearers) -> np.ndarray:
         return self._wearers if wearers is None else np.atleast_1d(self._wearers[wearers])
@@ -190,21 +197,33 @@ class StagerBatch:
         return epoch_start, features.stages_of(probs), probs
 
     def _revise(self, k: np.ndarray, no_data: np.ndarray, every_lag: np.ndarray) -> np.ndarray:
-        """Keep the step's output at every lag (n, 1 + L, 4), revise epoch k - L where it waits; the
-        immediate probabilities (lag 0)."""
-        lookahead = self.lookahead
+        """Keep the step's output at every lag (n, 1 + L, 4), add it to the revisions of the epochs it
+        revises, revise epoch k - L where it waits; the immediate probabilities (lag 0)."""
         self._every_lag = every_lag
-        self._no_data[self._wearers, k % (lookahead + 1)] = no_data
-        epoch = k - lookahead
-        due = np.flatnonzero(epoch >= self._revised_n)  # in the night (>= 0) and not revised at an end already
-        self.revised = self._revision(due, epoch[due], np.full(len(due), lookahead))
+        slot = k % (self.lookahead + 1)  # epoch k's: its last user, epoch k - L - 1, was revised before
+        self._no_data[self._wearers, slot] = no_data
+        self._total[self._wearers, slot] = 0.0
+        self._count[self._wearers, slot] = 0
+        for lag in self._lags:  # in order of lag, as a stream adds them up
+            waiting = np.flatnonzero(k - lag >= self._revised_n)  # in the night and not revised at an end already
+            self._add(waiting, k[waiting] - lag, np.full(len(waiting), lag))
+        epoch = k - self.lookahead
+        due = np.flatnonzero(epoch >= self._revised_n)
+        self.revised = self._revision(due, epoch[due])
         self._revised_n[due] = epoch[due] + 1
         return every_lag[:, 0].copy()
 
-    def _revision(self, wearer: np.ndarray, epoch: np.ndarray, lag: np.ndarray) -> RevisedEpochs:
-        """RevisedEpochs of these wearers' epochs from their latest windows at these lags."""
-        probs = self._every_lag[wearer, lag]
-        probs[self._no_data[wearer, epoch % (self.lookahead + 1)]] = np.nan
+    def _add(self, wearer: np.ndarray, epoch: np.ndarray, lag: np.ndarray) -> None:
+        """Add the wearers' latest windows' outputs at these lags to these epochs' revisions."""
+        slot = epoch % (self.lookahead + 1)
+        self._total[wearer, slot] += self._every_lag[wearer, lag]
+        self._count[wearer, slot] += 1
+
+    def _revision(self, wearer: np.ndarray, epoch: np.ndarray) -> RevisedEpochs:
+        """RevisedEpochs of these wearers' epochs: the mean of the outputs added to each."""
+        slot = epoch % (self.lookahead + 1)
+        probs = self._total[wearer, slot] / np.maximum(self._count[wearer, slot], 1)[:, None]
+        probs[self._no_data[wearer, slot]] = np.nan
         return RevisedEpochs(wearer, self.start_s[wearer] + (features.EPOCH_S * epoch).astype(np.float64),
                              features.stages_of(probs), probs)
 

@@ -777,12 +777,13 @@ def test_predict_windows_split_across_threads_equals_one_call(tmp_path, arch, to
 REVISED_PROBS = [c + "_revised" for c in PROB_COLUMNS]
 
 
-def lookahead_model(arch="hybrid", lookahead=3, matrices=None, names=features.DEFAULT_FEATURES):
-    """A randomly initialised causal model with a lookahead: (model, scaler fitted on matrices, checkpoint dict)."""
+def lookahead_model(arch="hybrid", lookahead=3, matrices=None, names=features.DEFAULT_FEATURES, span=1):
+    """A randomly initialised causal model with a lookahead (and revision span): (model, scaler fitted on
+    matrices, checkpoint dict)."""
     torch.manual_seed(1)
     tcn = {**TINY_HYBRID, "n_layers": 0, "kernel_size": 3, "dilated": 2}  # dilated convolutions alone
     config = {**{"hybrid": TINY_HYBRID, "lstm": TINY_LSTM, "tcn": tcn}[arch], "n_features": len(names),
-              "causal": True, "lookahead": lookahead}
+              "causal": True, "lookahead": lookahead, "revision_span": span}
     arch = "lstm" if arch == "lstm" else "hybrid"
     model = build_model(arch, config).eval()
     scaler = dl.FeatureScaler.fit(matrices)
@@ -812,12 +813,13 @@ def starts_of(epochs):
     return [e.epoch_start_s for e in epochs]
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "lstm"])
-def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_calls(arch, small_data_dir,
+@pytest.mark.parametrize("arch,span", [("hybrid", 1), ("lstm", 1), ("hybrid", 3)])
+def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_calls(arch, span, small_data_dir,
                                                                                      monkeypatch):
     night = dl.load_night(small_data_dir, "46343", cache_dir=None)
     assert not features.no_data(night, causal=True).any()  # every epoch's window is run once
-    model, scaler, ckpt = lookahead_model(arch, 3, [features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)])
+    model, scaler, ckpt = lookahead_model(arch, 3, [features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)],
+                                          span=span)
     immediate = evaluation.predict_nights(model, scaler, ckpt, [night])
     revised = evaluation.predict_nights(model, scaler, ckpt, [night], revised=True)
     calls = count_model_calls(monkeypatch, model)
@@ -839,31 +841,49 @@ def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_c
 @pytest.mark.parametrize("arch", ["hybrid", "lstm"])
 def test_predict_windows_gives_every_lag_from_one_call(arch, monkeypatch):
     """lags="all": (n, 1 + lookahead, 4) from one forward_last per chunk; lag 0 is the immediate stage,
-    and picking lag j of window i is what lags=[j, ...] reads."""
+    lag j the model's own lag-j output (softmax of forward_last(x, lags=True)[:, j])."""
     windows = np.random.default_rng(2).normal(size=(70, 25, len(features.DEFAULT_FEATURES))).astype(np.float32)
     model, _, _ = lookahead_model(arch, 3, [windows[:, -1]])
-    lags = np.random.default_rng(3).integers(0, 4, len(windows))
     immediate = evaluation.predict_windows(model, windows, 24)
-    picked = evaluation.predict_windows(model, windows, 24, lags=lags)
     calls = count_model_calls(monkeypatch, model)
     every = evaluation.predict_windows(model, windows, 24, batch_size=32, lags="all")
     monkeypatch.undo()
     assert every.shape == (70, 4, 4) and calls == [(32, True), (32, True), (4, True), (2, True)]  # power-of-two chunks
     np.testing.assert_allclose(every[:, 0], immediate, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(every[np.arange(len(lags)), lags], picked, atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        direct = torch.softmax(model.forward_last(torch.from_numpy(windows), lags=True), dim=-1).numpy()
+    np.testing.assert_allclose(every, direct, atol=1e-6, rtol=0)
     assert evaluation.predict_windows(model, windows[:0], 24, lags="all").shape == (0, 4, 4)
     with pytest.raises(ValueError, match="all"):
         evaluation.predict_windows(model, windows, 24, lags="every")
 
 
-def test_revisions_through_a_watch_off_stretch_a_new_night_and_the_nights_end():
+def test_the_revision_averages_the_windows_of_its_span_and_at_a_nights_end_those_it_has():
+    """evaluation.revise_night, lookahead 3, span 2: epoch t is the mean of window t+2's lag 2 and window
+    t+3's lag 3; near the end, the windows of the span the night has, else the last window's lag."""
+    every_lag = np.random.default_rng(4).dirichlet(np.ones(4), size=(6, 4))  # (epochs, 1 + lookahead, 4)
+    revised = evaluation.revise_night(every_lag, span=2)
+    expected = [(every_lag[t + 2, 2] + every_lag[t + 3, 3]) / 2 for t in range(3)]
+    expected += [every_lag[5, 2], every_lag[5, 1], every_lag[5, 0]]  # epoch 3: window 5 (lag 2) is the span's
+    np.testing.assert_allclose(revised, np.array(expected), rtol=0, atol=1e-12)
+    # span 1 is lag 3 alone (the last window at the shorter lag near the end), span 4 every lag
+    np.testing.assert_array_equal(evaluation.revise_night(every_lag, 1)[:3], every_lag[[3, 4, 5], 3])
+    np.testing.assert_allclose(evaluation.revise_night(every_lag, 4)[0], every_lag[[0, 1, 2, 3], [0, 1, 2, 3]].mean(0))
+    assert evaluation.revision_lags(3, 2) == (2, 3) and evaluation.revision_lags(3, 2, later=0) == (0, 0)
+    model, _, _ = lookahead_model("hybrid", 3, [np.zeros((2, len(features.DEFAULT_FEATURES)))], span=5)
+    with pytest.raises(ValueError, match="revision_span must be 1 .. lookahead \\+ 1 = 4, got 5"):
+        evaluation.revision_span_of(model)
+
+
+@pytest.mark.parametrize("span", [1, 2])
+def test_revisions_through_a_watch_off_stretch_a_new_night_and_the_nights_end(span):
     """Epochs staged from context just before a stretch without data are revised by the windows of
     no-data epochs (kept for it); a jump to a new night revises the old night's last epochs from its
-    last window at shorter lags; the final flush does the same for the new night."""
+    last windows at shorter lags; the final flush does the same for the new night."""
     hr1 = np.vstack([hr_rows(0, 600), hr_rows(3000, 3600)])  # the watch off for 40 min
     hr2 = hr_rows(30000, 31200, bpm=55.0)                     # 7 h later (max_gap_s 6 h): a new night
     (night1, x1), (night2, x2) = hr_night(hr1, 120), hr_night(hr2, 40, start_s=30000.0)
-    model, scaler, ckpt = lookahead_model("hybrid", 3, [x1, x2])
+    model, scaler, ckpt = lookahead_model("hybrid", 3, [x1, x2], span=span)
     offline = evaluation.predict_nights(model, scaler, ckpt, [night1, night2], revised=True)
     stager = StreamingStager(model, scaler, ckpt)
     immediate = realtime.replay(stager, {"heart_rate": np.vstack([hr1, hr2])}, end_s=31200.0)
@@ -939,8 +959,8 @@ def by_wearer(revised_batches, n_wearers):
     return out
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "lstm", "tcn"])  # StagerBatch: the conv cache, and predict_windows
-def test_pool_and_batch_revise_as_one_stager_each(arch, small_data_dir):
+@pytest.mark.parametrize("arch,span", [("hybrid", 1), ("lstm", 1), ("tcn", 1), ("tcn", 3)])  # StagerBatch: the conv
+def test_pool_and_batch_revise_as_one_stager_each(arch, span, small_data_dir):                  # cache, predict_windows
     subjects = ("46343", "3509524", "4018081")
     n_epochs = 90
     end_s = 30.0 * n_epochs
@@ -948,7 +968,8 @@ def test_pool_and_batch_revise_as_one_stager_each(arch, small_data_dir):
     # the watch off for 15 min: no-data epochs, whose windows still revise earlier ones
     readings[1] = {k: v[(v[:, 0] < 600) | (v[:, 0] >= 1500)] for k, v in readings[1].items()}
     night = dl.load_night(small_data_dir, subjects[0], cache_dir=None)
-    model, scaler, ckpt = lookahead_model(arch, 4, [features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)])
+    model, scaler, ckpt = lookahead_model(arch, 4, [features.night_features(night, causal=True, features=features.DEFAULT_FEATURES)],
+                                          span=span)
     expected = []
     for r in readings:
         alone = StreamingStager(model, scaler, ckpt)

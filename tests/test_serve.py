@@ -66,11 +66,12 @@ def night_pushes(small_data_dir):
 
 @pytest.fixture(scope="module")
 def lookahead_ckpt(small_data_dir, tmp_path_factory):
-    """A tiny causal hybrid with a lookahead, trained for one pass over the small data (seconds)."""
+    """A tiny causal hybrid with a lookahead and a revision span, trained for one pass over the small data (seconds)."""
     out = tmp_path_factory.mktemp("lookahead")
     argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--batch-size", "64",
             "--stride", "10", "--causal"]
-    config = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2, "lookahead": LOOKAHEAD}
+    config = {"channels": 16, "kernel_size": 3, "n_layers": 1, "n_heads": 2, "lookahead": LOOKAHEAD,
+              "revision_span": 3}  # the revision: the mean of its last 3 windows
     with evaluation.single_thread():
         assert training.run("hybrid", config, training.TrainConfig(), argv) == 0
     return out / "model.pth"
