@@ -93,10 +93,7 @@ def lookahead_of(model: torch.nn.Module) -> int:
 def revision_span_of(model: torch.nn.Module) -> int:
     """How many of the latest lags a causal model's revision averages (its config's `revision_span`;
     1, and for checkpoints from before it: lag `lookahead` alone)."""
-    span = int(getattr(getattr(model, "config", None), "revision_span", 1) or 1)
-    if not 1 <= span <= lookahead_of(model) + 1:
-        raise ValueError(f"revision_span must be 1 .. lookahead + 1 = {lookahead_of(model) + 1}, got {span}")
-    return span
+    return int(getattr(getattr(model, "config", None), "revision_span", 1) or 1)
 
 
 @torch.inference_mode()
@@ -187,6 +184,8 @@ def revise_night(every_lag: np.ndarray, span: int) -> np.ndarray:
     (n, 1 + lookahead, 4; predict_windows(lags="all")), by revision_lags: summed in order of lag,
     as a stream adds them up."""
     n, lookahead = len(every_lag), every_lag.shape[1] - 1
+    if not 1 <= span <= lookahead + 1:
+        raise ValueError(f"a revision span must be 1 .. lookahead + 1 = {lookahead + 1}, got {span}")
     first, last = revision_lags(lookahead, span, n - 1 - np.arange(n))
     total = np.zeros((n, every_lag.shape[2]))
     for lag in range(lookahead + 1):
@@ -197,16 +196,17 @@ def revise_night(every_lag: np.ndarray, span: int) -> np.ndarray:
 
 def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, target_pos: int,
                   transitions: np.ndarray | None = None, no_data: np.ndarray | None = None,
-                  batch_size: int = 1024, revised: bool = False) -> np.ndarray:
+                  batch_size: int = 1024, revised: bool = False, revision_span: int | None = None) -> np.ndarray:
     """Stage probabilities (n_epochs, 4): each epoch read at `target_pos` of its own window (seq_len 0:
     every epoch of the whole night from one pass; revised: a causal model's revision of each epoch,
-    from the windows up to `lookahead` epochs later, revise_night), NaN where `no_data` (features.no_data), then smoothed
+    from the windows up to `lookahead` epochs later, revise_night; revision_span: another span than the
+    model's, for comparing them), NaN where `no_data` (features.no_data), then smoothed
     over the whole night when a transition matrix is given (offline checkpoints)."""
     if seq_len == 0:
         probs = predict_whole_night(model, x_scaled)
     elif revised:
         probs = revise_night(predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos,
-                                             batch_size, "all"), revision_span_of(model))
+                                             batch_size, "all"), revision_span or revision_span_of(model))
     else:
         probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
     if no_data is not None:
@@ -283,16 +283,18 @@ def format_report(metrics: dict, y_true: np.ndarray, y_pred: np.ndarray) -> str:
 
 
 def predict_nights(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict,
-                   nights: list[dl.Night], smooth: bool = True, revised: bool = False) -> pd.DataFrame:
+                   nights: list[dl.Night], smooth: bool = True, revised: bool = False,
+                   revision_span: int | None = None) -> pd.DataFrame:
     """One row per epoch of every night, in PREDICTION_COLUMNS; smooth=False skips an offline
-    checkpoint's whole-night smoothing; revised: a causal model's revised stages (predict_night)."""
+    checkpoint's whole-night smoothing; revised: a causal model's revised stages (predict_night; over
+    revision_span windows where given, else the model's span)."""
     transitions = checkpoint.get("transitions") if smooth else None
     frames = []
     for night in nights:
         x = scaler.transform(features.night_features(night, causal=checkpoint["causal"],
                                                      features=tuple(checkpoint["features"])))
         probs = predict_night(model, x, checkpoint["seq_len"], checkpoint["target_pos"], transitions,
-                              features.no_data(night, checkpoint["causal"]), revised=revised)
+                              features.no_data(night, checkpoint["causal"]), revised=revised, revision_span=revision_span)
         frames.append(prediction_frame(night, probs))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
 

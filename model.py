@@ -56,6 +56,8 @@ class SleepLSTM(nn.Module):
         h = config.hidden
         if config.causal and config.pool > 1:
             raise ValueError("pool > 1 mixes later epochs into each step: offline models only")
+        if not 1 <= config.revision_span <= config.lookahead + 1:
+            raise ValueError(f"revision_span must be 1 .. lookahead + 1 = {config.lookahead + 1}, got {config.revision_span}")
         per_direction = h if config.causal else h // 2
         self.input_proj = nn.Linear(config.n_features, h)
         self.lstms = nn.ModuleList(

@@ -4,6 +4,7 @@
     python robustness.py --recipes causal-hybrid,classical-causal --folds 5
     python robustness.py --json-out runs/robustness/summary.json --markdown-out runs/robustness/table.md
     python robustness.py --merge a.json b.json             # one table from runs of different recipes
+    python robustness.py --recipes causal-hybrid --revision-spans 1,6,16   # the revision over other spans too
 
 For each fold (subject-level, over the non-test subjects, the folds `train*.py --cv` uses) every
 recipe is trained as shipped (drawn real-world conditions included, see degrade.py) on the other
@@ -86,10 +87,17 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
                   ensemble=args.ensemble if args.ensemble is not None else defaults.ensemble)
     if not cfg.smoothed:  # no matrix: the recipe is its unsmoothed self
         variants = {recipe: False}
-    revisions = {variant: False for variant in variants}
-    if model_config.get("lookahead", 0) > 0:  # a causal model's revised stage beside its immediate one
+    revisions: dict[str, bool | int] = {variant: False for variant in variants}  # int: a revision span to compare
+    lookahead = model_config.get("lookahead", 0)
+    if any(span > lookahead + 1 for span in args.revision_spans):
+        raise SystemExit(f"--revision-spans {args.revision_spans}: {recipe} revises from {lookahead + 1} windows at most "
+                         f"(lookahead {lookahead})")
+    if lookahead > 0:  # a causal model's revised stage beside its immediate one
         revisions[f"{recipe} revised"] = True
         variants[f"{recipe} revised"] = False
+        for span in args.revision_spans:  # the same models' revisions over other spans (no training)
+            revisions[f"{recipe} revised over {span}"] = span
+            variants[f"{recipe} revised over {span}"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dl.DataWarning)
         store = feature_store.build_feature_store(args.data_dir, causal=causal, features=cfg.features)
@@ -100,7 +108,8 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
     contract = {"causal": causal, "features": list(cfg.features), "seq_len": cfg.seq_len,
                 "target_pos": cfg.target_pos, "transitions": data.transitions}
     degraded = {c.name: [degrade.degrade(nights[s], c) for s in held_ids] for c in conditions}
-    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth, revisions[variant])
+    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth, bool(revisions[variant]),
+                                           None if revisions[variant] is True else revisions[variant])
                       for name, held in degraded.items()} for variant, smooth in variants.items()}
 
 
@@ -203,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="", metavar="KEY=VALUE,...",
                         help="override the deep recipes' MODEL config (screening), e.g. channels=32")
     parser.add_argument("--tag", default="", help="appended to each recipe's name in the results, e.g. a screen's name")
+    parser.add_argument("--revision-spans", default="", metavar="S,...",
+                        help="causal recipes with a lookahead: also score the same models' revision averaged over "
+                             "each of these spans (the windows it averages; the model's own span is the 'revised' row)")
     parser.add_argument("--degrade", action=argparse.BooleanOptionalAction, default=True,
                         help="train the deep recipes on drawn real-world conditions (--no-degrade: as recorded; ablation)")
     parser.add_argument("--json-out", default="runs/robustness/summary.json")
@@ -210,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                         help="print (and write) one table from the summaries of earlier runs; trains nothing")
     args = parser.parse_args(argv)
+    try:
+        args.revision_spans = [int(span) for span in args.revision_spans.split(",") if span.strip()]
+    except ValueError:
+        parser.error(f"--revision-spans: comma-separated whole numbers, got {args.revision_spans!r}")
+    if any(span < 1 for span in args.revision_spans):
+        parser.error(f"--revision-spans: each span must be at least 1, got {args.revision_spans}")
     if args.merge:
         summary = {}
         for path in args.merge:

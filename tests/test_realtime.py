@@ -870,9 +870,11 @@ def test_the_revision_averages_the_windows_of_its_span_and_at_a_nights_end_those
     np.testing.assert_array_equal(evaluation.revise_night(every_lag, 1)[:3], every_lag[[3, 4, 5], 3])
     np.testing.assert_allclose(evaluation.revise_night(every_lag, 4)[0], every_lag[[0, 1, 2, 3], [0, 1, 2, 3]].mean(0))
     assert evaluation.revision_lags(3, 2) == (2, 3) and evaluation.revision_lags(3, 2, later=0) == (0, 0)
-    model, _, _ = lookahead_model("hybrid", 3, [np.zeros((2, len(features.DEFAULT_FEATURES)))], span=5)
-    with pytest.raises(ValueError, match="revision_span must be 1 .. lookahead \\+ 1 = 4, got 5"):
-        evaluation.revision_span_of(model)
+    for arch in ("hybrid", "lstm"):
+        with pytest.raises(ValueError, match="revision_span must be 1 .. lookahead \\+ 1 = 4, got 5"):
+            lookahead_model(arch, 3, [np.zeros((2, len(features.DEFAULT_FEATURES)))], span=5)
+    with pytest.raises(ValueError, match="revision span must be 1 .. lookahead \\+ 1 = 4, got 0"):
+        evaluation.revise_night(every_lag, span=0)
 
 
 @pytest.mark.parametrize("span", [1, 2])

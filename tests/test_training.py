@@ -308,10 +308,9 @@ def test_lag_weights_scale_each_lag_of_the_revision_loss():
     torch.testing.assert_close(dropped_middle, ends)
     ones = training.focal_loss(logits, target, weight, 2.0, position_weight=torch.ones(3))
     torch.testing.assert_close(ones, training.focal_loss(logits, target, weight, 2.0))
-    # the stream reads lag 0 and the revision's span: those weigh 1, the lags between middle_lag_weight
-    torch.testing.assert_close(training.lag_weights(4, 1, 0.1), torch.tensor([1.0, 0.1, 0.1, 0.1, 1.0]))
-    torch.testing.assert_close(training.lag_weights(4, 3, 0.1), torch.tensor([1.0, 0.1, 1.0, 1.0, 1.0]))
-    torch.testing.assert_close(training.lag_weights(2, 3, 0.5), torch.ones(3))
+    # lag 0 and the last lag weigh 1, the lags between middle_lag_weight
+    torch.testing.assert_close(training.lag_weights(4, 0.1), torch.tensor([1.0, 0.1, 0.1, 0.1, 1.0]))
+    torch.testing.assert_close(training.lag_weights(1, 0.1), torch.ones(2))
 
 
 def test_ema_keeps_the_moving_average_and_resumes_to_the_same_weights(small_data_dir, tmp_path):
