@@ -24,6 +24,7 @@ import data_loader as dl
 import feature_store
 import features
 from checkpoint import atomic_write, load_model_from_checkpoint
+from model import check_revision_span
 from smoothing import smooth_night
 
 PREDICTION_COLUMNS = ["subject", "epoch_start_s", "true_stage", "pred", "p_wake", "p_light", "p_deep", "p_rem"]
@@ -38,10 +39,10 @@ T, R = TypeVar("T"), TypeVar("R")
 
 @torch.inference_mode()
 def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int,
-                    batch_size: int = 1024, lags: str | None = None) -> np.ndarray:
+                    batch_size: int = 1024, every_lag: bool = False) -> np.ndarray:
     """Stage probabilities (n, 4) of scaled windows (n, seq_len, n_features), read at target_pos
-    (lags="all", a model with a lookahead: every lag, (n, 1 + lookahead, 4), lag 0 the immediate
-    stage, lag j epoch t - j's revision read from window t: a stream's one call).
+    (every_lag, a model with a lookahead: (n, 1 + lookahead, 4), lag 0 the immediate stage, lag j
+    the window's output for the epoch j before its last, which revisions average: a stream's one call).
 
     The one model call: whole nights (predict_night), streams and batches gather windows and come here. Up to
     SPLIT_ABOVE windows go to the model in one call; more go in power-of-two calls of at most
@@ -56,16 +57,13 @@ def predict_windows(model: torch.nn.Module, windows: np.ndarray, target_pos: int
     """
     if model.training:
         model.eval()
-    every_lag = lags is not None
-    if every_lag and lags != "all":
-        raise ValueError(f'lags: None or "all", got {lags!r}')
     windows = np.asarray(windows, dtype=np.float32)
     if len(windows) == 0:
         return np.zeros((0, 1 + lookahead_of(model), 4) if every_lag else (0, 4))
     device = next(model.parameters()).device
     last_only = target_pos in (-1, windows.shape[1] - 1) and hasattr(model, "forward_last")
-    if lags is not None and not last_only:
-        raise ValueError("lags (the revision) are read at a window's last position: a causal model with forward_last")
+    if every_lag and not last_only:
+        raise ValueError("every lag (the revision) is read at a window's last position: a causal model with forward_last")
 
     def predict_part(part: np.ndarray) -> np.ndarray:
         out, start = [], 0
@@ -171,21 +169,23 @@ def single_thread():
 
 # ----------------------------------------------------------------------------- nights
 
-def revision_lags(lookahead: int, span: int, later=np.inf):
+def revision_lags(lookahead: int, span: int, later: int | np.ndarray | None = None) -> tuple:
     """The lags, (first, last) inclusive, whose windows revise an epoch with `later` epochs after it in
-    its night (inf: the night goes on): the revision is the mean of the model's outputs for the epoch
+    its night (None: the night goes on): the revision is the mean of the model's outputs for the epoch
     from the windows that end lookahead - span + 1 .. lookahead epochs after it. Near a night's end,
-    those of them the night has; where it has none, its last window (the lag `later`). Scalars or arrays."""
-    return np.minimum(lookahead - span + 1, later), np.minimum(lookahead, later)
+    those of them the night has; where it has none, its last window (the lag `later`). Ints or arrays."""
+    first, last = lookahead - span + 1, lookahead
+    if later is None:
+        return first, last
+    return np.minimum(first, later), np.minimum(last, later)
 
 
 def revise_night(every_lag: np.ndarray, span: int) -> np.ndarray:
     """Revised probabilities (n, 4) of a night's epochs from every window's output at every lag
-    (n, 1 + lookahead, 4; predict_windows(lags="all")), by revision_lags: summed in order of lag,
+    (n, 1 + lookahead, 4; predict_windows(every_lag=True)), by revision_lags: summed in order of lag,
     as a stream adds them up."""
     n, lookahead = len(every_lag), every_lag.shape[1] - 1
-    if not 1 <= span <= lookahead + 1:
-        raise ValueError(f"a revision span must be 1 .. lookahead + 1 = {lookahead + 1}, got {span}")
+    check_revision_span(lookahead, span)
     first, last = revision_lags(lookahead, span, n - 1 - np.arange(n))
     total = np.zeros((n, every_lag.shape[2]))
     for lag in range(lookahead + 1):
@@ -206,7 +206,7 @@ def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, ta
         probs = predict_whole_night(model, x_scaled)
     elif revised:
         probs = revise_night(predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos,
-                                             batch_size, "all"), revision_span or revision_span_of(model))
+                                             batch_size, every_lag=True), revision_span or revision_span_of(model))
     else:
         probs = predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos, batch_size)
     if no_data is not None:

@@ -234,7 +234,7 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
         print(format_report(metrics, y_true, y_pred))
         if "pred_revised" in frame:  # a model with a lookahead, streamed: its revised stage beside
             revised = compute_metrics(y_true, frame["pred_revised"].to_numpy())
-            print(format_revised(metrics, revised, realtime.lookahead_of(model)))
+            print(format_revised(metrics, revised, realtime.lookahead_of(model), realtime.revision_span_of(model)))
     elif (y_true >= 0).any():
         print("no PSG-scored epoch got a stage (no heart rate or motion there): no metrics")
     else:
@@ -263,12 +263,13 @@ def evaluate(arch: str, args: argparse.Namespace, model, scaler, checkpoint: dic
     return 0
 
 
-def format_revised(immediate: dict, revised: dict, lookahead: int) -> str:
+def format_revised(immediate: dict, revised: dict, lookahead: int, span: int = 1) -> str:
     """The revised stage's headline figures beside the immediate stage's (compute_metrics of each)."""
     keys = ["accuracy", "kappa", "macro_f1", *(f"recall_{name.lower()}" for name in dl.STAGE_NAMES)]
     header = ["accuracy", "kappa", "macro-F1", *(f"{name} rec." for name in dl.STAGE_NAMES)]
-    lines = [f"revised stage: each epoch staged again {lookahead} epochs ({lookahead * 30 / 60:g} min) later "
-             "(pred_revised)",
+    averaged = f", the mean of the {span} latest windows' outputs for it" if span > 1 else ""
+    lines = [f"revised stage: each epoch staged again {lookahead} epochs ({lookahead * 30 / 60:g} min) later"
+             f"{averaged} (pred_revised)",
              f"{'':<10}" + "".join(f"{h:>11}" for h in header)]
     for name, m in (("immediate", immediate), ("revised", revised)):
         lines.append(f"{name:<10}" + "".join(f"{m[k]:>11.3f}" for k in keys))

@@ -33,6 +33,12 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
 
 
+def check_revision_span(lookahead: int, span: int) -> None:
+    """ValueError unless a revision can average `span` windows: 1 .. lookahead + 1 (lags lookahead - span + 1 .. lookahead)."""
+    if not 1 <= span <= lookahead + 1:
+        raise ValueError(f"revision_span must be 1 .. lookahead + 1 = {lookahead + 1}, got {span}")
+
+
 def lag_logits(logits: torch.Tensor, n_classes: int, lags: bool) -> torch.Tensor:
     """A head's output (..., n_classes * (1 + lookahead)): lag 0 (the epoch itself), or every lag
     (..., 1 + lookahead, n_classes)."""
@@ -56,8 +62,7 @@ class SleepLSTM(nn.Module):
         h = config.hidden
         if config.causal and config.pool > 1:
             raise ValueError("pool > 1 mixes later epochs into each step: offline models only")
-        if not 1 <= config.revision_span <= config.lookahead + 1:
-            raise ValueError(f"revision_span must be 1 .. lookahead + 1 = {config.lookahead + 1}, got {config.revision_span}")
+        check_revision_span(config.lookahead, config.revision_span)
         per_direction = h if config.causal else h // 2
         self.input_proj = nn.Linear(config.n_features, h)
         self.lstms = nn.ModuleList(

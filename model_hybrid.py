@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import causal_mask, lag_logits, pool_epochs, unpool_epochs
+from model import causal_mask, check_revision_span, lag_logits, pool_epochs, unpool_epochs
 
 
 @dataclass
@@ -86,8 +86,7 @@ class SleepHybrid(nn.Module):
         self.conv2 = ConvBlock(c, c, config.kernel_size, config.causal, config.dropout)
         if config.causal and config.pool > 1:
             raise ValueError("pool > 1 mixes later epochs into each token: offline models only")
-        if not 1 <= config.revision_span <= config.lookahead + 1:
-            raise ValueError(f"revision_span must be 1 .. lookahead + 1 = {config.lookahead + 1}, got {config.revision_span}")
+        check_revision_span(config.lookahead, config.revision_span)
         self.dilated = nn.ModuleList(ConvBlock(c, c, config.kernel_size, config.causal, config.dropout, 2 ** (i + 1))
                                      for i in range(config.dilated))
         self.register_buffer("positional", sinusoid(config.max_len, c), persistent=False)

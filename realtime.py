@@ -75,6 +75,7 @@ import torch
 import data_loader as dl
 import features
 from checkpoint import load_model_from_checkpoint
+from model import check_revision_span
 from evaluation import PREDICTION_COLUMNS, lookahead_of, predict_windows, prediction_frame, revision_lags, revision_span_of
 
 EPOCH_S = features.EPOCH_S
@@ -383,7 +384,7 @@ class _EpochRevision:
         self.total, self.count = np.zeros(4), 0
 
     def staged(self) -> StagedEpoch:
-        if self.no_data or not self.count:  # no data: the windows that would revise it were not run
+        if self.no_data:  # the windows that would revise it may not have been run
             return StagedEpoch(self.epoch_start_s, -1, NO_DATA_PROBABILITIES.copy())
         probabilities = self.total / self.count
         return StagedEpoch(self.epoch_start_s, int(features.stages_of(probabilities[None])[0]), probabilities)
@@ -437,8 +438,9 @@ class Revisions:
 
     def __init__(self, lookahead: int, span: int = 1):
         self.lookahead, self.span = int(lookahead), int(span)
+        check_revision_span(self.lookahead, self.span)
         first, last = revision_lags(self.lookahead, self.span)
-        self._lags = range(int(first), int(last) + 1)        # the lags a window reads while the night goes on
+        self._lags = range(first, last + 1)                  # the lags a window reads while the night goes on
         self.revised: list[StagedEpoch] = []
         self._waiting: deque[_EpochRevision] = deque()      # the night's epochs not revised yet
         self._waiting_with_data = 0                          # how many of them have data
@@ -620,7 +622,7 @@ def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: 
     if called:
         windows = scaler.transform(np.stack([pending[i].window for i in called]))
         if lookahead:
-            probs = predict_windows(model, windows, target_pos, batch_size, lags="all")
+            probs = predict_windows(model, windows, target_pos, batch_size, every_lag=True)
         else:
             probs = predict_windows(model, windows, target_pos, batch_size)[:, None]
     out = [StagedEpoch(item.epoch_start_s, -1, NO_DATA_PROBABILITIES.copy()) for item in pending]

@@ -65,11 +65,17 @@ def script_recipe(arch: str, causal: bool) -> tuple[dict, training.TrainConfig]:
     return training.script_config(script.MODEL), script.TRAIN
 
 
+def recipe_model_config(recipe: str, args: argparse.Namespace) -> dict:
+    """A deep recipe's model config as trained here: the script's, the recipe's overrides, then --model."""
+    arch, causal, overrides = RECIPES[recipe]
+    return training.override_model_config({**script_recipe(arch, causal)[0], **overrides}, args.model)
+
+
 def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str], held_ids: list[str],
                    fold: int, args: argparse.Namespace) -> dict[str, dict[str, pd.DataFrame]]:
     """Train one recipe on fit_ids; per variant (the recipe, and offline also its models unsmoothed)
     and condition, the prediction frame of the held-out nights."""
-    arch, causal, overrides = RECIPES[recipe]
+    arch, causal, _ = RECIPES[recipe]
     conditions = degrade.CONDITIONS.values()
     variants = {recipe: True} if causal else {recipe: True, f"{recipe} unsmoothed": False}
     if arch == "classical":
@@ -79,24 +85,21 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
             out[variant] = {c.name: pd.concat([prediction_frame(nights[s], baseline.predict(reference, degrade.degrade(
                 nights[s], c))) for s in held_ids], ignore_index=True) for c in conditions}
         return out
-    model_config, defaults = script_recipe(arch, causal)
+    defaults = script_recipe(arch, causal)[1]
     defaults = training.TrainConfig(**training.override_model_config(vars(defaults), args.train))
-    model_config = training.override_model_config({**model_config, **overrides}, args.model)
+    model_config = recipe_model_config(recipe, args)
     cfg = replace(defaults, causal=causal, data_dir=args.data_dir, seed=args.seed, degrade=args.degrade,
                   epochs=args.epochs if args.epochs is not None else defaults.epochs,
                   ensemble=args.ensemble if args.ensemble is not None else defaults.ensemble)
     if not cfg.smoothed:  # no matrix: the recipe is its unsmoothed self
         variants = {recipe: False}
-    revisions: dict[str, bool | int] = {variant: False for variant in variants}  # int: a revision span to compare
-    lookahead = model_config.get("lookahead", 0)
-    if any(span > lookahead + 1 for span in args.revision_spans):
-        raise SystemExit(f"--revision-spans {args.revision_spans}: {recipe} revises from {lookahead + 1} windows at most "
-                         f"(lookahead {lookahead})")
-    if lookahead > 0:  # a causal model's revised stage beside its immediate one
-        revisions[f"{recipe} revised"] = True
+    # per variant: (revised, the revision's span; None: the model's own)
+    revisions: dict[str, tuple[bool, int | None]] = {variant: (False, None) for variant in variants}
+    if model_config.get("lookahead", 0) > 0:  # a causal model's revised stage beside its immediate one
+        revisions[f"{recipe} revised"] = (True, None)
         variants[f"{recipe} revised"] = False
         for span in args.revision_spans:  # the same models' revisions over other spans (no training)
-            revisions[f"{recipe} revised over {span}"] = span
+            revisions[f"{recipe} revised over {span}"] = (True, span)
             variants[f"{recipe} revised over {span}"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dl.DataWarning)
@@ -108,8 +111,7 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
     contract = {"causal": causal, "features": list(cfg.features), "seq_len": cfg.seq_len,
                 "target_pos": cfg.target_pos, "transitions": data.transitions}
     degraded = {c.name: [degrade.degrade(nights[s], c) for s in held_ids] for c in conditions}
-    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth, bool(revisions[variant]),
-                                           None if revisions[variant] is True else revisions[variant])
+    return {variant: {name: predict_nights(model, data.scaler, contract, held, smooth, *revisions[variant])
                       for name, held in degraded.items()} for variant, smooth in variants.items()}
 
 
@@ -213,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the deep recipes' MODEL config (screening), e.g. channels=32")
     parser.add_argument("--tag", default="", help="appended to each recipe's name in the results, e.g. a screen's name")
     parser.add_argument("--revision-spans", default="", metavar="S,...",
-                        help="causal recipes with a lookahead: also score the same models' revision averaged over "
-                             "each of these spans (the windows it averages; the model's own span is the 'revised' row)")
+                        help="recipes with a lookahead (the others ignore it): also score the same models' revision "
+                             "averaged over each of these spans (the windows it averages; the model's own span is the "
+                             "'revised' row)")
     parser.add_argument("--degrade", action=argparse.BooleanOptionalAction, default=True,
                         help="train the deep recipes on drawn real-world conditions (--no-degrade: as recorded; ablation)")
     parser.add_argument("--json-out", default="runs/robustness/summary.json")
@@ -247,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    for recipe in recipes:  # before any training: a recipe with a lookahead revises from lookahead + 1 windows at most
+        lookahead = 0 if RECIPES[recipe][0] == "classical" else recipe_model_config(recipe, args).get("lookahead", 0)
+        if lookahead and any(span > lookahead + 1 for span in args.revision_spans):
+            parser.error(f"--revision-spans {args.revision_spans}: {recipe} revises from {lookahead + 1} windows at "
+                         f"most (lookahead {lookahead})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dl.DataWarning)
         nights = {n.subject_id: n for n in dl.load_nights(args.data_dir)}

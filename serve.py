@@ -364,8 +364,8 @@ class Service:
     def rebuild(self) -> None:
         """Each stored wearer's stream, replayed from the first event of its current night. Those epochs and
         their revisions were staged and stored before the restart: they are not staged again. A model with
-        a lookahead runs once more on each stream's latest window while epochs wait for their revision,
-        for a night's end to revise them from it (the later windows revise them as usual)."""
+        a lookahead runs once more on the windows that add to a waiting epoch's revision and on each
+        stream's latest window while epochs wait, for the later windows and a night's end to revise them."""
         wearers, started, n_events = self.store.wearers(), time.perf_counter(), 0
         for i, wearer in enumerate(wearers):
             for event in self.store.events(wearer.wearer_id, wearer.night_seq):

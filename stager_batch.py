@@ -92,7 +92,7 @@ class StagerBatch:
         self.revised = NO_REVISIONS  # what the last step revised
         if self.lookahead:
             first, last = revision_lags(self.lookahead, revision_span_of(model))
-            self._lags = range(int(first), int(last) + 1)                # the lags a window adds to a revision
+            self._lags = range(first, last + 1)                          # the lags a window adds to a revision
             ring = self.lookahead + 1                                     # the last L + 1 epochs, epoch e at e % ring
             self._every_lag = np.full((self.n_wearers, ring, 4), np.nan)  # each wearer's latest window, every lag
             self._no_data = np.zeros((self.n_wearers, ring), bool)
@@ -188,7 +188,7 @@ class StagerBatch:
         if self.conv is not None:  # every wearer, so each one's conv cache holds its new epoch
             probs = self._predict_cached(windows, slots)
         elif self.lookahead:
-            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size, lags="all")
+            probs = predict_windows(self.model, windows, self.target_pos, self.batch_size, every_lag=True)
         else:
             probs = predict_windows(self.model, windows, self.target_pos, self.batch_size)
         if self.lookahead:
@@ -222,7 +222,7 @@ class StagerBatch:
     def _revision(self, wearer: np.ndarray, epoch: np.ndarray) -> RevisedEpochs:
         """RevisedEpochs of these wearers' epochs: the mean of the outputs added to each."""
         slot = epoch % (self.lookahead + 1)
-        probs = self._total[wearer, slot] / np.maximum(self._count[wearer, slot], 1)[:, None]
+        probs = self._total[wearer, slot] / self._count[wearer, slot][:, None]  # every window runs: count >= 1
         probs[self._no_data[wearer, slot]] = np.nan
         return RevisedEpochs(wearer, self.start_s[wearer] + (features.EPOCH_S * epoch).astype(np.float64),
                              features.stages_of(probs), probs)

@@ -840,22 +840,22 @@ def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_c
 
 @pytest.mark.parametrize("arch", ["hybrid", "lstm"])
 def test_predict_windows_gives_every_lag_from_one_call(arch, monkeypatch):
-    """lags="all": (n, 1 + lookahead, 4) from one forward_last per chunk; lag 0 is the immediate stage,
+    """every_lag: (n, 1 + lookahead, 4) from one forward_last per chunk; lag 0 is the immediate stage,
     lag j the model's own lag-j output (softmax of forward_last(x, lags=True)[:, j])."""
     windows = np.random.default_rng(2).normal(size=(70, 25, len(features.DEFAULT_FEATURES))).astype(np.float32)
     model, _, _ = lookahead_model(arch, 3, [windows[:, -1]])
     immediate = evaluation.predict_windows(model, windows, 24)
     calls = count_model_calls(monkeypatch, model)
-    every = evaluation.predict_windows(model, windows, 24, batch_size=32, lags="all")
+    every = evaluation.predict_windows(model, windows, 24, batch_size=32, every_lag=True)
     monkeypatch.undo()
     assert every.shape == (70, 4, 4) and calls == [(32, True), (32, True), (4, True), (2, True)]  # power-of-two chunks
     np.testing.assert_allclose(every[:, 0], immediate, atol=1e-6, rtol=0)
     with torch.inference_mode():
         direct = torch.softmax(model.forward_last(torch.from_numpy(windows), lags=True), dim=-1).numpy()
     np.testing.assert_allclose(every, direct, atol=1e-6, rtol=0)
-    assert evaluation.predict_windows(model, windows[:0], 24, lags="all").shape == (0, 4, 4)
-    with pytest.raises(ValueError, match="all"):
-        evaluation.predict_windows(model, windows, 24, lags="every")
+    assert evaluation.predict_windows(model, windows[:0], 24, every_lag=True).shape == (0, 4, 4)
+    with pytest.raises(ValueError, match="last position"):
+        evaluation.predict_windows(model, windows, 12, every_lag=True)
 
 
 def test_the_revision_averages_the_windows_of_its_span_and_at_a_nights_end_those_it_has():
@@ -870,10 +870,12 @@ def test_the_revision_averages_the_windows_of_its_span_and_at_a_nights_end_those
     np.testing.assert_array_equal(evaluation.revise_night(every_lag, 1)[:3], every_lag[[3, 4, 5], 3])
     np.testing.assert_allclose(evaluation.revise_night(every_lag, 4)[0], every_lag[[0, 1, 2, 3], [0, 1, 2, 3]].mean(0))
     assert evaluation.revision_lags(3, 2) == (2, 3) and evaluation.revision_lags(3, 2, later=0) == (0, 0)
+    with pytest.raises(ValueError, match="revision_span must be 1 .. lookahead \\+ 1 = 4, got 5"):
+        realtime.Revisions(3, 5)
     for arch in ("hybrid", "lstm"):
         with pytest.raises(ValueError, match="revision_span must be 1 .. lookahead \\+ 1 = 4, got 5"):
             lookahead_model(arch, 3, [np.zeros((2, len(features.DEFAULT_FEATURES)))], span=5)
-    with pytest.raises(ValueError, match="revision span must be 1 .. lookahead \\+ 1 = 4, got 0"):
+    with pytest.raises(ValueError, match="revision_span must be 1 .. lookahead \\+ 1 = 4, got 0"):
         evaluation.revise_night(every_lag, span=0)
 
 
@@ -1019,7 +1021,7 @@ def test_cli_realtime_with_a_lookahead_model_writes_and_reports_the_revised_stag
     nights = [dl.load_night(two_subject_dir, s, cache_dir=None) for s in REPLAY_SUBJECTS]
     model, scaler, ckpt = lookahead_model("hybrid", 3, [features.night_features(n, causal=True,
                                                                                 features=features.DEFAULT_FEATURES)
-                                                         for n in nights])
+                                                         for n in nights], span=2)
     path, csv = tmp_path / "lookahead.pth", tmp_path / "streamed.csv"
     save_checkpoint(ckpt, path)
     assert inference_cli.main("hybrid", path, ["--checkpoint", str(path), "--realtime", "--data-dir",
@@ -1034,7 +1036,8 @@ def test_cli_realtime_with_a_lookahead_model_writes_and_reports_the_revised_stag
     assert_same_predictions(streamed[REVISED_PROBS].to_numpy(), offline[PROB_COLUMNS].to_numpy(), atol=1e-5)
     near_tie = np.diff(np.sort(offline[PROB_COLUMNS].to_numpy(), axis=1)[:, -2:], axis=1)[:, 0] <= 1e-4
     assert ((streamed["pred_revised"] == offline["pred"]) | near_tie).all()
-    assert "revised stage: each epoch staged again 3 epochs (1.5 min) later (pred_revised)" in text
+    assert ("revised stage: each epoch staged again 3 epochs (1.5 min) later, the mean of the 2 latest windows' "
+            "outputs for it (pred_revised)") in text
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in text.splitlines()
             if line.split()[:1] in (["immediate"], ["revised"]) and len(line.split()) == 8}
     y_true = streamed["true_stage"].to_numpy()

@@ -28,8 +28,10 @@ def test_the_revision_is_scored_over_other_spans_from_the_same_models(small_data
     assert "revised over 5" in (tmp_path / "s.md").read_text()
 
 
-def test_a_span_longer_than_the_lookahead_allows_is_refused_before_training(small_data_dir, tmp_path):
-    with pytest.raises(SystemExit, match=r"revises from 5 windows at most \(lookahead 4\)"):
-        run(small_data_dir, tmp_path, "--revision-spans", "6")
-    with pytest.raises(SystemExit):
-        run(small_data_dir, tmp_path, "--revision-spans", "two")
+def test_a_span_longer_than_the_lookahead_allows_is_refused_before_training(small_data_dir, tmp_path, capsys):
+    for spans, message in (("6", "causal-hybrid revises from 5 windows at most (lookahead 4)"),
+                           ("two", "--revision-spans: comma-separated whole numbers, got 'two'")):
+        with pytest.raises(SystemExit):
+            run(small_data_dir, tmp_path, "--revision-spans", spans)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
