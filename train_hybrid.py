@@ -19,7 +19,7 @@ from training import TrainConfig, run, script_config
 # -----------------------------------------------------------------------------
 # offline: whole nights through the CNN front-end, 2 + 7 residual dilated convolutions (dilations up
 # to 128 epochs: about 4 h each way); the Transformer (n_layers > 0) lost to it (docs/experiments.md)
-MODEL = HybridConfig(channels=48, kernel_size=3, n_layers=0, n_heads=4, dilated=7)
+MODEL = HybridConfig(channels=64, kernel_size=3, n_layers=0, n_heads=4, dilated=7)
 TRAIN = TrainConfig(
     seq_len=0, crop_epochs=(240, 960), crops_per_night=16,  # whole nights: crops of 2-8 h in training
     batch_size=8, epochs=15, lr=8e-4, dropout=0.2,
