@@ -75,8 +75,8 @@ import torch
 import data_loader as dl
 import features
 from checkpoint import load_model_from_checkpoint
-from model import check_revision_span
 from evaluation import PREDICTION_COLUMNS, lookahead_of, predict_windows, prediction_frame, revision_lags, revision_span_of
+from model import check_revision_span
 
 EPOCH_S = features.EPOCH_S
 KINDS = ("heart_rate", "motion", "counts", "steps")
@@ -688,8 +688,7 @@ class StreamingStager:
         self.windows = StreamWindows(
             shared or FeatureState(features.IncrementalFeatures(1, self.features),
                                    features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)),
-            row, self.lookahead, record_features, checked_resting_hr(resting_hr_bpm),
-            revision_span_of(model) if self.lookahead else 1)
+            row, self.lookahead, record_features, checked_resting_hr(resting_hr_bpm), revision_span_of(model))
         self.reset()
 
     @classmethod

@@ -40,6 +40,7 @@ import sleep_metrics as sm
 import training
 from checkpoint import atomic_write
 from evaluation import compute_metrics, predict_nights, prediction_frame, write_predictions
+from model import check_revision_span
 
 # recipe -> (architecture, causal, overrides of the script's MODEL config); classical: the reference
 RECIPES = {
@@ -229,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         args.revision_spans = [int(span) for span in args.revision_spans.split(",") if span.strip()]
     except ValueError:
         parser.error(f"--revision-spans: comma-separated whole numbers, got {args.revision_spans!r}")
-    if any(span < 1 for span in args.revision_spans):
-        parser.error(f"--revision-spans: each span must be at least 1, got {args.revision_spans}")
     if args.merge:
         summary = {}
         for path in args.merge:
@@ -250,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
-    for recipe in recipes:  # before any training: a recipe with a lookahead revises from lookahead + 1 windows at most
+    for recipe in recipes:  # before any training: the spans a recipe with a lookahead can average
         lookahead = 0 if RECIPES[recipe][0] == "classical" else recipe_model_config(recipe, args).get("lookahead", 0)
-        if lookahead and any(span > lookahead + 1 for span in args.revision_spans):
-            parser.error(f"--revision-spans {args.revision_spans}: {recipe} revises from {lookahead + 1} windows at "
-                         f"most (lookahead {lookahead})")
+        for span in args.revision_spans if lookahead else ():
+            try:
+                check_revision_span(lookahead, span)
+            except ValueError as exc:
+                parser.error(f"--revision-spans {args.revision_spans}, {recipe}: {exc}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dl.DataWarning)
         nights = {n.subject_id: n for n in dl.load_nights(args.data_dir)}

@@ -384,8 +384,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def lag_weights(lookahead: int, middle_lag_weight: float) -> torch.Tensor:
     """Each lag's weight in the loss (1 + lookahead,): lag 0 (the immediate stage) and lag lookahead
-    (the revision's latest window) weigh 1, those between middle_lag_weight. Also weighing 1 the
-    lags a revision_span averages cost the immediate stage 0.04 in CV (docs/experiments.md, MS)."""
+    (the revision's latest window) weigh 1, those between middle_lag_weight. The lags a revision_span
+    averages keep middle_lag_weight: at full weight they cost the immediate stage (docs/experiments.md, MS)."""
     weight = torch.full((lookahead + 1,), float(middle_lag_weight))
     weight[[0, lookahead]] = 1.0
     return weight

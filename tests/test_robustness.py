@@ -29,7 +29,8 @@ def test_the_revision_is_scored_over_other_spans_from_the_same_models(small_data
 
 
 def test_a_span_longer_than_the_lookahead_allows_is_refused_before_training(small_data_dir, tmp_path, capsys):
-    for spans, message in (("6", "causal-hybrid revises from 5 windows at most (lookahead 4)"),
+    for spans, message in (("6", "causal-hybrid: revision_span must be 1 .. lookahead + 1 = 5, got 6"),
+                           ("0", "causal-hybrid: revision_span must be 1 .. lookahead + 1 = 5, got 0"),
                            ("two", "--revision-spans: comma-separated whole numbers, got 'two'")):
         with pytest.raises(SystemExit):
             run(small_data_dir, tmp_path, "--revision-spans", spans)
