@@ -95,17 +95,18 @@ def revision_span_of(model: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def predict_whole_night(model: torch.nn.Module, x_scaled: np.ndarray) -> np.ndarray:
-    """Stage probabilities (n_epochs, 4) of a whole-night model: the night as one sequence."""
+def predict_whole_night(model: torch.nn.Module, x_scaled: np.ndarray, every_lag: bool = False) -> np.ndarray:
+    """Stage probabilities (n_epochs, 4) of a whole-night model: the night as one sequence (every_lag, a
+    causal model with a lookahead: (n_epochs, 1 + lookahead, 4), as predict_windows gives one per epoch)."""
     if model.training:
         model.eval()
     if len(x_scaled) == 0:
-        return np.zeros((0, 4))
+        return np.zeros((0, 1 + lookahead_of(model), 4) if every_lag else (0, 4))
     device = next(model.parameters()).device
     # one torch thread: the same sums in the same order however many threads or worker processes
     # the caller has, so a night's probabilities never depend on how it was scheduled
     with single_thread():
-        logits = model(torch.from_numpy(np.asarray(x_scaled, np.float32)[None]).to(device))[0]
+        logits = model(torch.from_numpy(np.asarray(x_scaled, np.float32)[None]).to(device), lags=every_lag)[0]
     return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 
 
@@ -203,7 +204,9 @@ def predict_night(model: torch.nn.Module, x_scaled: np.ndarray, seq_len: int, ta
     model's, for comparing them), NaN where `no_data` (features.no_data), then smoothed
     over the whole night when a transition matrix is given (offline checkpoints)."""
     if seq_len == 0:
-        probs = predict_whole_night(model, x_scaled)
+        probs = predict_whole_night(model, x_scaled, every_lag=revised)
+        if revised:
+            probs = revise_night(probs, revision_span or revision_span_of(model))
     elif revised:
         probs = revise_night(predict_windows(model, features.make_windows(x_scaled, seq_len, target_pos), target_pos,
                                              batch_size, every_lag=True), revision_span or revision_span_of(model))

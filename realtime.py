@@ -681,6 +681,9 @@ class StreamingStager:
         self.features = tuple(checkpoint["features"])
         self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
         self.lookahead = lookahead_of(model)
+        if self.seq_len < 1:
+            raise ValueError("this causal checkpoint reads whole nights (seq_len 0) and has no streaming form: score its "
+                             "nights as a whole with evaluation.predict_night (as robustness.py does)")
         if self.lookahead and self.target_pos != self.seq_len - 1:
             raise ValueError("a model with a lookahead revises from a window's last position: target_pos must be "
                              f"seq_len - 1 = {self.seq_len - 1}, got {self.target_pos}")

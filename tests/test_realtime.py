@@ -858,6 +858,32 @@ def test_predict_windows_gives_every_lag_from_one_call(arch, monkeypatch):
         evaluation.predict_windows(model, windows, 12, every_lag=True)
 
 
+@pytest.mark.parametrize("arch", ["tcn", "lstm"])
+def test_a_whole_night_causal_model_revises_from_the_epochs_up_to_its_lookahead_only(arch):
+    """seq_len 0 (the night as one sequence), causal with a lookahead: the immediate stage is lag 0 of
+    the one pass, the revision revise_night over its every-lag output; epoch t's revision reads no epoch
+    after t + lookahead (the night cut there gives it too), and its immediate stage none after t."""
+    x = np.random.default_rng(3).normal(size=(60, len(features.DEFAULT_FEATURES))).astype(np.float32)
+    model, _, _ = lookahead_model(arch, 3, [x], span=2)
+    immediate = evaluation.predict_night(model, x, 0, 0)
+    revised = evaluation.predict_night(model, x, 0, 0, revised=True)
+    every = evaluation.predict_whole_night(model, x, every_lag=True)
+    assert every.shape == (60, 4, 4) and revised.shape == (60, 4)
+    np.testing.assert_allclose(every[:, 0], immediate, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(revised, evaluation.revise_night(every, 2), atol=1e-12, rtol=0)
+    for t in (0, 20, 41):
+        np.testing.assert_allclose(evaluation.predict_night(model, x[:t + 4], 0, 0, revised=True)[t], revised[t],
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(evaluation.predict_night(model, x[:t + 1], 0, 0)[t], immediate[t], atol=1e-5, rtol=0)
+    assert not np.allclose(revised, immediate, atol=1e-3)  # the revision reads later epochs
+    assert evaluation.predict_whole_night(model, x[:0], every_lag=True).shape == (0, 4, 4)
+    scaler = dl.FeatureScaler.fit([x])
+    checkpoint = make_checkpoint(model, "lstm" if arch == "lstm" else "hybrid", features=list(features.DEFAULT_FEATURES),
+                                 seq_len=0, target_pos=0, scaler=scaler)
+    with pytest.raises(ValueError, match="reads whole nights \\(seq_len 0\\) and has no streaming form"):
+        StreamingStager(model, scaler, checkpoint)
+
+
 def test_the_revision_averages_the_windows_of_its_span_and_at_a_nights_end_those_it_has():
     """evaluation.revise_night, lookahead 3, span 2: epoch t is the mean of window t+2's lag 2 and window
     t+3's lag 3; near the end, the windows of the span the night has, else the last window's lag."""
