@@ -28,6 +28,21 @@ TRAIN_P_DROP_BASELINE = 0.5  # in every drawn condition, as-recorded ones too: e
 
 
 @dataclass(frozen=True)
+class TrainMix:
+    """What draw_condition draws a degraded training night from: a heart-rate interval out of
+    hr_periods_s (None: as recorded), then the motion channel dropped with p_drop_motion, else the
+    heart rate with p_drop_heart_rate (on a night with motion)."""
+    hr_periods_s: tuple[float | None, ...] = TRAIN_HR_PERIODS_S
+    p_drop_motion: float = TRAIN_P_DROP_MOTION
+    p_drop_heart_rate: float = TRAIN_P_DROP_HEART_RATE
+
+
+# TrainConfig.train_mix names one: "mixed" every real-world case, "sparse no motion" only heart rate every
+# 2-10 min without motion (a typical watch export), for a model of that input profile
+TRAIN_MIXES = {"mixed": TrainMix(), "sparse no motion": TrainMix((120.0, 300.0, 600.0), 1.0, 0.0)}
+
+
+@dataclass(frozen=True)
 class Condition:
     """How a night is degraded. hr_period_s: keep the first heart-rate reading in each interval of this
     length (None: as recorded); drop_*: remove a channel for the whole night; watch_off_s: a stretch
@@ -63,9 +78,9 @@ VALIDATION_CONDITIONS = ("as recorded", "heart rate every 60 s", "heart rate eve
 
 
 def draw_condition(rng: np.random.Generator, night: dl.Night, p_recorded: float = 0.0,
-                   p_drop_baseline: float = 0.0, hr_shift_bpm: float = 0.0) -> Condition:
+                   p_drop_baseline: float = 0.0, hr_shift_bpm: float = 0.0, mix: TrainMix = TrainMix()) -> Condition:
     """A training condition: with probability p_recorded the recording as it is; else heart-rate
-    interval uniform over TRAIN_HR_PERIODS_S, then the motion channel dropped, or else (on a night
+    interval uniform over mix.hr_periods_s, then the motion channel dropped, or else (on a night
     with motion) the heart rate dropped, and a watch-off stretch of 10 min to 3 h at a random place.
     In both cases the resting heart rate is then dropped with probability p_drop_baseline (training
     passes TRAIN_P_DROP_BASELINE for models that read it), and a heart-rate offset drawn from a normal
@@ -77,10 +92,10 @@ def draw_condition(rng: np.random.Generator, night: dl.Night, p_recorded: float 
 
     if p_recorded > 0 and rng.random() < p_recorded:
         return finish(Condition("drawn"))
-    period = TRAIN_HR_PERIODS_S[rng.integers(len(TRAIN_HR_PERIODS_S))]
+    period = mix.hr_periods_s[rng.integers(len(mix.hr_periods_s))]
     has_motion = bool((~np.isnan(night.activity_count)).any())
-    drop_motion = bool(rng.random() < TRAIN_P_DROP_MOTION)
-    drop_hr = bool(not drop_motion and has_motion and rng.random() < TRAIN_P_DROP_HEART_RATE)
+    drop_motion = bool(rng.random() < mix.p_drop_motion)
+    drop_hr = bool(not drop_motion and has_motion and rng.random() < mix.p_drop_heart_rate)
     off = float(rng.uniform(*TRAIN_WATCH_OFF_S)) if rng.random() < TRAIN_P_WATCH_OFF else 0.0
     return finish(Condition("drawn", period, drop_motion, drop_hr, off, float(rng.uniform(0.0, 1.0))))
 

@@ -73,6 +73,7 @@ class TrainConfig:
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
     p_recorded: float = 0.0         # with degrade: share of training nights drawn as recorded
     hr_shift_bpm: float = 0.0       # with degrade: std of a heart-rate offset drawn per training night and pass
+    train_mix: str = "mixed"        # with degrade: what degraded nights are drawn from (a degrade.TRAIN_MIXES name)
     middle_lag_weight: float = 1.0  # with a lookahead: loss weight of the lags between 0 and the revision's
     validate: bool = True           # False: no validation subjects; train every given subject for `epochs`
                                     # passes and keep the last (passes chosen by cross-validation)
@@ -178,6 +179,7 @@ class Prepared:
     causal: bool = False
     p_recorded: float = 0.0
     hr_shift_bpm: float = 0.0
+    train_mix: str = "mixed"
     nights: dict[str, dl.Night] = field(default_factory=dict)
     degraded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -224,7 +226,7 @@ class Prepared:
             night = self.night(s)
             condition = degrade.draw_condition(rng, night, self.p_recorded,
                                                degrade.TRAIN_P_DROP_BASELINE if self.reads_baseline else 0.0,
-                                               self.hr_shift_bpm)
+                                               self.hr_shift_bpm, degrade.TRAIN_MIXES[self.train_mix])
             self.degraded[s] = self._under(degrade.degrade(night, condition, rng))
 
     def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:
@@ -246,6 +248,8 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
     """Fit the scaler, class weights and (smoothed runs) transition matrix on train_ids; with cfg.degrade
     load the nights, and fit the scaler on the training nights under every named condition."""
     cfg = cfg or TrainConfig(degrade=False, smooth=False)  # without a config: the store's features, nothing more
+    if cfg.train_mix not in degrade.TRAIN_MIXES:
+        raise ValueError(f"train_mix {cfg.train_mix!r}: expected one of {list(degrade.TRAIN_MIXES)}")
     transitions = None
     if cfg.smoothed:
         transitions = transition_matrix(store.read(s, "stage").astype(np.int64) for s in train_ids)
@@ -260,7 +264,7 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
         features.night_features(degrade.degrade(nights[s], condition), cfg.causal, store.feature_names)
         for s in train_ids for condition in conditions)
     return Prepared(store, scaler, weight, transitions, cfg.data_dir, cfg.causal, cfg.p_recorded, cfg.hr_shift_bpm,
-                    nights)
+                    cfg.train_mix, nights)
 
 
 class WindowDataset(Dataset):
@@ -686,6 +690,8 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
             parser.add_argument(flag, type=int, default=default, help="with --cv K: train only this fold (0-based)")
         elif f.name == "select_metric":
             parser.add_argument(flag, choices=SELECT_METRICS, default=default)
+        elif f.name == "train_mix":
+            parser.add_argument(flag, choices=tuple(degrade.TRAIN_MIXES), default=default)
         elif f.name == "device":
             parser.add_argument(flag, choices=("auto", "cpu", "cuda"), default=default)
         elif f.name == "model":

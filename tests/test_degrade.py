@@ -151,12 +151,32 @@ def draws(monkeypatch) -> list[dict]:
     calls = []
     real = degrade.draw_condition
 
-    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0, hr_shift_bpm=0.0):
-        calls.append({"p_recorded": p_recorded, "p_drop_baseline": p_drop_baseline})
-        return real(rng, night, p_recorded, p_drop_baseline, hr_shift_bpm)
+    def spy(rng, night, p_recorded=0.0, p_drop_baseline=0.0, hr_shift_bpm=0.0, mix=degrade.TrainMix()):
+        calls.append({"p_recorded": p_recorded, "p_drop_baseline": p_drop_baseline, "mix": mix})
+        return real(rng, night, p_recorded, p_drop_baseline, hr_shift_bpm, mix)
 
     monkeypatch.setattr(degrade, "draw_condition", spy)
     return calls
+
+
+def test_a_named_training_mix_draws_only_its_input_profile(night, small_data_dir, draws):
+    """"sparse no motion": heart rate every 2-10 min, motion always dropped, heart rate never; the
+    default mix draws what draw_condition drew before it had one (the same generator draws)."""
+    sparse = degrade.TRAIN_MIXES["sparse no motion"]
+    drawn = [degrade.draw_condition(np.random.default_rng(s), night, mix=sparse) for s in range(400)]
+    assert {c.hr_period_s for c in drawn} == {120.0, 300.0, 600.0}
+    assert all(c.drop_motion and not c.drop_heart_rate for c in drawn)
+    assert 0.2 < np.mean([c.watch_off_s > 0 for c in drawn]) < 0.4  # the watch still comes off
+    assert [degrade.draw_condition(np.random.default_rng(s), night, mix=degrade.TRAIN_MIXES["mixed"])
+            for s in range(50)] == [degrade.draw_condition(np.random.default_rng(s), night) for s in range(50)]
+    cfg = training.TrainConfig(causal=True, data_dir=str(small_data_dir), train_mix="sparse no motion")
+    store = feature_store.build_feature_store(small_data_dir, causal=True, features=cfg.features, cache_dir=None)
+    data = training.prepare(store, store.subjects[:2], cfg)
+    draws.clear()
+    data.draw(store.subjects[:2], seed=1)
+    assert [d["mix"] for d in draws] == [sparse, sparse]
+    with pytest.raises(ValueError, match="train_mix 'sparse': expected one of \\['mixed', 'sparse no motion'\\]"):
+        training.prepare(store, store.subjects[:2], dataclasses.replace(cfg, train_mix="sparse"))
 
 
 def test_training_drops_the_baseline_only_for_models_that_read_it(small_data_dir, draws):
