@@ -136,13 +136,13 @@ def bench_stream(model, scaler, checkpoint, readings: dict, n_epochs: int, warmu
                 times.append(elapsed * 1000.0)
                 cpu_times.append(cpu * 1000.0)
                 sizes.append(sum(len(rows) for _, rows in runs))
-        window = torch.from_numpy(scaler.transform(np.zeros((1, checkpoint["seq_len"], len(checkpoint["features"])),
-                                                            np.float32)))
+        call = model_call(model, checkpoint, np.zeros((1, max(checkpoint["seq_len"], 1), len(checkpoint["features"])),
+                                                      np.float32))
         model_ms = []
         with torch.inference_mode():
             for _ in range(min(len(times), 200)):
                 t0 = time.perf_counter()
-                model(window)
+                call()
                 model_ms.append((time.perf_counter() - t0) * 1000.0)
     return {"epochs_timed": len(times), "readings_per_update_mean": float(np.mean(sizes)) if sizes else 0.0,
             "p50_ms": _percentile(times, 50), "p90_ms": _percentile(times, 90), "p99_ms": _percentile(times, 99),
@@ -174,6 +174,17 @@ def _flat(round_readings, kind_index: int) -> tuple[np.ndarray, np.ndarray]:
     parts = [r[kind_index] for r in round_readings]
     wearer = np.concatenate([np.full(len(p), w, np.int64) for w, p in enumerate(parts)])
     return wearer, np.concatenate([p[:, 1] for p in parts if len(p)] or [np.zeros(0)])
+
+
+def model_call(model, checkpoint: dict, windows: np.ndarray, batch_size: int = 1024):
+    """The plain model call on these scaled windows (n, seq_len, F), as a function of no arguments: the
+    window models' predict_windows; for a whole-night model (seq_len 0) one step of n nights, each at its
+    epoch 5 (windows[:, -1] its feature rows)."""
+    if checkpoint["seq_len"] == 0:
+        steps = evaluation.NightSteps(model, None, len(windows))
+        epoch = np.full(len(windows), 5)
+        return lambda: steps.push(epoch, windows[:, -1])
+    return lambda: evaluation.predict_windows(model, windows, checkpoint["target_pos"], batch_size)
 
 
 def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wearers: int, n_rounds: int,
@@ -219,11 +230,11 @@ def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wear
             last_probs["pool"] = np.stack([out[w][-1].probabilities for w in range(n_wearers)])
             results["pool"][str(n_threads)] = _rate(n_wearers, elapsed, cpu)
             # the model call alone, on the same number of windows
-            windows = batch.rows[:, :, :].copy()
+            call = model_call(model, checkpoint, batch.rows.copy(), batch.batch_size)
             elapsed, cpu = [], []
             for r in range(warmup_rounds + n_rounds):
                 t0, c0 = time.perf_counter(), time.process_time()
-                evaluation.predict_windows(model, windows, checkpoint["target_pos"], batch.batch_size)
+                call()
                 if r >= warmup_rounds:
                     elapsed.append(time.perf_counter() - t0)
                     cpu.append(time.process_time() - c0)

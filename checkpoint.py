@@ -67,6 +67,14 @@ class Ensemble(torch.nn.Module):
         """forward(x, lags)[:, -1] (eval mode), through each member's own last-position path."""
         return _log_mean_probs([member.forward_last(x, lags) for member in self.members])
 
+    def init_state(self, batch: int) -> list:
+        return [member.init_state(batch) for member in self.members]
+
+    def step(self, x: torch.Tensor, state: list, lags: bool = False) -> tuple[torch.Tensor, list]:
+        """One epoch through each member's own step (SleepHybrid.step): (log mean probabilities, state)."""
+        steps = [member.step(x, member_state, lags) for member, member_state in zip(self.members, state)]
+        return _log_mean_probs([logits for logits, _ in steps]), [member_state for _, member_state in steps]
+
 
 def _log_mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:
     probs = torch.stack([torch.softmax(z.float(), dim=-1) for z in logits]).mean(dim=0)

@@ -110,6 +110,68 @@ def predict_whole_night(model: torch.nn.Module, x_scaled: np.ndarray, every_lag:
     return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
 
 
+def can_step(model: torch.nn.Module) -> bool:
+    """Whether a causal model can be staged one epoch at a time over whole nights (SleepHybrid.step:
+    the hybrid without a Transformer)."""
+    try:
+        model.init_state(1)
+    except (AttributeError, ValueError):
+        return False
+    return True
+
+
+class NightSteps:
+    """A causal whole-night model (checkpoint seq_len 0) staged one epoch at a time for many nights at once
+    (a stream's row, a pool's or a batch's wearers): each row's step state (SleepHybrid.step), gathered
+    and scattered by row. In the place of features.WindowRing: `push` takes each row's new feature row
+    and gives its every-lag probabilities, which equal predict_whole_night's on the night so far (tested).
+    A row's epoch 0 starts its night afresh."""
+
+    def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler | None, n_rows: int):
+        if not can_step(model):
+            raise ValueError("this causal checkpoint reads whole nights (seq_len 0), and only the hybrid without a "
+                             "Transformer (n_layers 0) stages them an epoch at a time: score its nights with "
+                             "evaluation.predict_night")
+        if model.training:
+            model.eval()
+        self.model, self.scaler = model, scaler
+        self.state = model.init_state(int(n_rows))
+
+    def add_rows(self, count: int) -> None:
+        self.state = _zip_map(lambda a, b: torch.cat([a, b]), self.state, self.model.init_state(int(count)))
+
+    def take_row(self, row: int) -> "NightSteps":
+        """A one-row copy of one row."""
+        out = NightSteps(self.model, self.scaler, 0)
+        out.state = _zip_map(lambda a, _: a[row:row + 1].clone(), self.state, self.state)
+        return out
+
+    @torch.inference_mode()
+    def push(self, epoch: np.ndarray, feature_rows: np.ndarray, rows=None) -> tuple[np.ndarray, None]:
+        """Step each row (default all, distinct) through its epoch `epoch` (m,) with these feature rows (raw,
+        scaled here; already scaled without a scaler): (every-lag probabilities (m, 1 + lookahead, 4), None)."""
+        n = len(_state_leaves(self.state)[0])
+        index = torch.from_numpy(np.arange(n) if rows is None else np.asarray(rows, np.int64))
+        x = np.asarray(feature_rows, np.float32)  # as the windows' rows
+        x = torch.from_numpy(x if self.scaler is None else self.scaler.transform(x))
+        state = _zip_map(lambda a, _: a[index], self.state, self.state)
+        first = torch.from_numpy(np.asarray(epoch) == 0)
+        for member in (state if isinstance(state[0], list) else [state]):  # a night's first epoch: count 0
+            member[-2][first], member[-1][first] = 0.0, 0.0
+        logits, state = self.model.step(x, state, lags=True)
+        _zip_map(lambda a, b: a.index_copy_(0, index, b), self.state, state)
+        return torch.softmax(logits.float(), dim=-1).numpy().astype(np.float64), None
+
+
+def _zip_map(fn, a, b):
+    """fn over the tensors of two step states of the same layout (a model's list, an Ensemble's list of lists)."""
+    return fn(a, b) if isinstance(a, torch.Tensor) else [_zip_map(fn, x, y) for x, y in zip(a, b)]
+
+
+def _state_leaves(state) -> list[torch.Tensor]:
+    return [state] if isinstance(state, torch.Tensor) else [leaf for part in state for leaf in _state_leaves(part)]
+
+
 def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:
     """Split n items into one part per torch thread on CPU, each at least min_size (one part on GPU)."""
     n_parts = max(min(torch.get_num_threads(), n // min_size), 1) if device.type == "cpu" else 1

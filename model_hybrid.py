@@ -172,6 +172,51 @@ class SleepHybrid(nn.Module):
         return self.encode_last(self.embed(x), lags)
 
 
+    # ------------------------------------------------------------------ real time over whole nights: one epoch a step
+    # A causal model trained on whole nights (seq_len 0, no Transformer) staged epoch by epoch: each conv
+    # block keeps the inputs its kernel still reaches back to, so an epoch costs one position per block
+    # however long the night is, and gives forward(night so far)[:, -1].
+
+    def init_state(self, batch: int) -> list[torch.Tensor]:
+        """Empty step state for `batch` nights: per conv block its last (kernel_size - 1) * dilation inputs,
+        then the running sum of the final outputs and the epochs so far."""
+        if not self.config.causal or self.encoder is not None or self.config.pool > 1:
+            raise ValueError("step needs a causal model without a Transformer (n_layers 0, pool 1)")
+        device = self.positional.device
+        blocks = [self.conv1, self.conv2, *self.dilated]
+        state = [torch.zeros(batch, (b.kernel_size - 1) * b.dilation, b.conv.in_channels, device=device) for b in blocks]
+        return state + [torch.zeros(batch, self.config.channels, device=device), torch.zeros(batch, device=device)]
+
+    def step(self, x: torch.Tensor, state: list[torch.Tensor], lags: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One epoch of each night (batch, n_features) -> (logits of that epoch (batch, n_classes), or with
+        lags (batch, 1 + lookahead, n_classes); the new state). Eval mode. A night's first step (0 epochs
+        so far) fills its blocks' past with its own inputs: the replicate padding of forward."""
+        *buffers, total, count = state
+        first = count == 0
+        h, new_buffers = x, []
+        for i, (block, past) in enumerate(zip([self.conv1, self.conv2, *self.dilated], buffers)):
+            past = torch.where(first[:, None, None], h[:, None, :].expand_as(past), past)
+            taps = [past[:, j * block.dilation] for j in range(block.kernel_size - 1)] + [h]
+            weight = block.conv.weight.permute(0, 2, 1).reshape(block.conv.out_channels, -1)  # (tap, channel) order
+            out = F.gelu(block.norm(torch.addmm(block.conv.bias, torch.cat(taps, dim=1), weight.t())))
+            new_buffers.append(torch.cat([past[:, 1:], h[:, None, :]], dim=1))
+            h = out if i < 2 else h + out  # the dilated blocks are residual
+        h = self.norm(h + _sinusoid_rows(count, self.config.channels).to(h))
+        total = total + h
+        count = count + 1
+        logits = self.head(torch.cat([h, total / count[:, None]], dim=-1))
+        return lag_logits(logits, self.config.n_classes, lags), new_buffers + [total, count]
+
+
+def _sinusoid_rows(position: torch.Tensor, channels: int) -> torch.Tensor:
+    """sinusoid(length, channels)[position] for each position (batch,), without the rows before it."""
+    freq = torch.exp(torch.arange(0, channels, 2) * (-math.log(10000.0) / channels))
+    angle = position.to(torch.long).unsqueeze(1).cpu() * freq
+    pe = torch.zeros(len(position), channels)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(angle), torch.cos(angle)
+    return pe
+
+
 def _encoder_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One pre-norm nn.TransformerEncoderLayer (GELU, eval mode: dropout is identity) on (B, L, C)."""
     batch, length, c = h.shape

@@ -75,7 +75,8 @@ import torch
 import data_loader as dl
 import features
 from checkpoint import load_model_from_checkpoint
-from evaluation import PREDICTION_COLUMNS, lookahead_of, predict_windows, prediction_frame, revision_lags, revision_span_of
+from evaluation import (PREDICTION_COLUMNS, NightSteps, lookahead_of, predict_windows, prediction_frame, revision_lags,
+                        revision_span_of)
 from model import check_revision_span
 
 EPOCH_S = features.EPOCH_S
@@ -109,9 +110,19 @@ class _Closed(NamedTuple):
 
 
 class FeatureState(NamedTuple):
-    """Feature state and window rings that a StagerPool's stagers share, each at its own row."""
+    """Feature state and window rings (a whole-night model: its step state) that a StagerPool's stagers
+    share, each at its own row."""
     features: features.IncrementalFeatures
-    ring: features.WindowRing
+    ring: features.WindowRing | NightSteps
+
+
+def window_ring(model: torch.nn.Module, scaler: dl.FeatureScaler, checkpoint: dict, n_rows: int
+                ) -> features.WindowRing | NightSteps:
+    """The model side of n_rows streams' state: the last seq_len feature rows, or for a whole-night model
+    (seq_len 0) its step state."""
+    if int(checkpoint["seq_len"]) == 0:
+        return NightSteps(model, scaler, n_rows)
+    return features.WindowRing(n_rows, int(checkpoint["seq_len"]), len(checkpoint["features"]), int(checkpoint["target_pos"]))
 
 
 def new_stats() -> dict[str, int]:
@@ -499,6 +510,7 @@ class PendingEpoch(NamedTuple):
     window: np.ndarray | None        # raw feature window; None: not run (no data, and nothing to revise)
     no_data: bool                    # no immediate stage (features.no_data)
     revision: _Revision | None = None  # what this window's output revises (a model with a lookahead)
+    output: np.ndarray | None = None  # a whole-night model: its step's every-lag probabilities (no window)
 
 
 NIGHT_END = None  # in StreamWindows.closed: the night ends here (its last window revises what still waits)
@@ -591,6 +603,7 @@ class StreamWindows:
         feature_rows, no_data = state.features.update(np.array([c.hours_since_start for c in closed]),
                                                       rows=rows, **aggregates)
         windows, _ = state.ring.push(np.array([c.k for c in closed], np.int64), feature_rows, rows)
+        stepped = isinstance(state.ring, NightSteps)  # the model ran in push: its outputs, not windows
         for i, (s, c) in enumerate(zip(streams, closed)):
             if s.record_features:
                 s.feature_rows.append(feature_rows[i])
@@ -598,8 +611,8 @@ class StreamWindows:
             revision, needed = None, not no_data[i]
             if s.revisions is not None:  # a no-data epoch's window may still revise an earlier epoch
                 revision, needed = s.revisions.add(c.epoch_start_s, no_data[i])
-            s.pending.append(PendingEpoch(c.epoch_start_s, windows[i] if needed else None, bool(no_data[i]),
-                                          revision))
+            s.pending.append(PendingEpoch(c.epoch_start_s, windows[i] if needed and not stepped else None,
+                                          bool(no_data[i]), revision, windows[i] if needed and stepped else None))
 
     def take(self) -> list[PendingEpoch]:
         """The epochs closed since the last call, with their windows."""
@@ -625,6 +638,9 @@ def stage_pending(model: torch.nn.Module, scaler: dl.FeatureScaler, target_pos: 
             probs = predict_windows(model, windows, target_pos, batch_size, every_lag=True)
         else:
             probs = predict_windows(model, windows, target_pos, batch_size)[:, None]
+    stepped = [i for i, item in enumerate(pending) if item.output is not None]  # a whole-night model's
+    if stepped:
+        called, probs = called + stepped, np.concatenate([probs, np.stack([pending[i].output for i in stepped])])
     out = [StagedEpoch(item.epoch_start_s, -1, NO_DATA_PROBABILITIES.copy()) for item in pending]
     for i, p, stage in zip(called, probs, features.stages_of(probs[:, 0])):
         if not pending[i].no_data:
@@ -681,16 +697,12 @@ class StreamingStager:
         self.features = tuple(checkpoint["features"])
         self.seq_len, self.target_pos = int(checkpoint["seq_len"]), int(checkpoint["target_pos"])
         self.lookahead = lookahead_of(model)
-        if self.seq_len < 1:
-            raise ValueError("this causal checkpoint reads whole nights (seq_len 0) and has no streaming form: score its "
-                             "nights as a whole with evaluation.predict_night (as robustness.py does)")
-        if self.lookahead and self.target_pos != self.seq_len - 1:
+        if self.lookahead and self.seq_len and self.target_pos != self.seq_len - 1:
             raise ValueError("a model with a lookahead revises from a window's last position: target_pos must be "
                              f"seq_len - 1 = {self.seq_len - 1}, got {self.target_pos}")
         self.intake = StreamIntake(start_s, max_delay_s, max_gap_s)
         self.windows = StreamWindows(
-            shared or FeatureState(features.IncrementalFeatures(1, self.features),
-                                   features.WindowRing(1, self.seq_len, len(self.features), self.target_pos)),
+            shared or FeatureState(features.IncrementalFeatures(1, self.features), window_ring(model, scaler, checkpoint, 1)),
             row, self.lookahead, record_features, checked_resting_hr(resting_hr_bpm), revision_span_of(model))
         self.reset()
 
@@ -887,8 +899,7 @@ class StagerPool:
         self.batch_size, self.stager_kwargs = batch_size, stager_kwargs
         self.stagers: dict = {}
         probe = StreamingStager(model, scaler, checkpoint, **stager_kwargs)  # fail early on a bad checkpoint
-        self.state = FeatureState(features.IncrementalFeatures(0, probe.features),
-                                  features.WindowRing(0, probe.seq_len, len(probe.features), probe.target_pos))
+        self.state = FeatureState(features.IncrementalFeatures(0, probe.features), window_ring(model, scaler, checkpoint, 0))
         self._free_rows: list[int] = []
 
     def __getitem__(self, wearer) -> StreamingStager:

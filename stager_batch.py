@@ -12,7 +12,7 @@ import torch
 
 import data_loader as dl
 import features
-from evaluation import in_parallel, predict_windows, revision_lags, revision_span_of, thread_parts
+from evaluation import NightSteps, in_parallel, predict_windows, revision_lags, revision_span_of, thread_parts
 from realtime import StreamingStager, checked_resting_hr, lookahead_of
 
 
@@ -79,7 +79,10 @@ class StagerBatch:
         self._wearers = np.arange(self.n_wearers)
         self._features = features.IncrementalFeatures(self.n_wearers, self.features)
         self._features.set_resting(None, checked_resting_hr(resting_hr_bpm))  # None: none (NaN)
-        self._ring = features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos)
+        # the wearers' last seq_len scaled feature rows, or a whole-night model's step state (seq_len 0)
+        self._last = np.zeros((self.n_wearers, len(self.features)), np.float32)  # the last step's scaled rows
+        self._ring = (NightSteps(model, None, self.n_wearers) if self.seq_len == 0 else
+                      features.WindowRing(self.n_wearers, self.seq_len, len(self.features), self.target_pos))
         config = getattr(model, "config", None)
         self.conv: torch.Tensor | None = None  # conv outputs by epoch % seq_len (see the class docstring)
         # the cache pays where most of a window's positions come from it: a window not twice the receptive
@@ -107,8 +110,9 @@ class StagerBatch:
 
     @property
     def rows(self) -> np.ndarray:
-        """Each wearer's last seq_len scaled feature rows, epoch e at e % seq_len (n, seq_len, F)."""
-        return self._ring.rows
+        """Each wearer's last seq_len scaled feature rows, epoch e at e % seq_len (n, seq_len, F); a
+        whole-night model (seq_len 0), which keeps none: each wearer's last row (n, 1, F)."""
+        return self._last[:, None] if self.seq_len == 0 else self._ring.rows
 
     def reset(self, wearers=None) -> RevisedEpochs:
         """A new night for the given wearers (indices or boolean mask; None: all); returns the revisions of
@@ -184,8 +188,11 @@ class StagerBatch:
         k = self.n.copy()
         epoch_start, rows, no_data = self.feature_rows(heart_rate_bpm, activity_count, steps, motion_mag_mean_g,
                                                        motion_mag_std_g)
-        windows, slots = self._ring.push(k, self.scaler.transform(rows))  # elementwise: as on windows
-        if self.conv is not None:  # every wearer, so each one's conv cache holds its new epoch
+        self._last = self.scaler.transform(rows)  # elementwise: as on windows
+        windows, slots = self._ring.push(k, self._last)
+        if self.seq_len == 0:  # a whole-night model: the push was the model's step, every lag
+            probs = windows if self.lookahead else windows[:, 0]
+        elif self.conv is not None:  # every wearer, so each one's conv cache holds its new epoch
             probs = self._predict_cached(windows, slots)
         elif self.lookahead:
             probs = predict_windows(self.model, windows, self.target_pos, self.batch_size, every_lag=True)

@@ -40,7 +40,7 @@ import features
 import feature_store
 from checkpoint import ARCHITECTURES, Ensemble, atomic_write, build_model, make_checkpoint, read_checkpoint, save_checkpoint
 from smoothing import smooth_night, transition_matrix
-from evaluation import compute_metrics, format_report, predict_night, prediction_frame, save_figure, write_predictions
+from evaluation import can_step, compute_metrics, format_report, predict_night, prediction_frame, save_figure, write_predictions
 
 SELECT_METRICS = ("kappa", "macro_f1", "accuracy", "rem_accuracy")
 
@@ -716,8 +716,6 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
         parser.error(f"unknown feature(s) {unknown}")
     if args["seq_len"] < 0 or args["batch_size"] < 1 or args["epochs"] < 0 or args["stride"] < 1:
         parser.error("--batch-size and --stride must be >= 1, --seq-len and --epochs >= 0 (--seq-len 0: whole nights)")
-    if args["seq_len"] == 0 and args["causal"]:
-        parser.error("--seq-len 0 (whole nights, both directions) is offline only; a causal model needs a window")
     if args["ensemble"] < 1:
         parser.error(f"--ensemble must be >= 1 (models averaged), got {args['ensemble']}")
     if not 0 <= args["distill"] <= 1 or (args["distill"] > 0 and args["ensemble"] < 2):
@@ -770,6 +768,9 @@ def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | 
             check(torch.zeros(1, cfg.seq_len or min(cfg.crop_epochs), len(cfg.features)))
     except Exception as exc:
         raise SystemExit(f"{script}: error: --model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
+    if cfg.causal and cfg.seq_len == 0 and not can_step(check):  # real time stages it one epoch at a time
+        raise SystemExit(f"{script}: error: --causal --seq-len 0 (whole nights, staged an epoch at a time) needs the "
+                         "hybrid without a Transformer (--model n_layers=0)")
     if not cfg.out_dir:  # a run of its own: replacing a shipped checkpoint takes an explicit --out-dir checkpoints/...
         cfg.out_dir = str(Path("runs") / f"{arch}_{'causal' if cfg.causal else 'offline'}")
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))

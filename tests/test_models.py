@@ -125,3 +125,32 @@ def test_pooled_whole_night_models_label_every_epoch_of_any_length(arch):
     assert per_epoch[9] > per_epoch[8]  # the changed epoch moves most: not just its token's mean
     with pytest.raises(ValueError, match="offline"):
         (SleepLSTM if arch == "lstm" else SleepHybrid)(config(n_features=6, causal=True, pool=4))
+
+
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_a_causal_whole_night_model_steps_one_epoch_at_a_time_as_forward(ensemble):
+    """SleepHybrid.step (and an Ensemble's) gives forward(night so far)[:, -1] at every epoch, lags included,
+    past the precomputed positions; nights that start at different steps each pad with their own first epoch."""
+    from checkpoint import build_model
+    torch.manual_seed(0)
+    config = dict(n_features=6, channels=16, kernel_size=3, n_layers=0, dilated=3, causal=True, lookahead=4, max_len=32)
+    model = build_model("hybrid", config, ensemble_size=ensemble).eval()
+    x = torch.randn(2, 70, 6)
+    with torch.no_grad():
+        state, outs = model.init_state(2), []
+        for t in range(70):
+            logits, state = model.step(x[:, t], state, lags=True)
+            outs.append(logits)
+        torch.testing.assert_close(torch.stack(outs, 1), model(x, lags=True), atol=1e-5, rtol=0)
+        # night 1 starts over at step 40 (its state rows reset): its outputs are those of the night from there
+        state = model.init_state(2)
+        for t in range(40):
+            _, state = model.step(x[:, t], state)
+        fresh = model.init_state(1)
+        state = [[torch.cat([a[:1], b]) for a, b in zip(s, f)] for s, f in zip(state, fresh)] if ensemble > 1 else \
+            [torch.cat([a[:1], b]) for a, b in zip(state, fresh)]
+        logits, _ = model.step(x[:, 40], state)
+        torch.testing.assert_close(logits[1], model(x[1:, 40:41])[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[0], model(x[:1, :41])[0, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="step needs a causal model without a Transformer"):
+        SleepHybrid(HybridConfig(n_features=6, channels=16, n_layers=1, causal=True)).init_state(1)

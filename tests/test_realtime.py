@@ -782,12 +782,14 @@ def lookahead_model(arch="hybrid", lookahead=3, matrices=None, names=features.DE
     matrices, checkpoint dict)."""
     torch.manual_seed(1)
     tcn = {**TINY_HYBRID, "n_layers": 0, "kernel_size": 3, "dilated": 2}  # dilated convolutions alone
-    config = {**{"hybrid": TINY_HYBRID, "lstm": TINY_LSTM, "tcn": tcn}[arch], "n_features": len(names),
+    config = {**{"hybrid": TINY_HYBRID, "lstm": TINY_LSTM, "tcn": tcn, "night": tcn}[arch], "n_features": len(names),
               "causal": True, "lookahead": lookahead, "revision_span": span}
+    seq_len = 0 if arch == "night" else 25  # "night": the TCN over whole nights, staged a step per epoch
     arch = "lstm" if arch == "lstm" else "hybrid"
     model = build_model(arch, config).eval()
     scaler = dl.FeatureScaler.fit(matrices)
-    return model, scaler, make_checkpoint(model, arch, features=list(names), seq_len=25, target_pos=24, scaler=scaler)
+    return model, scaler, make_checkpoint(model, arch, features=list(names), seq_len=seq_len,
+                                          target_pos=max(seq_len - 1, 0), scaler=scaler)
 
 
 def hr_night(hr, n_epochs, start_s=0.0):
@@ -813,7 +815,7 @@ def starts_of(epochs):
     return [e.epoch_start_s for e in epochs]
 
 
-@pytest.mark.parametrize("arch,span", [("hybrid", 1), ("lstm", 1), ("hybrid", 3)])
+@pytest.mark.parametrize("arch,span", [("hybrid", 1), ("lstm", 1), ("hybrid", 3), ("night", 1), ("night", 3)])
 def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_calls(arch, span, small_data_dir,
                                                                                      monkeypatch):
     night = dl.load_night(small_data_dir, "46343", cache_dir=None)
@@ -834,8 +836,9 @@ def test_replaying_a_night_gives_the_offline_revised_stage_from_the_same_model_c
     assert_same_predictions(frame[REVISED_PROBS].to_numpy(), revised[PROB_COLUMNS].to_numpy(), atol=1e-6)
     assert (frame["pred_revised"] == features.stages_of(frame[REVISED_PROBS].to_numpy())).all()
     assert not np.allclose(frame[REVISED_PROBS].to_numpy(), frame[PROB_COLUMNS].to_numpy())  # another output
-    # no extra model call: each epoch's window is run once, every lag from that one call
-    assert sum(size for size, _ in calls) == len(night) and all(lags for _, lags in calls)
+    # no extra model call: each epoch's window is run once, every lag from that one call (a whole-night
+    # model steps instead, one epoch a step)
+    assert sum(size for size, _ in calls) == (0 if arch == "night" else len(night)) and all(lags for _, lags in calls)
 
 
 @pytest.mark.parametrize("arch", ["hybrid", "lstm"])
@@ -877,11 +880,12 @@ def test_a_whole_night_causal_model_revises_from_the_epochs_up_to_its_lookahead_
         np.testing.assert_allclose(evaluation.predict_night(model, x[:t + 1], 0, 0)[t], immediate[t], atol=1e-5, rtol=0)
     assert not np.allclose(revised, immediate, atol=1e-3)  # the revision reads later epochs
     assert evaluation.predict_whole_night(model, x[:0], every_lag=True).shape == (0, 4, 4)
-    scaler = dl.FeatureScaler.fit([x])
-    checkpoint = make_checkpoint(model, "lstm" if arch == "lstm" else "hybrid", features=list(features.DEFAULT_FEATURES),
-                                 seq_len=0, target_pos=0, scaler=scaler)
-    with pytest.raises(ValueError, match="reads whole nights \\(seq_len 0\\) and has no streaming form"):
-        StreamingStager(model, scaler, checkpoint)
+    if arch == "lstm":  # no step form: the stream refuses it (the TCN streams: the replay tests)
+        scaler = dl.FeatureScaler.fit([x])
+        checkpoint = make_checkpoint(model, "lstm", features=list(features.DEFAULT_FEATURES), seq_len=0, target_pos=0,
+                                     scaler=scaler)
+        with pytest.raises(ValueError, match="only the hybrid without a Transformer \\(n_layers 0\\) stages them"):
+            StreamingStager(model, scaler, checkpoint)
 
 
 def test_the_revision_averages_the_windows_of_its_span_and_at_a_nights_end_those_it_has():
@@ -989,7 +993,7 @@ def by_wearer(revised_batches, n_wearers):
     return out
 
 
-@pytest.mark.parametrize("arch,span", [("hybrid", 1), ("lstm", 1), ("tcn", 1), ("tcn", 3)])  # StagerBatch: the conv
+@pytest.mark.parametrize("arch,span", [("hybrid", 1), ("lstm", 1), ("tcn", 1), ("tcn", 3), ("night", 3)])  # StagerBatch: the conv
 def test_pool_and_batch_revise_as_one_stager_each(arch, span, small_data_dir):                  # cache, predict_windows
     subjects = ("46343", "3509524", "4018081")
     n_epochs = 90
