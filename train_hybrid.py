@@ -30,12 +30,14 @@ TRAIN = TrainConfig(
     rem_boost=1.0,           # the seed range 1.6-2.5 traded Light recall for REM recall
     smooth=False,            # the whole-night model sees the night's structure itself
 )
-# real time: a 64 min window ending at the epoch through left-padded dilated convolutions (dilations
-# up to 32: the window is the receptive field), and a revision of epoch t - lookahead once epoch t is
-# in (10 min later); it edged out a 30 min window through the Transformer (docs/experiments.md)
+# real time: the night so far through left-padded dilated convolutions (dilations up to 32: each epoch
+# reaches back 64 min) and a running mean since the night's start, staged one epoch at a time
+# (SleepHybrid.step); a revision of epoch t - lookahead once epoch t is in (10 min later). Trained on
+# crops of 2-8 h; shipped as a 3-seed ensemble (--ensemble 3), which the one-epoch step makes
+# affordable in real time (docs/experiments.md, CN5E)
 CAUSAL_MODEL = HybridConfig(channels=48, kernel_size=3, n_layers=0, n_heads=4, dilated=5, lookahead=20,
-                            revision_span=11)  # the revision: the mean of the windows 5 to 10 min later
-CAUSAL_TRAIN = replace(TRAIN, seq_len=129, stride=10, batch_size=96, epochs=20, causal=True,
+                            revision_span=11)  # the revision: the mean of the outputs 5 to 10 min later
+CAUSAL_TRAIN = replace(TRAIN, seq_len=0, epochs=20, causal=True,
                        middle_lag_weight=0.1)  # the loss on lag 0 and the revision's latest window (lag 20)
 # -----------------------------------------------------------------------------
 
