@@ -77,6 +77,19 @@ def lookahead_ckpt(small_data_dir, tmp_path_factory):
     return out / "model.pth"
 
 
+@pytest.fixture(scope="module")
+def night_ckpt(small_data_dir, tmp_path_factory):
+    """A tiny causal hybrid over whole nights (seq_len 0: staged one epoch at a time), with a lookahead and
+    a revision span, trained for one pass (seconds)."""
+    out = tmp_path_factory.mktemp("night")
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--epochs", "1", "--batch-size", "4",
+            "--seq-len", "0", "--crop-epochs", "60,120", "--crops-per-night", "2", "--causal"]
+    config = {"channels": 16, "kernel_size": 3, "n_layers": 0, "dilated": 2, "lookahead": LOOKAHEAD, "revision_span": 3}
+    with evaluation.single_thread():
+        assert training.run("hybrid", config, training.TrainConfig(), argv) == 0
+    return out / "model.pth"
+
+
 def make_service(db: Path, checkpoint: Path = CHECKPOINT, **kwargs) -> serve.Service:
     return serve.Service(checkpoint, db, **kwargs)
 
@@ -633,11 +646,14 @@ def test_the_live_feed_sends_revisions_beside_the_epochs(tmp_path, night_pushes,
             assert len(end["revised"]) == LOOKAHEAD and ws.receive_json() == {"revised": end["revised"]}
 
 
-def test_restart_keeps_every_revision_once(tmp_path, night_pushes, lookahead_ckpt):
+@pytest.mark.parametrize("which", ["lookahead_ckpt", "night_ckpt"])
+def test_restart_keeps_every_revision_once(tmp_path, night_pushes, which, request):
     """In process, a restart between pushes for three wearers: one whose last epochs wait for their
     revision (revised by the next pushes), one whose night ends right after the restart (revised from
     the latest window, run again on start), one whose night was ended before the restart (nothing
-    revised twice). The answers and the database equal a run without the restart."""
+    revised twice). The answers and the database equal a run without the restart: for a window model,
+    and for a whole-night one, whose replay steps through every epoch again."""
+    lookahead_ckpt = request.getfixturevalue(which)
     pushes, start, _, _ = night_pushes
     half = len(pushes) // 2
     clock = max(r[0] for rows in pushes[half - 1].values() for r in rows)
