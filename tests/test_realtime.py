@@ -726,7 +726,8 @@ def test_vectorised_batch_with_conv_cache_equals_the_full_model_on_its_windows(l
                                                                                 torch_threads):
     """StagerBatch keeps the conv outputs of earlier epochs and splits wearers across threads: every
     step's probabilities equal softmax(model(window)[:, -1]) of the windows it stages, from the
-    first epoch of a night (edge padding) on, and after a reset."""
+    first epoch of a night (edge padding) on, and after a reset. The shipped causal model reads whole
+    nights: its steps equal the model on each wearer's night so far."""
     if which == "shipped":
         if not SHIPPED_CAUSAL.is_file():
             pytest.skip("no shipped causal checkpoint")
@@ -737,19 +738,28 @@ def test_vectorised_batch_with_conv_cache_equals_the_full_model_on_its_windows(l
     batch = StagerBatch(model, scaler, ckpt, n_wearers, batch_size=4)  # 2 threads: 2 parts of 5 wearers
     # the cache where it pays (one model, the window more than twice the receptive field), the plain call elsewhere
     assert (batch.conv is not None) == (hasattr(model, "encode_last") and seq_len > 2 * model.receptive_field)
+    assert which != "shipped" or seq_len == 0  # the shipped causal model reads whole nights, a step per epoch
     assert which != "tiny" or batch.conv is not None
     rng = np.random.default_rng(0)
+    nights = [[] for _ in range(n_wearers)]  # a whole-night model (seq_len 0): each wearer's scaled rows so far
     for k in range(40):
         if k == 30:
             batch.reset([3, 7])  # a new night for two wearers: their windows start over
+            nights[3], nights[7] = [], []
         hr = np.where(rng.random(n_wearers) < 0.1, np.nan, rng.normal(62, 8, n_wearers))
         counts = np.where(rng.random(n_wearers) < 0.1, np.nan, rng.gamma(0.5, 40, n_wearers))
         _, stages, probs = batch.step(hr, activity_count=counts)
-        n = batch.n - 1  # the epoch just staged, per wearer
-        epochs = np.clip(n[:, None] + np.arange(seq_len) - (seq_len - 1), 0, n[:, None])
-        windows = torch.from_numpy(batch.rows[np.arange(n_wearers)[:, None], epochs % seq_len])
         with torch.inference_mode():
-            expected = torch.softmax(model(windows)[:, -1], dim=-1).numpy()
+            if seq_len == 0:  # the shipped model steps: what it gives each wearer's night so far in one pass
+                for w in range(n_wearers):
+                    nights[w].append(batch.rows[w, 0])
+                expected = np.stack([torch.softmax(model(torch.from_numpy(np.stack(night))[None])[0, -1], dim=-1).numpy()
+                                     for night in nights])
+            else:
+                n = batch.n - 1  # the epoch just staged, per wearer
+                epochs = np.clip(n[:, None] + np.arange(seq_len) - (seq_len - 1), 0, n[:, None])
+                windows = torch.from_numpy(batch.rows[np.arange(n_wearers)[:, None], epochs % seq_len])
+                expected = torch.softmax(model(windows)[:, -1], dim=-1).numpy()
         np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(stages, probs.argmax(1))
     assert torch.get_num_threads() == threads  # the worker threads leave the caller's setting alone
