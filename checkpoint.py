@@ -18,7 +18,7 @@ import torch
 from data_loader import PSG_STAGE_TO_CLASS, STAGE_NAMES, FeatureScaler
 from features import FEATURES
 from model import LSTMConfig, SleepLSTM
-from model_hybrid import HybridConfig, SleepHybrid
+from model_hybrid import HybridConfig, SleepHybrid, init_member_states, step_members
 from smoothing import check_transitions
 
 FORMAT = "sleep-staging-checkpoint/1"
@@ -68,12 +68,12 @@ class Ensemble(torch.nn.Module):
         return _log_mean_probs([member.forward_last(x, lags) for member in self.members])
 
     def init_state(self, batch: int) -> list:
-        return [member.init_state(batch) for member in self.members]
+        return init_member_states(list(self.members), batch)
 
     def step(self, x: torch.Tensor, state: list, lags: bool = False) -> tuple[torch.Tensor, list]:
-        """One epoch through each member's own step (SleepHybrid.step): (log mean probabilities, state)."""
-        steps = [member.step(x, member_state, lags) for member, member_state in zip(self.members, state)]
-        return _log_mean_probs([logits for logits, _ in steps]), [member_state for _, member_state in steps]
+        """One epoch of every member at once (model_hybrid.step_members): (log mean probabilities, state)."""
+        logits, state = step_members(list(self.members), x, state, lags)
+        return _log_mean_probs(list(logits.unbind(1))), state
 
 
 def _log_mean_probs(logits: list[torch.Tensor]) -> torch.Tensor:

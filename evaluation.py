@@ -150,26 +150,30 @@ class NightSteps:
     def push(self, epoch: np.ndarray, feature_rows: np.ndarray, rows=None) -> tuple[np.ndarray, None]:
         """Step each row (default all, distinct) through its epoch `epoch` (m,) with these feature rows (raw,
         scaled here; already scaled without a scaler): (every-lag probabilities (m, 1 + lookahead, 4), None)."""
-        n = len(_state_leaves(self.state)[0])
-        index = torch.from_numpy(np.arange(n) if rows is None else np.asarray(rows, np.int64))
+        n = len(self.state[-1])
+        every = rows is None or (len(rows) == n and bool((np.asarray(rows) == np.arange(n)).all()))
         x = np.asarray(feature_rows, np.float32)  # as the windows' rows
         x = torch.from_numpy(x if self.scaler is None else self.scaler.transform(x))
-        state = _zip_map(lambda a, _: a[index], self.state, self.state)
-        first = torch.from_numpy(np.asarray(epoch) == 0)
-        for member in (state if isinstance(state[0], list) else [state]):  # a night's first epoch: count 0
-            member[-2][first], member[-1][first] = 0.0, 0.0
+        if every:  # every row in order (a stream, a batch): the state as it is, no gathering
+            state = self.state
+        else:
+            index = torch.from_numpy(np.asarray(rows, np.int64))
+            state = _zip_map(lambda a, _: a[index], self.state, self.state)
+        first = np.asarray(epoch) == 0
+        if first.any():  # a night's first epoch: count 0 (step then pads with its inputs)
+            first = torch.from_numpy(first)
+            state[-2][first], state[-1][first] = 0.0, 0.0
         logits, state = self.model.step(x, state, lags=True)
-        _zip_map(lambda a, b: a.index_copy_(0, index, b), self.state, state)
+        if every:
+            self.state = state
+        else:
+            _zip_map(lambda a, b: a.index_copy_(0, index, b), self.state, state)
         return torch.softmax(logits.float(), dim=-1).numpy().astype(np.float64), None
 
 
-def _zip_map(fn, a, b):
-    """fn over the tensors of two step states of the same layout (a model's list, an Ensemble's list of lists)."""
-    return fn(a, b) if isinstance(a, torch.Tensor) else [_zip_map(fn, x, y) for x, y in zip(a, b)]
-
-
-def _state_leaves(state) -> list[torch.Tensor]:
-    return [state] if isinstance(state, torch.Tensor) else [leaf for part in state for leaf in _state_leaves(part)]
+def _zip_map(fn, a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn over the tensors of two step states of the same layout (rows first, the running sum and count last)."""
+    return [fn(x, y) for x, y in zip(a, b)]
 
 
 def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:

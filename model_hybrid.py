@@ -193,28 +193,106 @@ class SleepHybrid(nn.Module):
         so far) fills its blocks' past with its own inputs: the replicate padding of forward."""
         *buffers, total, count = state
         first = count == 0
+        any_first = bool(first.any())
         h, new_buffers = x, []
-        for i, (block, past) in enumerate(zip([self.conv1, self.conv2, *self.dilated], buffers)):
-            past = torch.where(first[:, None, None], h[:, None, :].expand_as(past), past)
+        for i, (block, past, weight) in enumerate(zip([self.conv1, self.conv2, *self.dilated], buffers, self._step_weights())):
+            if any_first:
+                past = torch.where(first[:, None, None], h[:, None, :].expand_as(past), past)
             taps = [past[:, j * block.dilation] for j in range(block.kernel_size - 1)] + [h]
-            weight = block.conv.weight.permute(0, 2, 1).reshape(block.conv.out_channels, -1)  # (tap, channel) order
-            out = F.gelu(block.norm(torch.addmm(block.conv.bias, torch.cat(taps, dim=1), weight.t())))
+            out = F.gelu(block.norm(torch.addmm(block.conv.bias, torch.cat(taps, dim=1), weight)))
             new_buffers.append(torch.cat([past[:, 1:], h[:, None, :]], dim=1))
             h = out if i < 2 else h + out  # the dilated blocks are residual
-        h = self.norm(h + _sinusoid_rows(count, self.config.channels).to(h))
+        h = self.norm(h + self._step_positions(int(count.max()) + 1 if len(count) else 1)[count.long()])
         total = total + h
         count = count + 1
         logits = self.head(torch.cat([h, total / count[:, None]], dim=-1))
         return lag_logits(logits, self.config.n_classes, lags), new_buffers + [total, count]
 
+    def _step_weights(self) -> list[torch.Tensor]:
+        """Each conv block's weight as step multiplies by it, (kernel_size * c_in, c_out) in (tap, channel)
+        order: kept between steps, made again when a weight changes (its version or storage)."""
+        blocks = [self.conv1, self.conv2, *self.dilated]
+        key = tuple((b.conv.weight._version, b.conv.weight.data_ptr()) for b in blocks)
+        cached = self.__dict__.get("_step_weight_cache")
+        if cached is None or cached[0] != key:
+            weights = [b.conv.weight.detach().permute(0, 2, 1).reshape(b.conv.out_channels, -1).t().contiguous()
+                       for b in blocks]
+            self.__dict__["_step_weight_cache"] = cached = (key, weights)
+        return cached[1]
 
-def _sinusoid_rows(position: torch.Tensor, channels: int) -> torch.Tensor:
-    """sinusoid(length, channels)[position] for each position (batch,), without the rows before it."""
-    freq = torch.exp(torch.arange(0, channels, 2) * (-math.log(10000.0) / channels))
-    angle = position.to(torch.long).unsqueeze(1).cpu() * freq
-    pe = torch.zeros(len(position), channels)
-    pe[:, 0::2], pe[:, 1::2] = torch.sin(angle), torch.cos(angle)
-    return pe
+    def _step_positions(self, length: int) -> torch.Tensor:
+        """The positional encoding's first rows (at least length), kept between steps: the rows of sinusoid."""
+        table = self.__dict__.get("_step_position_table")
+        if table is None or len(table) < length:
+            table = sinusoid(max(length, 2 * len(table) if table is not None else 2048), self.config.channels)
+            self.__dict__["_step_position_table"] = table = table.to(self.positional)
+        return table
+
+
+# ------------------------------------------------------------------ several models stepped as one (an ensemble)
+
+def init_member_states(members: list[SleepHybrid], batch: int) -> list[torch.Tensor]:
+    """step_members' empty state for `batch` nights: SleepHybrid.init_state's, each tensor with a member
+    axis after the batch axis (the epochs so far: one count per night)."""
+    single = members[0].init_state(batch)  # checks the model can step
+    return [t.unsqueeze(1).repeat_interleave(len(members), dim=1) for t in single[:-1]] + [single[-1]]
+
+
+def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.Tensor], lags: bool = False
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SleepHybrid.step of models of one config at once (eval mode): each matrix product batched over the
+    members, so an ensemble costs about one model's operations. (batch, n_features) -> (each member's
+    logits (batch, members, n_classes), or with lags (batch, members, 1 + lookahead, n_classes); the state)."""
+    first_model, w = members[0], _stacked_weights(members)
+    *buffers, total, count = state
+    first = count == 0
+    any_first = bool(first.any())
+    h, new_buffers = x.unsqueeze(1).expand(-1, len(members), -1), []
+    blocks = [first_model.conv1, first_model.conv2, *first_model.dilated]
+    for i, (block, past) in enumerate(zip(blocks, buffers)):
+        if any_first:
+            past = torch.where(first[:, None, None, None], h.unsqueeze(2).expand_as(past), past)
+        taps = torch.cat([past[:, :, j * block.dilation] for j in range(block.kernel_size - 1)] + [h], dim=-1)
+        out = torch.baddbmm(w["conv_bias"][i], taps.transpose(0, 1), w["conv"][i]).transpose(0, 1)
+        out = F.gelu(_member_norm(out, w["norm"][i], block.norm.eps))
+        new_buffers.append(torch.cat([past[:, :, 1:], h.unsqueeze(2)], dim=2))
+        h = out if i < 2 else h + out
+    h = h + first_model._step_positions(int(count.max()) + 1 if len(count) else 1)[count.long()].unsqueeze(1)
+    h = _member_norm(h, w["final_norm"], first_model.norm.eps)
+    total = total + h
+    count = count + 1
+    joined = torch.cat([h, total / count[:, None, None]], dim=-1).transpose(0, 1)  # (members, batch, 2C)
+    hidden = F.gelu(torch.baddbmm(w["head_bias"][0], joined, w["head"][0]))
+    logits = torch.baddbmm(w["head_bias"][1], hidden, w["head"][1]).transpose(0, 1)
+    return lag_logits(logits, first_model.config.n_classes, lags), new_buffers + [total, count]
+
+
+def _member_norm(h: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm over channels with each member's own scale and shift: h (batch, members, C)."""
+    return F.layer_norm(h, h.shape[-1:], eps=eps) * weight_bias[0] + weight_bias[1]
+
+
+def _stacked_weights(members: list[SleepHybrid]) -> dict:
+    """The members' weights stacked along a member axis, as step_members multiplies by them; kept on the
+    first member between steps, made again when any parameter changes (its version or storage)."""
+    key = tuple((p._version, p.data_ptr()) for m in members for p in m.parameters())
+    cached = members[0].__dict__.get("_member_weight_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    stack = lambda get: torch.stack([get(m).detach() for m in members])  # noqa: E731
+    blocks = lambda m: [m.conv1, m.conv2, *m.dilated]  # noqa: E731
+    n_blocks = len(blocks(members[0]))
+    weights = {
+        "conv": [stack(lambda m: m._step_weights()[i]) for i in range(n_blocks)],          # (M, k*C_in, C_out)
+        "conv_bias": [stack(lambda m: blocks(m)[i].conv.bias).unsqueeze(1) for i in range(n_blocks)],
+        "norm": [(stack(lambda m: blocks(m)[i].norm.weight), stack(lambda m: blocks(m)[i].norm.bias))
+                 for i in range(n_blocks)],
+        "final_norm": (stack(lambda m: m.norm.weight), stack(lambda m: m.norm.bias)),
+        "head": [stack(lambda m: m.head[j].weight.t()) for j in (0, 3)],                   # (M, in, out)
+        "head_bias": [stack(lambda m: m.head[j].bias).unsqueeze(1) for j in (0, 3)],
+    }
+    members[0].__dict__["_member_weight_cache"] = (key, weights)
+    return weights
 
 
 def _encoder_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

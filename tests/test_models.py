@@ -129,7 +129,8 @@ def test_pooled_whole_night_models_label_every_epoch_of_any_length(arch):
 
 @pytest.mark.parametrize("ensemble", [1, 2])
 def test_a_causal_whole_night_model_steps_one_epoch_at_a_time_as_forward(ensemble):
-    """SleepHybrid.step (and an Ensemble's) gives forward(night so far)[:, -1] at every epoch, lags included,
+    """SleepHybrid.step (and an Ensemble's, its members stepped as one) gives forward(night so far)[:, -1] at
+    every epoch, lags included,
     past the precomputed positions; nights that start at different steps each pad with their own first epoch."""
     from checkpoint import build_model
     torch.manual_seed(0)
@@ -147,8 +148,7 @@ def test_a_causal_whole_night_model_steps_one_epoch_at_a_time_as_forward(ensembl
         for t in range(40):
             _, state = model.step(x[:, t], state)
         fresh = model.init_state(1)
-        state = [[torch.cat([a[:1], b]) for a, b in zip(s, f)] for s, f in zip(state, fresh)] if ensemble > 1 else \
-            [torch.cat([a[:1], b]) for a, b in zip(state, fresh)]
+        state = [torch.cat([a[:1], b]) for a, b in zip(state, fresh)]  # rows first, for a model or an ensemble
         logits, _ = model.step(x[:, 40], state)
         torch.testing.assert_close(logits[1], model(x[1:, 40:41])[0, -1], atol=1e-5, rtol=0)
         torch.testing.assert_close(logits[0], model(x[:1, :41])[0, -1], atol=1e-5, rtol=0)
