@@ -267,7 +267,7 @@ def format_revised(immediate: dict, revised: dict, lookahead: int, span: int = 1
     """The revised stage's headline figures beside the immediate stage's (compute_metrics of each)."""
     keys = ["accuracy", "kappa", "macro_f1", *(f"recall_{name.lower()}" for name in dl.STAGE_NAMES)]
     header = ["accuracy", "kappa", "macro-F1", *(f"{name} rec." for name in dl.STAGE_NAMES)]
-    averaged = f", the mean of the {span} latest windows' outputs for it" if span > 1 else ""
+    averaged = f", the mean of the model's {span} latest outputs for it" if span > 1 else ""
     lines = [f"revised stage: each epoch staged again {lookahead} epochs ({lookahead * 30 / 60:g} min) later"
              f"{averaged} (pred_revised)",
              f"{'':<10}" + "".join(f"{h:>11}" for h in header)]

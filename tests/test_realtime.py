@@ -1076,7 +1076,7 @@ def test_cli_realtime_with_a_lookahead_model_writes_and_reports_the_revised_stag
     assert_same_predictions(streamed[REVISED_PROBS].to_numpy(), offline[PROB_COLUMNS].to_numpy(), atol=1e-5)
     near_tie = np.diff(np.sort(offline[PROB_COLUMNS].to_numpy(), axis=1)[:, -2:], axis=1)[:, 0] <= 1e-4
     assert ((streamed["pred_revised"] == offline["pred"]) | near_tie).all()
-    assert ("revised stage: each epoch staged again 3 epochs (1.5 min) later, the mean of the 2 latest windows' "
+    assert ("revised stage: each epoch staged again 3 epochs (1.5 min) later, the mean of the model's 2 latest "
             "outputs for it (pred_revised)") in text
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in text.splitlines()
             if line.split()[:1] in (["immediate"], ["revised"]) and len(line.split()) == 8}
