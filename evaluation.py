@@ -125,7 +125,8 @@ class NightSteps:
     (a stream's row, a pool's or a batch's wearers): each row's step state (SleepHybrid.step), gathered
     and scattered by row. In the place of features.WindowRing: `push` takes each row's new feature row
     and gives its every-lag probabilities, which equal predict_whole_night's on the night so far (tested).
-    A row's epoch 0 starts its night afresh."""
+    A row's epoch 0 starts its night afresh. The state is a list of tensors, rows first (the model's
+    init_state), the running sum and the epoch count last."""
 
     def __init__(self, model: torch.nn.Module, scaler: dl.FeatureScaler | None, n_rows: int):
         if not can_step(model):
@@ -138,12 +139,12 @@ class NightSteps:
         self.state = model.init_state(int(n_rows))
 
     def add_rows(self, count: int) -> None:
-        self.state = _zip_map(lambda a, b: torch.cat([a, b]), self.state, self.model.init_state(int(count)))
+        self.state = [torch.cat([a, b]) for a, b in zip(self.state, self.model.init_state(int(count)))]
 
     def take_row(self, row: int) -> "NightSteps":
         """A one-row copy of one row."""
         out = NightSteps(self.model, self.scaler, 0)
-        out.state = _zip_map(lambda a, _: a[row:row + 1].clone(), self.state, self.state)
+        out.state = [a[row:row + 1].clone() for a in self.state]
         return out
 
     @torch.inference_mode()
@@ -158,7 +159,7 @@ class NightSteps:
             state = self.state
         else:
             index = torch.from_numpy(np.asarray(rows, np.int64))
-            state = _zip_map(lambda a, _: a[index], self.state, self.state)
+            state = [a[index] for a in self.state]
         first = np.asarray(epoch) == 0
         if first.any():  # a night's first epoch: count 0 (step then pads with its inputs)
             first = torch.from_numpy(first)
@@ -167,13 +168,9 @@ class NightSteps:
         if every:
             self.state = state
         else:
-            _zip_map(lambda a, b: a.index_copy_(0, index, b), self.state, state)
+            for kept, new in zip(self.state, state):
+                kept.index_copy_(0, index, new)
         return torch.softmax(logits.float(), dim=-1).numpy().astype(np.float64), None
-
-
-def _zip_map(fn, a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """fn over the tensors of two step states of the same layout (rows first, the running sum and count last)."""
-    return [fn(x, y) for x, y in zip(a, b)]
 
 
 def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:

@@ -456,7 +456,13 @@ def test_a_long_watch_off_stretch_gets_no_stage_in_the_stream_the_pool_and_the_n
     assert 0 <= stage <= 3 and p.sum() == pytest.approx(1.0)
 
 
-def test_a_pool_reuses_the_rows_of_removed_wearers(loaded):
+@pytest.mark.parametrize("which", ["window", "night"])
+def test_a_pool_reuses_the_rows_of_removed_wearers(loaded, which):
+    """A removed wearer's row goes to the next one, which starts afresh (a whole-night model's step state
+    too); a handle kept after removal goes on with a copy of its own state."""
+    if which == "night":
+        rows = np.random.default_rng(0).normal(size=(50, len(features.DEFAULT_FEATURES)))
+        loaded = lookahead_model("night", 3, [rows])
     model, scaler, ckpt = loaded
     pool = StagerPool(model, scaler, ckpt)
     for w in range(40):
