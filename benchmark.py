@@ -18,8 +18,10 @@
    keeps each wearer's conv outputs, so only the new epoch and the padded start of the window go
    through the convolutions), `pool` is realtime.StagerPool (one StreamingStager per wearer,
    readings pushed with timestamps, then a flush at the epoch's end); both give the same
-   probabilities (checked on the last round). `model_only` is evaluation.predict_windows on the
-   same number of windows: the model call alone, whole windows (no conv cache).
+   probabilities (checked on the last round). `model_only` is the model call alone on as many wearers
+   (model_call): predict_windows on whole windows (no conv cache), or for a whole-night model one step
+   of every wearer's night. The stream's `model_call_p50_ms` is the same call on one wearer (softmax
+   and the copy to numpy included).
    Wall-clock figures decide the targets. The CPU-time figures (`cpu_*`: this thread's CPU time
    per update; `wearer_epochs_per_cpu_s`: per CPU-second of the process) leave out the time the
    process waited for a core, so on a machine busy with other work they estimate what an idle
@@ -48,6 +50,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -136,8 +139,8 @@ def bench_stream(model, scaler, checkpoint, readings: dict, n_epochs: int, warmu
                 times.append(elapsed * 1000.0)
                 cpu_times.append(cpu * 1000.0)
                 sizes.append(sum(len(rows) for _, rows in runs))
-        call = model_call(model, checkpoint, np.zeros((1, max(checkpoint["seq_len"], 1), len(checkpoint["features"])),
-                                                      np.float32))
+        call = model_call(model, checkpoint, scaler.transform(np.zeros((1, max(checkpoint["seq_len"], 1),
+                                                                        len(checkpoint["features"])), np.float32)))
         model_ms = []
         with torch.inference_mode():
             for _ in range(min(len(times), 200)):
@@ -176,13 +179,14 @@ def _flat(round_readings, kind_index: int) -> tuple[np.ndarray, np.ndarray]:
     return wearer, np.concatenate([p[:, 1] for p in parts if len(p)] or [np.zeros(0)])
 
 
-def model_call(model, checkpoint: dict, windows: np.ndarray, batch_size: int = 1024):
+def model_call(model: torch.nn.Module, checkpoint: dict, windows: np.ndarray, batch_size: int = 1024
+               ) -> Callable[[], object]:
     """The plain model call on these scaled windows (n, seq_len, F), as a function of no arguments: the
-    window models' predict_windows; for a whole-night model (seq_len 0) one step of n nights, each at its
-    epoch 5 (windows[:, -1] its feature rows)."""
+    window models' predict_windows; for a whole-night model (seq_len 0) one step of n nights with
+    windows[:, -1] as their feature rows (each call one epoch further into the nights)."""
     if checkpoint["seq_len"] == 0:
         steps = evaluation.NightSteps(model, None, len(windows))
-        epoch = np.full(len(windows), 5)
+        epoch = np.ones(len(windows), np.int64)  # not a night's first epoch: the states go on
         return lambda: steps.push(epoch, windows[:, -1])
     return lambda: evaluation.predict_windows(model, windows, checkpoint["target_pos"], batch_size)
 

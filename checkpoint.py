@@ -68,6 +68,7 @@ class Ensemble(torch.nn.Module):
         return _log_mean_probs([member.forward_last(x, lags) for member in self.members])
 
     def init_state(self, batch: int) -> list:
+        """Empty step state of `batch` nights for every member (model_hybrid.init_member_states)."""
         return init_member_states(list(self.members), batch)
 
     def step(self, x: torch.Tensor, state: list, lags: bool = False) -> tuple[torch.Tensor, list]:

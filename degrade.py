@@ -38,7 +38,8 @@ class TrainMix:
 
 
 # TrainConfig.train_mix names one: "mixed" every real-world case, "sparse no motion" only heart rate every
-# 2-10 min without motion (a typical watch export), for a model of that input profile
+# 2-10 min without motion (a typical watch export), for a model of that input profile. Nights drawn as
+# recorded (p_recorded) come first: a model of that profile alone also needs p_recorded 0
 TRAIN_MIXES = {"mixed": TrainMix(), "sparse no motion": TrainMix((120.0, 300.0, 600.0), 1.0, 0.0)}
 
 

@@ -113,9 +113,11 @@ def predict_whole_night(model: torch.nn.Module, x_scaled: np.ndarray, every_lag:
 def can_step(model: torch.nn.Module) -> bool:
     """Whether a causal model can be staged one epoch at a time over whole nights (SleepHybrid.step:
     the hybrid without a Transformer)."""
+    if not hasattr(model, "init_state"):
+        return False
     try:
         model.init_state(1)
-    except (AttributeError, ValueError):
+    except ValueError:  # a model of the class that cannot step (init_state says why)
         return False
     return True
 
@@ -148,21 +150,23 @@ class NightSteps:
         return out
 
     @torch.inference_mode()
-    def push(self, epoch: np.ndarray, feature_rows: np.ndarray, rows=None) -> tuple[np.ndarray, None]:
+    def push(self, epoch: np.ndarray, feature_rows: np.ndarray, rows: np.ndarray | list[int] | None = None
+             ) -> tuple[np.ndarray, None]:
         """Step each row (default all, distinct) through its epoch `epoch` (m,) with these feature rows (raw,
         scaled here; already scaled without a scaler): (every-lag probabilities (m, 1 + lookahead, 4), None)."""
         n = len(self.state[-1])
         every = rows is None or (len(rows) == n and bool((np.asarray(rows) == np.arange(n)).all()))
         x = np.asarray(feature_rows, np.float32)  # as the windows' rows
-        x = torch.from_numpy(x if self.scaler is None else self.scaler.transform(x))
+        device = self.state[-1].device
+        x = torch.from_numpy(x if self.scaler is None else self.scaler.transform(x)).to(device)
         if every:  # every row in order (a stream, a batch): the state as it is, no gathering
             state = self.state
         else:
-            index = torch.from_numpy(np.asarray(rows, np.int64))
+            index = torch.from_numpy(np.asarray(rows, np.int64)).to(device)
             state = [a[index] for a in self.state]
         first = np.asarray(epoch) == 0
         if first.any():  # a night's first epoch: count 0 (step then pads with its inputs)
-            first = torch.from_numpy(first)
+            first = torch.from_numpy(first).to(device)
             state[-2][first], state[-1][first] = 0.0, 0.0
         logits, state = self.model.step(x, state, lags=True)
         if every:
@@ -170,7 +174,7 @@ class NightSteps:
         else:
             for kept, new in zip(self.state, state):
                 kept.index_copy_(0, index, new)
-        return torch.softmax(logits.float(), dim=-1).numpy().astype(np.float64), None
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64), None
 
 
 def thread_parts(n: int, min_size: int, device: torch.device) -> list[slice]:

@@ -175,90 +175,71 @@ class SleepHybrid(nn.Module):
     # ------------------------------------------------------------------ real time over whole nights: one epoch a step
     # A causal model trained on whole nights (seq_len 0, no Transformer) staged epoch by epoch: each conv
     # block keeps the inputs its kernel still reaches back to, so an epoch costs one position per block
-    # however long the night is, and gives forward(night so far)[:, -1].
+    # however long the night is, and gives forward(night so far)[:, -1]. The formulas are step_members'
+    # (below), which steps several models of one config at once; a model alone is one member.
+
+    @property
+    def conv_blocks(self) -> list[ConvBlock]:
+        return [self.conv1, self.conv2, *self.dilated]
 
     def init_state(self, batch: int) -> list[torch.Tensor]:
-        """Empty step state for `batch` nights: per conv block its last (kernel_size - 1) * dilation inputs,
-        then the running sum of the final outputs and the epochs so far."""
-        if not self.config.causal or self.encoder is not None or self.config.pool > 1:
-            raise ValueError("step needs a causal model without a Transformer (n_layers 0, pool 1)")
-        device = self.positional.device
-        blocks = [self.conv1, self.conv2, *self.dilated]
-        state = [torch.zeros(batch, (b.kernel_size - 1) * b.dilation, b.conv.in_channels, device=device) for b in blocks]
-        return state + [torch.zeros(batch, self.config.channels, device=device), torch.zeros(batch, device=device)]
+        """Empty step state for `batch` nights (init_member_states with this model alone)."""
+        return init_member_states([self], batch)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], lags: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One epoch of each night (batch, n_features) -> (logits of that epoch (batch, n_classes), or with
-        lags (batch, 1 + lookahead, n_classes); the new state). Eval mode. A night's first step (0 epochs
-        so far) fills its blocks' past with its own inputs: the replicate padding of forward."""
-        *buffers, total, count = state
-        first = count == 0
-        any_first = bool(first.any())
-        h, new_buffers = x, []
-        for i, (block, past, weight) in enumerate(zip([self.conv1, self.conv2, *self.dilated], buffers, self._step_weights())):
-            if any_first:
-                past = torch.where(first[:, None, None], h[:, None, :].expand_as(past), past)
-            taps = [past[:, j * block.dilation] for j in range(block.kernel_size - 1)] + [h]
-            out = F.gelu(block.norm(torch.addmm(block.conv.bias, torch.cat(taps, dim=1), weight)))
-            new_buffers.append(torch.cat([past[:, 1:], h[:, None, :]], dim=1))
-            h = out if i < 2 else h + out  # the dilated blocks are residual
-        h = self.norm(h + self._step_positions(int(count.max()) + 1 if len(count) else 1)[count.long()])
-        total = total + h
-        count = count + 1
-        logits = self.head(torch.cat([h, total / count[:, None]], dim=-1))
-        return lag_logits(logits, self.config.n_classes, lags), new_buffers + [total, count]
-
-    def _step_weights(self) -> list[torch.Tensor]:
-        """Each conv block's weight as step multiplies by it, (kernel_size * c_in, c_out) in (tap, channel)
-        order: kept between steps, made again when a weight changes (its version or storage)."""
-        blocks = [self.conv1, self.conv2, *self.dilated]
-        key = tuple((b.conv.weight._version, b.conv.weight.data_ptr()) for b in blocks)
-        cached = self.__dict__.get("_step_weight_cache")
-        if cached is None or cached[0] != key:
-            weights = [b.conv.weight.detach().permute(0, 2, 1).reshape(b.conv.out_channels, -1).t().contiguous()
-                       for b in blocks]
-            self.__dict__["_step_weight_cache"] = cached = (key, weights)
-        return cached[1]
+        lags (batch, 1 + lookahead, n_classes); the new state). Eval mode (step_members)."""
+        logits, state = step_members([self], x, state, lags)
+        return logits[:, 0], state
 
     def _step_positions(self, length: int) -> torch.Tensor:
         """The positional encoding's first rows (at least length), kept between steps: the rows of sinusoid."""
         table = self.__dict__.get("_step_position_table")
-        if table is None or len(table) < length:
-            table = sinusoid(max(length, 2 * len(table) if table is not None else 2048), self.config.channels)
-            self.__dict__["_step_position_table"] = table = table.to(self.positional)
+        if (table is None or len(table) < length or table.device != self.positional.device
+                or table.dtype != self.positional.dtype):
+            table = sinusoid(max(length, 2048), self.config.channels).to(self.positional)
+            self.__dict__["_step_position_table"] = table
         return table
 
 
-# ------------------------------------------------------------------ several models stepped as one (an ensemble)
+# ------------------------------------------------------------------ models stepped one epoch at a time
 
 def init_member_states(members: list[SleepHybrid], batch: int) -> list[torch.Tensor]:
-    """step_members' empty state for `batch` nights: SleepHybrid.init_state's, each tensor with a member
-    axis after the batch axis (the epochs so far: one count per night)."""
-    single = members[0].init_state(batch)  # checks the model can step
-    return [t.unsqueeze(1).repeat_interleave(len(members), dim=1) for t in single[:-1]] + [single[-1]]
+    """Empty step state of `batch` nights for models of one config (an ensemble's members, or one model),
+    rows first: per conv block its last (kernel_size - 1) * dilation inputs (batch, members, span, C_in),
+    then the running sum of the final outputs (batch, members, C) and the epochs so far (batch,)."""
+    first = members[0]
+    if not first.config.causal or first.encoder is not None or first.config.pool > 1:
+        raise ValueError("step needs a causal model without a Transformer (n_layers 0, pool 1)")
+    like = dict(device=first.positional.device, dtype=first.positional.dtype)
+    m = len(members)
+    state = [torch.zeros(batch, m, (b.kernel_size - 1) * b.dilation, b.conv.in_channels, **like) for b in first.conv_blocks]
+    return state + [torch.zeros(batch, m, first.config.channels, **like), torch.zeros(batch, **like)]
 
 
 def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.Tensor], lags: bool = False
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """SleepHybrid.step of models of one config at once (eval mode): each matrix product batched over the
-    members, so an ensemble costs about one model's operations. (batch, n_features) -> (each member's
-    logits (batch, members, n_classes), or with lags (batch, members, 1 + lookahead, n_classes); the state)."""
+    """One epoch of each night through models of one config at once (eval mode), each matrix product
+    batched over the members, so an ensemble costs about one model's operations: (batch, n_features) ->
+    (each member's logits (batch, members, n_classes), or with lags (batch, members, 1 + lookahead,
+    n_classes); the new state). A night's first step (0 epochs so far) fills its blocks' past with its own
+    inputs: the replicate padding of forward."""
     first_model, w = members[0], _stacked_weights(members)
     *buffers, total, count = state
     first = count == 0
     any_first = bool(first.any())
     h, new_buffers = x.unsqueeze(1).expand(-1, len(members), -1), []
-    blocks = [first_model.conv1, first_model.conv2, *first_model.dilated]
-    for i, (block, past) in enumerate(zip(blocks, buffers)):
+    for i, (block, past) in enumerate(zip(first_model.conv_blocks, buffers)):
         if any_first:
             past = torch.where(first[:, None, None, None], h.unsqueeze(2).expand_as(past), past)
         taps = torch.cat([past[:, :, j * block.dilation] for j in range(block.kernel_size - 1)] + [h], dim=-1)
         out = torch.baddbmm(w["conv_bias"][i], taps.transpose(0, 1), w["conv"][i]).transpose(0, 1)
         out = F.gelu(_member_norm(out, w["norm"][i], block.norm.eps))
-        new_buffers.append(torch.cat([past[:, :, 1:], h.unsqueeze(2)], dim=2))
-        h = out if i < 2 else h + out
-    h = h + first_model._step_positions(int(count.max()) + 1 if len(count) else 1)[count.long()].unsqueeze(1)
-    h = _member_norm(h, w["final_norm"], first_model.norm.eps)
+        # the block's past moves on by one input (a kernel of 1 keeps none)
+        new_buffers.append(torch.cat([past[:, :, 1:], h.unsqueeze(2)], dim=2) if past.shape[2] else past)
+        h = out if i < 2 else h + out  # the dilated blocks are residual
+    positions = first_model._step_positions(int(count.max()) + 1 if len(count) else 1)
+    h = _member_norm(h + positions[count.long()].unsqueeze(1), w["final_norm"], first_model.norm.eps)
     total = total + h
     count = count + 1
     joined = torch.cat([h, total / count[:, None, None]], dim=-1).transpose(0, 1)  # (members, batch, 2C)
@@ -273,24 +254,32 @@ def _member_norm(h: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor]
 
 
 def _stacked_weights(members: list[SleepHybrid]) -> dict:
-    """The members' weights stacked along a member axis, as step_members multiplies by them; kept on the
-    first member between steps, made again when any parameter changes (its version or storage)."""
-    key = tuple((p._version, p.data_ptr()) for m in members for p in m.parameters())
+    """The members' weights stacked along a member axis as step_members multiplies by them, kept on the
+    first member between steps and made again when a parameter is replaced or changed in place by an
+    optimizer step (its storage or version; an edit through .data goes unseen: call after training)."""
+    params = [p for m in members for p in m.parameters()]
+    key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
     cached = members[0].__dict__.get("_member_weight_cache")
     if cached is not None and cached[0] == key:
         return cached[1]
-    stack = lambda get: torch.stack([get(m).detach() for m in members])  # noqa: E731
-    blocks = lambda m: [m.conv1, m.conv2, *m.dilated]  # noqa: E731
-    n_blocks = len(blocks(members[0]))
-    weights = {
-        "conv": [stack(lambda m: m._step_weights()[i]) for i in range(n_blocks)],          # (M, k*C_in, C_out)
-        "conv_bias": [stack(lambda m: blocks(m)[i].conv.bias).unsqueeze(1) for i in range(n_blocks)],
-        "norm": [(stack(lambda m: blocks(m)[i].norm.weight), stack(lambda m: blocks(m)[i].norm.bias))
-                 for i in range(n_blocks)],
-        "final_norm": (stack(lambda m: m.norm.weight), stack(lambda m: m.norm.bias)),
-        "head": [stack(lambda m: m.head[j].weight.t()) for j in (0, 3)],                   # (M, in, out)
-        "head_bias": [stack(lambda m: m.head[j].bias).unsqueeze(1) for j in (0, 3)],
-    }
+    head = [[m.head[0] for m in members], [m.head[-1] for m in members]]  # the head's two linear layers
+
+    def stack(tensors) -> torch.Tensor:
+        return torch.stack([t.detach() for t in tensors]).clone()
+
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first step ran in
+        n_blocks = len(members[0].conv_blocks)
+        blocks = [m.conv_blocks for m in members]
+        weights = {  # convolutions as matrices (members, kernel_size * C_in, C_out), (tap, channel) order
+            "conv": [stack(b[i].conv.weight.permute(0, 2, 1).reshape(b[i].conv.out_channels, -1).t() for b in blocks)
+                     for i in range(n_blocks)],
+            "conv_bias": [stack(b[i].conv.bias for b in blocks).unsqueeze(1) for i in range(n_blocks)],
+            "norm": [(stack(b[i].norm.weight for b in blocks), stack(b[i].norm.bias for b in blocks))
+                     for i in range(n_blocks)],
+            "final_norm": (stack(m.norm.weight for m in members), stack(m.norm.bias for m in members)),
+            "head": [stack(layer.weight.t() for layer in layers) for layers in head],   # (members, in, out)
+            "head_bias": [stack(layer.bias for layer in layers).unsqueeze(1) for layers in head],
+        }
     members[0].__dict__["_member_weight_cache"] = (key, weights)
     return weights
 

@@ -46,7 +46,8 @@ Rules (each one tested):
 - Steps: the epoch's sum; missing (NaN) when the epoch starts more than 10 min before the first or
   after the last steps reading seen so far (the offline rule applied to the night so far; offline
   whole-night features instead call a steps gap 0 when steps resume later).
-- Memory: only the samples of open epochs, plus O(seq_len + 60) numbers of feature state.
+- Memory: only the samples of open epochs, plus O(seq_len + 60) numbers of feature state (a
+  whole-night model: its step state instead of the window, the past inputs of each conv block).
 
 The revised stage (a model with a lookahead L, e.g. 20 epochs, and a revision span S): each epoch is
 staged again once the L epochs after it have arrived, by the mean of the model calls that staged epochs
@@ -1190,7 +1191,7 @@ def predict_label_from_triplet(model: torch.nn.Module, scaler: dl.FeatureScaler,
     the counts files (Walch counts, typically 0 to a few hundred; 0-10000 accepted). steps: steps
     in the epoch (0-300). None means missing (the watch was off): filled as the model was trained.
     Each call is the epoch after the previous call's. The context (expanding statistics, the last
-    seq_len epochs) lives per (model, wearer): use one `wearer` key per person, or pass your own
+    seq_len epochs or a whole-night model's step state) lives per (model, wearer): use one `wearer` key per person, or pass your own
     `context=StreamingStager(...)`; reset_context(model[, wearer]) starts a new night.
     Returns (stage 0 Wake / 1 Light / 2 Deep / 3 REM, probabilities (4,)).
     """

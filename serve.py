@@ -385,7 +385,8 @@ class Service:
                         len(wearers), self.max_wearers)
 
     def _settle_replayed(self) -> None:
-        _, needed = self.pool.take_replayed()
+        with single_thread():  # a whole-night model steps here (as in take_pending below)
+            _, needed = self.pool.take_replayed()
         if needed:
             with single_thread():
                 stage_pending(self.pool.model, self.pool.scaler, int(self.pool.checkpoint["target_pos"]), needed,
@@ -492,7 +493,8 @@ class Service:
                 continue
             t0 = time.perf_counter()
             try:
-                owners, pending = self.pool.take_pending()
+                with single_thread():  # a whole-night model steps while the feature rows are made: on this core
+                    owners, pending = self.pool.take_pending()
                 wearer_rows = [WearerRow(w, self.night_seq[w], self.next_seq[w]) for w in touched]
                 await self._stage_and_store(jobs, events, owners, pending, wearer_rows, touched)
                 self.metrics.batch_seconds.observe(time.perf_counter() - t0)

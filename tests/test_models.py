@@ -1,4 +1,5 @@
 """Both architectures: shapes, and causal models never read the future."""
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,19 @@ def test_a_causal_whole_night_model_steps_one_epoch_at_a_time_as_forward(ensembl
         torch.testing.assert_close(logits[0], model(x[:1, :41])[0, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="step needs a causal model without a Transformer"):
         SleepHybrid(HybridConfig(n_features=6, channels=16, n_layers=1, causal=True)).init_state(1)
+
+
+def test_stepping_works_with_a_kernel_of_one_and_a_model_made_in_inference_mode():
+    """Edge cases of SleepHybrid.step: a kernel of 1 keeps no past inputs (its state keeps its shape, so
+    more rows can join), and a model built under torch.inference_mode steps (its weights cache too)."""
+    from evaluation import NightSteps
+    with torch.inference_mode():
+        model = SleepHybrid(HybridConfig(n_features=4, channels=8, kernel_size=1, n_layers=0, dilated=2, causal=True,
+                                         lookahead=2)).eval()
+        x = torch.randn(1, 12, 4)
+        expected = torch.softmax(model(x, lags=True)[0], dim=-1).numpy()
+    steps = NightSteps(model, None, 1)
+    out = [steps.push(np.array([t]), x[0, t:t + 1].numpy())[0][0] for t in range(12)]
+    steps.add_rows(2)
+    np.testing.assert_allclose(np.stack(out), expected, atol=1e-5, rtol=0)
+    assert [len(t) for t in steps.state] == [3] * len(steps.state)
