@@ -253,7 +253,10 @@ def bench_batched(model, scaler, checkpoint, nights_readings: list[dict], n_wear
     same_mask = bool((np.isnan(vectorised) == np.isnan(pooled)).all())  # no-data epochs: NaN in both
     difference = float(np.nanmax(np.abs(vectorised - pooled))) if not np.isnan(vectorised).all() else 0.0
     difference = difference if same_mask else float("inf")
+    ring = realtime.window_ring(model, scaler, checkpoint, 1)  # one wearer's model state: window or steps
+    state_bytes = ring.rows.nbytes if hasattr(ring, "rows") else sum(t.numel() * t.element_size() for t in ring.state)
     return {"wearers": n_wearers, "rounds": n_rounds, "warmup_rounds": warmup_rounds, **results,
+            "model_state_bytes_per_wearer": int(state_bytes),
             "wearer_epochs_per_s": results["vectorised"]["wearer_epochs_per_s"],
             "best_threads": results["vectorised"]["best_threads"],
             "vectorised_vs_pool_max_abs_difference": difference, "vectorised_equals_pool": difference < 1e-5}
