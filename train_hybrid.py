@@ -1,7 +1,7 @@
 """Train the CNN + Transformer (hybrid) sleep stager.
 
     python train_hybrid.py                   # 80/10/10 subject split on the bundled data -> runs/hybrid_offline/
-    python train_hybrid.py --causal          # real-time model (window ends at the predicted epoch) -> runs/hybrid_causal/
+    python train_hybrid.py --causal          # real-time model (the night so far, staged an epoch at a time) -> runs/hybrid_causal/
     python train_hybrid.py --cv 5            # 5-fold cross-validation by subject
     torchrun --standalone --nproc_per_node=2 train_hybrid.py   # same script, DistributedDataParallel
 
