@@ -257,11 +257,12 @@ def _stacked_weights(members: list[SleepHybrid]) -> dict:
     """The members' weights stacked along a member axis as step_members multiplies by them, kept on the
     first member between steps and made again when a parameter is replaced or changed in place by an
     optimizer step (its storage or version; an edit through .data goes unseen: call after training)."""
-    params = [p for m in members for p in m.parameters()]
-    key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
     cached = members[0].__dict__.get("_member_weight_cache")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    # the parameter list is kept with the cache: walking the modules for it every step cost more than the step
+    if cached is not None and cached[0] == [id(m) for m in members] and cached[2] == _parameter_key(cached[1]):
+        return cached[3]
+    params = [p for m in members for p in m.parameters()]
+    key = _parameter_key(params)
     head = [[m.head[0] for m in members], [m.head[-1] for m in members]]  # the head's two linear layers
 
     def stack(tensors) -> torch.Tensor:
@@ -280,8 +281,13 @@ def _stacked_weights(members: list[SleepHybrid]) -> dict:
             "head": [stack(layer.weight.t() for layer in layers) for layers in head],   # (members, in, out)
             "head_bias": [stack(layer.bias for layer in layers).unsqueeze(1) for layers in head],
         }
-    members[0].__dict__["_member_weight_cache"] = (key, weights)
+    members[0].__dict__["_member_weight_cache"] = ([id(m) for m in members], params, key, weights)
     return weights
+
+
+def _parameter_key(params: list[torch.Tensor]) -> tuple:
+    """What changes when a parameter's values do: its storage, and its version (inference tensors have none)."""
+    return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
 
 
 def _encoder_layer(layer: nn.TransformerEncoderLayer, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

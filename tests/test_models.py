@@ -171,3 +171,23 @@ def test_stepping_works_with_a_kernel_of_one_and_a_model_made_in_inference_mode(
     steps.add_rows(2)
     np.testing.assert_allclose(np.stack(out), expected, atol=1e-5, rtol=0)
     assert [len(t) for t in steps.state] == [3] * len(steps.state)
+
+
+def test_a_step_after_the_weights_change_uses_the_new_weights():
+    """The stacked weights step_members keeps between steps are made again once a parameter changes in
+    place (as an optimizer step changes it) or is replaced (load_state_dict of other weights)."""
+    torch.manual_seed(3)
+    model = SleepHybrid(HybridConfig(n_features=4, channels=8, kernel_size=3, n_layers=0, dilated=1, causal=True)).eval()
+    x = torch.randn(1, 5, 4)
+    with torch.no_grad():
+        model.step(x[:, 0], model.init_state(1))  # builds the cache
+        model.head[-1].bias.add_(1.0)             # in place, as an optimizer step
+        state, out = model.init_state(1), []
+        for t in range(5):
+            logits, state = model.step(x[:, t], state)
+            out.append(logits)
+        torch.testing.assert_close(torch.stack(out, 1), model(x), atol=1e-5, rtol=0)
+        other = SleepHybrid(model.config).eval()
+        model.load_state_dict(other.state_dict())
+        logits, _ = model.step(x[:, 0], model.init_state(1))
+        torch.testing.assert_close(logits, other(x[:, :1])[:, 0], atol=1e-5, rtol=0)
