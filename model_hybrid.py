@@ -258,7 +258,7 @@ def _stacked_weights(members: list[SleepHybrid]) -> dict:
     first member between steps and made again when a parameter is replaced or changed in place by an
     optimizer step (its storage or version; an edit through .data goes unseen: call after training)."""
     cached = members[0].__dict__.get("_member_weight_cache")
-    # the parameter list is kept with the cache: walking the modules for it every step cost more than the step
+    # the parameter list is kept with the cache: walking the modules for it is too slow for every epoch
     if cached is not None and cached[0] == [id(m) for m in members] and cached[2] == _parameter_key(cached[1]):
         return cached[3]
     params = [p for m in members for p in m.parameters()]
