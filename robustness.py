@@ -108,7 +108,8 @@ def stage_held_out(recipe: str, nights: dict[str, dl.Night], fit_ids: list[str],
     inner_train, inner_val = training.fit_split(fit_ids, cfg, fold)
     data = training.prepare(store, inner_train, cfg)
     model, _ = training.train_model(arch, model_config, cfg, data, inner_train, inner_val, None,
-                                    training.Dist(), torch.device("cpu"), quiet=True)
+                                    training.Dist(), torch.device("cpu"), quiet=True,
+                                    teacher_recipe=script_recipe(arch, False))
     contract = {"causal": causal, "features": list(cfg.features), "seq_len": cfg.seq_len,
                 "target_pos": cfg.target_pos, "transitions": data.transitions}
     degraded = {c.name: [degrade.degrade(nights[s], c) for s in held_ids] for c in conditions}

@@ -68,6 +68,9 @@ class TrainConfig:
                                     # (p_recorded 0): a mix of members that lean clean and sparse
     distill: float = 0.0            # >0 with ensemble: the members teach one student (the model kept), fitted to
                                     # their averaged stage probabilities with this weight, to the stages with 1 - it
+    offline_teacher: float = 0.0    # >0, causal: an offline model (the script's offline recipe) trains first on the same
+                                    # subjects; each training night's stages as it reads the whole night, under the
+                                    # night's drawn condition, join the loss with this weight (the stages with 1 - it)
     smooth: bool = True             # offline: smooth each night with the training subjects' stage transitions
     degrade: bool = True            # train on real-world conditions drawn per night and pass (degrade.py),
                                     # select on validation nights under degrade.VALIDATION_CONDITIONS
@@ -182,6 +185,8 @@ class Prepared:
     train_mix: str = "mixed"
     nights: dict[str, dl.Night] = field(default_factory=dict)
     degraded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    teacher: "OfflineTeacher | None" = None
+    taught: dict[str, np.ndarray] = field(default_factory=dict)  # key -> the teacher's log-probabilities (n, 4)
 
     @property
     def degrades(self) -> bool:
@@ -227,7 +232,10 @@ class Prepared:
             condition = degrade.draw_condition(rng, night, self.p_recorded,
                                                degrade.TRAIN_P_DROP_BASELINE if self.reads_baseline else 0.0,
                                                self.hr_shift_bpm, degrade.TRAIN_MIXES[self.train_mix])
-            self.degraded[s] = self._under(degrade.degrade(night, condition, rng))
+            drawn = degrade.degrade(night, condition, rng)
+            self.degraded[s] = self._under(drawn)
+            if self.teacher is not None:
+                self.taught[s] = self.teacher.log_probs(drawn)
 
     def add_conditions(self, subjects: list[str], conditions: tuple[str, ...]) -> list[str]:
         """Keys of the subjects' nights under each named condition (degrade.CONDITIONS), registered once;
@@ -267,6 +275,22 @@ def prepare(store: feature_store.FeatureStore, train_ids: list[str], cfg: TrainC
                     cfg.train_mix, nights)
 
 
+@dataclass
+class OfflineTeacher:
+    """An offline model (whole nights, both directions) that teaches a causal one: what it makes of a night,
+    read through its own offline features and scaler."""
+    model: torch.nn.Module
+    scaler: dl.FeatureScaler
+    features: tuple[str, ...]
+
+    def log_probs(self, night: dl.Night) -> np.ndarray:
+        x = self.scaler.transform(features.night_features(night, causal=False, features=self.features))
+        with torch.no_grad():
+            device = next(self.model.parameters()).device
+            logits = self.model(torch.from_numpy(x).unsqueeze(0).to(device))[0]
+        return F.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+
 class WindowDataset(Dataset):
     """Training windows of seq_len epochs from each night, every `stride` epochs, read from the store.
 
@@ -302,14 +326,17 @@ class WindowDataset(Dataset):
         return self.read(night, int(np.clip(k * self.stride - self.offset, 0, max(n - self.seq_len, 0))))
 
     def read(self, night: int, start: int):
-        """(features, labels) of seq_len epochs of a night from `start`; past its end the last epoch
-        repeats, labelled -1."""
+        """(features, labels) of seq_len epochs of a night from `start`, and with an offline teacher its
+        log-probabilities there; past the night's end the last epoch repeats, labelled -1."""
         subject_id, n = self.subjects[night], int(self.lengths[night])
         idx = start + np.arange(self.seq_len)
         valid = idx < n
         idx = np.minimum(idx, n - 1)
         labels = np.where(valid, self.data.y(subject_id, idx), -1)
-        return torch.from_numpy(self.data.x(subject_id, idx)), torch.from_numpy(labels)
+        out = torch.from_numpy(self.data.x(subject_id, idx)), torch.from_numpy(labels)
+        if self.data.teacher is not None:
+            out += (torch.from_numpy(self.data.taught[subject_id][idx]),)
+        return out
 
 
 class CropDataset(WindowDataset):
@@ -395,17 +422,20 @@ def lag_weights(lookahead: int, middle_lag_weight: float) -> torch.Tensor:
     return weight
 
 
-def lag_targets(y: torch.Tensor, lookahead: int) -> torch.Tensor:
-    """(batch, L) stages -> (batch, L, 1 + lookahead): [:, t, j] = y[:, t - j], -1 before the window."""
-    shifted = [F.pad(y, (j, 0), value=-1)[:, :y.shape[1]] for j in range(lookahead + 1)]
-    return torch.stack(shifted, dim=-1)
+def lag_targets(y: torch.Tensor, lookahead: int, fill: float = -1) -> torch.Tensor:
+    """(batch, L, ...) per epoch -> (batch, L, 1 + lookahead, ...): [:, t, j] = y[:, t - j], `fill` before
+    the window (stages, or a teacher's probabilities)."""
+    length = y.shape[1]
+    padded = torch.cat([y.new_full((y.shape[0], lookahead, *y.shape[2:]), fill), y], dim=1)
+    return torch.stack([padded[:, lookahead - j:lookahead - j + length] for j in range(lookahead + 1)], dim=2)
 
 
 def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               weight: torch.Tensor, cfg: TrainConfig, ctx: Dist, teacher: torch.nn.Module | None = None
+               weight: torch.Tensor, cfg: TrainConfig, ctx: Dist, teacher: torch.nn.Module | torch.Tensor | None = None
                ) -> torch.Tensor:
-    """One optimisation step on this rank's share of the global batch; returns the loss. With a teacher
-    (eval mode), the loss also fits its stage probabilities on the same inputs (cfg.distill)."""
+    """One optimisation step on this rank's share of the global batch; returns the loss. With a teacher, the
+    loss also fits its stage probabilities: a model (eval mode) on the same inputs (cfg.distill), or an
+    offline teacher's log-probabilities per epoch (batch, L, 4) (cfg.offline_teacher)."""
     if cfg.rem_noise > 0:  # REM-specific augmentation: jitter the inputs of REM epochs
         x = x + torch.randn_like(x) * cfg.rem_noise * (y == 3).unsqueeze(-1)
     lookahead = unwrap(ddp_model).config.lookahead
@@ -422,10 +452,14 @@ def train_step(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
         normaliser = normaliser / ctx.world_size
     loss = focal_loss(logits, y, weight, cfg.focal_gamma, normaliser, lag_weight)
     if teacher is not None:
-        with torch.no_grad():
-            teacher_log_probs = teacher(x, lags=lookahead > 0)
-        loss = (1 - cfg.distill) * loss + cfg.distill * distill_loss(logits, teacher_log_probs, y, weight, normaliser,
-                                                                     lag_weight)
+        share = cfg.distill
+        if isinstance(teacher, torch.Tensor):  # the offline teacher's, per epoch: per lag as the stages
+            share = cfg.offline_teacher
+            teacher_log_probs = lag_targets(teacher, lookahead, 0.0) if lookahead > 0 else teacher
+        else:
+            with torch.no_grad():
+                teacher_log_probs = teacher(x, lags=lookahead > 0)
+        loss = (1 - share) * loss + share * distill_loss(logits, teacher_log_probs, y, weight, normaliser, lag_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
@@ -531,8 +565,9 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
         ddp_model.train()
         total, n_batches = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main or quiet or None)
-        for step, (x, y) in enumerate(bar):
-            loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx, teacher)
+        for step, (x, y, *taught) in enumerate(bar):
+            loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), weight, cfg, ctx,
+                              taught[0].to(device) if taught else teacher)
             if averaged is not None:
                 averaged.update_parameters(model)
             scheduler.step(epoch + (step + 1) / len(loader))
@@ -591,14 +626,38 @@ def train_one(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, t
     return kept, state
 
 
+def train_offline_teacher(arch: str, recipe: tuple[dict, TrainConfig], cfg: TrainConfig, train_ids: list[str],
+                          out_dir: Path | None, ctx: Dist, device: torch.device, quiet: bool = False) -> OfflineTeacher:
+    """The offline model that teaches a causal run (cfg.offline_teacher): the offline recipe (model config,
+    defaults) trained on the same subjects and seed, all of them, for the recipe's passes; saved in out_dir."""
+    model_config, defaults = recipe
+    if defaults.seq_len != 0:  # it reads each training night whole
+        raise ValueError(f"offline_teacher needs an offline recipe of whole nights (seq_len 0), not seq_len {defaults.seq_len}")
+    teacher_cfg = replace(defaults, causal=False, seed=cfg.seed, data_dir=cfg.data_dir, degrade=True, validate=False,
+                          ensemble=1, features=cfg.features, device=cfg.device, bf16=cfg.bf16, resume=cfg.resume)
+    if ctx.is_main and not quiet:
+        print(f"offline teacher (seed {teacher_cfg.seed}, {teacher_cfg.epochs} passes)", flush=True)
+    store = _load_store(teacher_cfg, ctx, lambda *args, **kwargs: None)
+    data = prepare(store, train_ids, teacher_cfg)
+    model, _ = train_one(arch, model_config, teacher_cfg, data, train_ids, [], out_dir, ctx, device, quiet=quiet)
+    return OfflineTeacher(model.eval(), data.scaler, teacher_cfg.features)
+
+
 def train_model(arch: str, model_config: dict, cfg: TrainConfig, data: Prepared, train_ids: list[str],
                 val_ids: list[str], out_dir: Path | None, ctx: Dist, device: torch.device,
-                extra: dict | None = None, quiet: bool = False) -> tuple[torch.nn.Module, dict]:
+                extra: dict | None = None, quiet: bool = False,
+                teacher_recipe: tuple[dict, TrainConfig] | None = None) -> tuple[torch.nn.Module, dict]:
     """train_one, or with cfg.ensemble > 1 that many members (seeds seed, seed+1, ...), each trained and
     selected on val_ids like a single model in out_dir/members/seed<S>/, then averaged (checkpoint.Ensemble)
     and saved as one model.pth in out_dir; with cfg.distill the average instead teaches one student (seed
     seed + ensemble), trained in out_dir and kept: an ensemble's accuracy at one model's cost. --resume
-    continues the unfinished member or student."""
+    continues the unfinished member or student. With cfg.offline_teacher, teacher_recipe (the offline
+    recipe) first trains the teacher of every member, in out_dir/teacher/."""
+    if cfg.offline_teacher > 0:
+        if teacher_recipe is None or not cfg.causal or not data.degrades:
+            raise ValueError("offline_teacher needs a causal run on drawn conditions (degrade) and the offline recipe")
+        data.teacher = train_offline_teacher(arch, teacher_recipe, cfg, train_ids,
+                                             out_dir / "teacher" if out_dir is not None else None, ctx, device, quiet)
     if cfg.ensemble <= 1:
         return train_one(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device, extra, quiet)
     members, best_epochs = [], []
@@ -721,6 +780,10 @@ def parse_args(defaults: TrainConfig, argv: list[str] | None, script: str) -> Tr
     if not 0 <= args["distill"] <= 1 or (args["distill"] > 0 and args["ensemble"] < 2):
         parser.error(f"--distill must be 0 to 1 and needs --ensemble 2 or more (the teacher), got --distill "
                      f"{args['distill']} with --ensemble {args['ensemble']}")
+    if not 0 <= args["offline_teacher"] < 1 or (args["offline_teacher"] > 0 and not (
+            args["causal"] and args["degrade"] and args["distill"] == 0)):
+        parser.error(f"--offline-teacher must be 0 to below 1 and needs --causal and --degrade, without --distill; "
+                     f"got --offline-teacher {args['offline_teacher']}")
     if not 0 <= args["degraded_members"] <= args["ensemble"]:
         parser.error(f"--degraded-members must be 0 to --ensemble ({args['ensemble']}), got {args['degraded_members']}")
     return TrainConfig(**args)
@@ -757,6 +820,7 @@ def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | 
     script = ARCHITECTURES[arch].train_script
     wants_causal = argparse.ArgumentParser(add_help=False)
     wants_causal.add_argument("--causal", action=argparse.BooleanOptionalAction, default=defaults.causal)
+    teacher_recipe = (model_config, defaults)  # the offline recipe: what teaches a causal run (--offline-teacher)
     if causal_recipe is not None and wants_causal.parse_known_args(argv)[0].causal:
         model_config, defaults = causal_recipe
     cfg = parse_args(defaults, argv, script)
@@ -776,13 +840,14 @@ def run(arch: str, model_config: dict, defaults: TrainConfig, argv: list[str] | 
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     ctx = setup_distributed(device)
     try:
-        return _run(arch, model_config, cfg, ctx, device)
+        return _run(arch, model_config, cfg, ctx, device, teacher_recipe)
     finally:
         if ctx.enabled:
             dist.destroy_process_group()
 
 
-def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: torch.device) -> int:
+def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: torch.device,
+         teacher_recipe: tuple[dict, TrainConfig] | None = None) -> int:
     say = print if ctx.is_main else (lambda *a, **k: None)
     t_start = time.perf_counter()
     try:
@@ -803,10 +868,11 @@ def _run(arch: str, model_config: dict, cfg: TrainConfig, ctx: Dist, device: tor
         f"{len(test_ids)} test subjects, seq_len {cfg.seq_len} (target position {cfg.target_pos}), "
         f"{len(cfg.features)} features")
     if cfg.cv:
-        return _cross_validate(arch, model_config, cfg, store, train_ids + val_ids, out_dir, ctx, device, say)
+        return _cross_validate(arch, model_config, cfg, store, train_ids + val_ids, out_dir, ctx, device, say,
+                               teacher_recipe)
     data = prepare(store, train_ids, cfg)
     model, state = train_model(arch, model_config, cfg, data, train_ids, val_ids, out_dir, ctx, device,
-                               extra={"test_subjects": test_ids})
+                               extra={"test_subjects": test_ids}, teacher_recipe=teacher_recipe)
     test_keys = data.add_conditions(test_ids, ("as recorded",))  # no-data epochs unscored, as inference leaves them
     metrics, y_true, y_pred, _ = evaluate_subjects(model, data, test_keys, cfg, ctx, device)
     if ctx.is_main:
@@ -854,7 +920,7 @@ def fit_split(fit_ids: list[str], cfg: TrainConfig, fold: int = 0) -> tuple[list
     return inner_train, inner_val
 
 
-def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, device, say) -> int:
+def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, device, say, teacher_recipe=None) -> int:
     """k folds by subject over pool_ids; each fold early-stops on a slice of its own training subjects."""
     folds = dl.kfold_subjects(pool_ids, cfg.cv, seed=cfg.split_seed)
     chosen = range(len(folds)) if cfg.fold is None else [cfg.fold]
@@ -864,7 +930,8 @@ def _cross_validate(arch, model_config, cfg, store, pool_ids, out_dir, ctx, devi
         inner_train, inner_val = fit_split(fit_ids, cfg, k)
         t0 = time.perf_counter()
         data = prepare(store, inner_train, cfg)
-        model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True)
+        model, state = train_model(arch, model_config, cfg, data, inner_train, inner_val, None, ctx, device, quiet=True,
+                                   teacher_recipe=teacher_recipe)
         metrics, _, _, probs = evaluate_subjects(model, data, data.add_conditions(held_ids, ("as recorded",)), cfg, ctx,
                                                  device)
         if ctx.is_main:

@@ -2,6 +2,8 @@
 import json
 import pickle
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -263,6 +265,59 @@ def test_lag_targets_shift_the_labels_back_by_each_lag():
     assert lagged[0, :, 0].tolist() == [0, 1, 2, 3, 1]
     assert lagged[0, :, 1].tolist() == [-1, 0, 1, 2, 3]
     assert lagged[0, :, 2].tolist() == [-1, -1, 0, 1, 2]
+
+
+def test_lag_targets_shift_a_teachers_probabilities_per_epoch_as_the_stages():
+    teacher = torch.log_softmax(torch.randn(2, 6, 4), -1)
+    lagged = training.lag_targets(teacher, 3, 0.0)
+    assert lagged.shape == (2, 6, 4, 4)
+    for j in range(4):
+        torch.testing.assert_close(lagged[:, j:, j], teacher[:, :6 - j])
+        assert (lagged[:, :j, j] == 0).all()
+
+
+def test_an_offline_teacher_trains_first_and_teaches_each_causal_step_what_it_makes_of_the_drawn_night(
+        small_data_dir, tmp_path, monkeypatch, capsys):
+    import degrade
+    from checkpoint import load_model_from_checkpoint
+    taught, drawn = [], []
+    real_loss, real_degrade = training.distill_loss, degrade.degrade
+
+    def loss_spy(logits, teacher_log_probs, *args):
+        taught.append((logits.shape, teacher_log_probs.detach().clone()))
+        return real_loss(logits, teacher_log_probs, *args)
+
+    def degrade_spy(night, *args, **kwargs):
+        drawn.append(real_degrade(night, *args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(training, "distill_loss", loss_spy)
+    monkeypatch.setattr(degrade, "degrade", degrade_spy)
+    out = tmp_path / "causal"
+    whole_nights = training.TrainConfig(seq_len=0, crop_epochs=(40, 60), crops_per_night=2, batch_size=4, epochs=1,
+                                        validate=False, smooth=False)
+    argv = ["--data-dir", str(small_data_dir), "--out-dir", str(out), "--causal", "--offline-teacher", "0.5"]
+    assert training.run("hybrid", {**TINY_HYBRID, "n_layers": 0}, whole_nights, argv,
+                        causal_recipe=({**TINY_HYBRID, "n_layers": 0, "lookahead": 3}, replace(whole_nights, causal=True))) == 0
+    teacher, teacher_scaler, teacher_ckpt = load_model_from_checkpoint(out / "teacher" / "model.pth")
+    assert not teacher.config.causal and teacher_ckpt["seq_len"] == 0
+    student, _, ckpt = load_model_from_checkpoint(out / "model.pth")
+    assert student.config.causal and ckpt["train_config"]["offline_teacher"] == 0.5
+    # every step of the causal run was taught, per lag: (batch, L, 1 + lookahead, 4) as the logits
+    assert taught and all(shape == lagged.shape and shape[2] == 4 for shape, lagged in taught)
+    # each crop's lag 0 is the saved teacher's own output on a stretch of a night as drawn (by the pass)
+    outputs = []
+    for night in drawn:
+        x = teacher_scaler.transform(features.night_features(night, causal=False, features=tuple(ckpt["features"])))
+        with torch.no_grad():
+            outputs.append(F.log_softmax(teacher(torch.from_numpy(x)[None])[0], -1))
+    for _, lagged in taught:
+        for crop in lagged[:, :, 0]:
+            assert any(torch.allclose(crop, out[i:i + len(crop)], atol=1e-5)
+                       for out in outputs for i in range(len(out) - len(crop) + 1))
+    with pytest.raises(SystemExit):
+        training.parse_args(training.TrainConfig(), ["--offline-teacher", "0.5"], "train.py")
+    assert "needs --causal" in capsys.readouterr().err
 
 
 def test_a_causal_model_with_lookahead_trains_and_revises_from_later_windows(small_data_dir, tmp_path):
