@@ -206,8 +206,9 @@ class SleepHybrid(nn.Module):
 
 def init_member_states(members: list[SleepHybrid], batch: int) -> list[torch.Tensor]:
     """Empty step state of `batch` nights for models of one config (an ensemble's members, or one model),
-    rows first: per conv block its last (kernel_size - 1) * dilation inputs (batch, members, span, C_in),
-    then the running sum of the final outputs (batch, members, C) and the epochs so far (batch,)."""
+    rows first: per conv block a ring of its last (kernel_size - 1) * dilation inputs (batch, members, span,
+    C_in), the input of epoch t at slot t % span; then the running sum of the final outputs (batch,
+    members, C) and the epochs so far (batch,)."""
     first = members[0]
     if not first.config.causal or first.encoder is not None or first.config.pool > 1:
         raise ValueError("step needs a causal model without a Transformer (n_layers 0, pool 1)")
@@ -222,30 +223,42 @@ def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.
     """One epoch of each night through models of one config at once (eval mode), each matrix product
     batched over the members, so an ensemble costs about one model's operations: (batch, n_features) ->
     (each member's logits (batch, members, n_classes), or with lags (batch, members, 1 + lookahead,
-    n_classes); the new state). A night's first step (0 epochs so far) fills its blocks' past with its own
-    inputs: the replicate padding of forward."""
+    n_classes); the state, updated in place). A night's first step (0 epochs so far) fills its blocks'
+    past with its own inputs: the replicate padding of forward."""
     first_model, w = members[0], _stacked_weights(members)
     *buffers, total, count = state
-    first = count == 0
+    steps = count.long()
+    first = steps == 0
     any_first = bool(first.any())
-    h, new_buffers = x.unsqueeze(1).expand(-1, len(members), -1), []
+    lockstep = len(steps) > 0 and bool((steps == steps[0]).all())  # one ring slot for every row: plain slicing
+    rows = None if lockstep else torch.arange(len(steps), device=steps.device)
+    h = x.unsqueeze(1).expand(-1, len(members), -1)
     for i, (block, past) in enumerate(zip(first_model.conv_blocks, buffers)):
-        if any_first:
-            past = torch.where(first[:, None, None, None], h.unsqueeze(2).expand_as(past), past)
-        taps = torch.cat([past[:, :, j * block.dilation] for j in range(block.kernel_size - 1)] + [h], dim=-1)
-        out = torch.baddbmm(w["conv_bias"][i], taps.transpose(0, 1), w["conv"][i]).transpose(0, 1)
-        out = F.gelu(_member_norm(out, w["norm"][i], block.norm.eps))
-        # the block's past moves on by one input (a kernel of 1 keeps none)
-        new_buffers.append(torch.cat([past[:, :, 1:], h.unsqueeze(2)], dim=2) if past.shape[2] else past)
+        span = past.shape[2]
+        if any_first and span:
+            past[first] = h[first].unsqueeze(2).expand(-1, -1, span, -1)
+        # epoch t's taps: the inputs of t - span, t - span + dilation, ..., at slots (t + j * dilation) % span
+        if lockstep:
+            at = int(steps[0]) if len(steps) else 0
+            taps = [past[:, :, (at + j * block.dilation) % span] for j in range(block.kernel_size - 1)]
+        else:
+            taps = [past[rows, :, (steps + j * block.dilation) % span] for j in range(block.kernel_size - 1)]
+        out = torch.baddbmm(w["conv_bias"][i], torch.cat(taps + [h], dim=-1).transpose(0, 1), w["conv"][i])
+        out = F.gelu(_member_norm(out.transpose(0, 1), w["norm"][i], block.norm.eps))
+        if span:  # this input takes the slot of the one no tap reaches any more (a kernel of 1 keeps none)
+            if lockstep:
+                past[:, :, at % span] = h
+            else:
+                past[rows, :, steps % span] = h
         h = out if i < 2 else h + out  # the dilated blocks are residual
-    positions = first_model._step_positions(int(count.max()) + 1 if len(count) else 1)
-    h = _member_norm(h + positions[count.long()].unsqueeze(1), w["final_norm"], first_model.norm.eps)
-    total = total + h
-    count = count + 1
+    positions = first_model._step_positions(int(steps.max()) + 1 if len(steps) else 1)
+    h = _member_norm(h + positions[steps].unsqueeze(1), w["final_norm"], first_model.norm.eps)
+    total.add_(h)
+    count.add_(1)
     joined = torch.cat([h, total / count[:, None, None]], dim=-1).transpose(0, 1)  # (members, batch, 2C)
     hidden = F.gelu(torch.baddbmm(w["head_bias"][0], joined, w["head"][0]))
     logits = torch.baddbmm(w["head_bias"][1], hidden, w["head"][1]).transpose(0, 1)
-    return lag_logits(logits, first_model.config.n_classes, lags), new_buffers + [total, count]
+    return lag_logits(logits, first_model.config.n_classes, lags), state
 
 
 def _member_norm(h: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor], eps: float) -> torch.Tensor:

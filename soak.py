@@ -7,7 +7,7 @@ Each wearer sends heart rate about every 5 s and a 15 s activity count (a cheap 
 a per-wearer resting level, a ~90 min cycle, noise, movement bursts, 0.2% NaN readings, one in
 five wearers takes the watch off for up to 45 min). Simulated time runs as fast as the machine
 allows: every 30 s of it, each wearer's readings are pushed and one batched model call stages
-every epoch that closed.
+every epoch that closed; the pool's revised stages are collected as they come, as a consumer would.
 
 --path pool   realtime.StagerPool: the full stream rules per wearer (timestamps, late and
               duplicate readings, gaps), one model call per simulated epoch for all wearers.
@@ -117,7 +117,7 @@ def soak(args) -> dict:
         hr_owner = np.repeat(np.arange(args.wearers), HR_PER_EPOCH)
         count_owner = np.repeat(np.arange(args.wearers), COUNTS_PER_EPOCH)
     rss = {0: round(rss_mib(), 1)}  # simulated hour -> MiB
-    staged, nan_pushed, push_s, model_s = 0, 0, 0.0, 0.0
+    staged, revised, nan_pushed, push_s, model_s = 0, 0, 0, 0.0, 0.0
     t_start = time.perf_counter()
     last_line = t_start
     done = 0
@@ -131,6 +131,7 @@ def soak(args) -> dict:
                 pool.push(int(w), "counts", count_t, counts[w])
             t1 = time.perf_counter()
             staged += sum(len(v) for v in pool.predict().values())
+            revised += sum(len(v) for v in pool.take_revised().values())  # as a consumer collects them
         else:
             hr_on, count_on = np.repeat(on, HR_PER_EPOCH), np.repeat(on, COUNTS_PER_EPOCH)
             aggregates = batch.aggregate(hr_owner[hr_on], hr.ravel()[hr_on], count_owner[count_on],
@@ -158,6 +159,7 @@ def soak(args) -> dict:
         pool.flush(done * EPOCH_S)
         t1 = time.perf_counter()
         staged += sum(len(v) for v in pool.predict().values())
+        revised += sum(len(v) for v in pool.take_revised().values())
         push_s += t1 - t0
         model_s += time.perf_counter() - t1
     elapsed = time.perf_counter() - t_start
@@ -174,6 +176,7 @@ def soak(args) -> dict:
     if args.path == "pool":
         totals = {key: sum(s.stats[key] for s in pool.stagers.values()) for key in realtime.new_stats()}
         result["stream_stats"] = {key: value for key, value in totals.items() if value}
+        result["wearer_epochs_revised"] = revised
         result["nan_readings_pushed"] = nan_pushed
         result["buffered_readings_at_end"] = sum(sum(s.buffered_samples().values()) for s in pool.stagers.values())
     hourly = [rss[h] for h in sorted(rss) if h > 0]

@@ -26,6 +26,8 @@ def test_soak_reports_every_simulated_hour_and_an_early_stop(capsys):
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert result["simulated_epochs"] == 300
+    # the shipped model revises: the soak collects the revisions (a pool keeps them until taken)
+    assert 0 < result["wearer_epochs_revised"] <= result["wearer_epochs_staged"] == 3 * 300
     steps_in_order(captured.err, ["soak: 3 wearers, 2.5 simulated h (300 epochs), path pool",
                                   "epoch 120/300 (1.00 simulated h)", "epoch 240/300 (2.00 simulated h)"])
     capsys.readouterr()
