@@ -230,7 +230,7 @@ def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.
     steps = count.long()
     first = steps == 0
     any_first = bool(first.any())
-    lockstep = len(steps) > 0 and bool((steps == steps[0]).all())  # one ring slot for every row: plain slicing
+    lockstep = len(steps) <= 1 or bool((steps == steps[0]).all())  # one ring slot for every row: plain slicing
     rows = None if lockstep else torch.arange(len(steps), device=steps.device)
     h = x.unsqueeze(1).expand(-1, len(members), -1)
     for i, (block, past) in enumerate(zip(first_model.conv_blocks, buffers)):
