@@ -188,7 +188,7 @@ class SleepHybrid(nn.Module):
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], lags: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One epoch of each night (batch, n_features) -> (logits of that epoch (batch, n_classes), or with
-        lags (batch, 1 + lookahead, n_classes); the new state). Eval mode (step_members)."""
+        lags (batch, 1 + lookahead, n_classes); the state, updated in place). Eval mode (step_members)."""
         logits, state = step_members([self], x, state, lags)
         return logits[:, 0], state
 
@@ -218,6 +218,7 @@ def init_member_states(members: list[SleepHybrid], batch: int) -> list[torch.Ten
     return state + [torch.zeros(batch, m, first.config.channels, **like), torch.zeros(batch, **like)]
 
 
+@torch.inference_mode()  # the state is written in place, whichever mode made it
 def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.Tensor], lags: bool = False
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One epoch of each night through models of one config at once (eval mode), each matrix product

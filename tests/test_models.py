@@ -173,6 +173,27 @@ def test_stepping_works_with_a_kernel_of_one_and_a_model_made_in_inference_mode(
     assert [len(t) for t in steps.state] == [3] * len(steps.state)
 
 
+def test_a_step_writes_its_state_in_place_whichever_mode_made_it():
+    """The step state is a ring per conv block, written in place: a state made under inference mode steps
+    outside it, and a plain one inside it, with the same outputs."""
+    torch.manual_seed(5)
+    model = SleepHybrid(HybridConfig(n_features=4, channels=8, kernel_size=3, n_layers=0, dilated=2, causal=True)).eval()
+    x = torch.randn(2, 9, 4)
+    with torch.inference_mode():
+        made_inside = model.init_state(2)
+    made_outside, outs = model.init_state(2), {"inside": [], "outside": []}
+    for t in range(9):
+        with torch.no_grad():
+            logits, state = model.step(x[:, t], made_inside)
+        assert state is made_inside  # in place
+        outs["inside"].append(logits)
+        with torch.inference_mode():
+            outs["outside"].append(model.step(x[:, t], made_outside)[0])
+    torch.testing.assert_close(torch.stack(outs["inside"], 1), model(x).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(outs["outside"], 1), model(x).detach(), atol=1e-5, rtol=0)
+    assert not made_outside[0].is_inference()
+
+
 def test_a_step_after_the_weights_change_uses_the_new_weights():
     """The stacked weights step_members keeps between steps are made again once a parameter changes in
     place (as an optimizer step changes it) or is replaced (load_state_dict of other weights)."""
