@@ -241,14 +241,14 @@ def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.
         # epoch t's taps: the inputs of t - span, t - span + dilation, ..., at slots (t + j * dilation) % span
         if lockstep:
             at = int(steps[0]) if len(steps) else 0
-            taps = [past[:, :, (at + j * block.dilation) % span] for j in range(block.kernel_size - 1)]
+            taps = [past.select(2, (at + j * block.dilation) % span) for j in range(block.kernel_size - 1)]
         else:
             taps = [past[rows, :, (steps + j * block.dilation) % span] for j in range(block.kernel_size - 1)]
         out = torch.baddbmm(w["conv_bias"][i], torch.cat(taps + [h], dim=-1).transpose(0, 1), w["conv"][i])
         out = F.gelu(_member_norm(out.transpose(0, 1), w["norm"][i], block.norm.eps))
         if span:  # this input takes the slot of the one no tap reaches any more (a kernel of 1 keeps none)
             if lockstep:
-                past[:, :, at % span] = h
+                past.select(2, at % span).copy_(h)
             else:
                 past[rows, :, steps % span] = h
         h = out if i < 2 else h + out  # the dilated blocks are residual
