@@ -34,6 +34,8 @@ class HybridConfig:
     dilated: int = 0        # residual conv blocks after the first two, dilations 2, 4, 8, ...
     lookahead: int = 0      # the revision: position t also stages epochs t-1 .. t-lookahead (model.lag_logits)
     revision_span: int = 1  # the revision of epoch t: the mean over the windows t+lookahead-span+1 .. t+lookahead
+    summary_epochs: int = 0  # causal: the pooled summary is the mean since the start (0), or a mean whose weights
+                             # decay with a time constant of this many epochs (causal_summary)
 
 
 def sinusoid(length: int, channels: int) -> torch.Tensor:
@@ -43,6 +45,25 @@ def sinusoid(length: int, channels: int) -> torch.Tensor:
     pe = torch.zeros(length, channels)
     pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
     return pe
+
+
+def causal_summary(h: torch.Tensor, summary_epochs: int = 0) -> torch.Tensor:
+    """A causal model's pooled summary at every position of h (B, L, C): the mean of the outputs so far, or
+    with summary_epochs N > 0 their mean weighted by d ** (t - s), d = 1 - 1 / N, so the summary follows
+    the last hours rather than the whole night. (The same sums step_members carries one epoch at a time.)"""
+    length = h.shape[1]
+    if summary_epochs <= 0:
+        return h.cumsum(dim=1) / torch.arange(1, length + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
+    decay = 1.0 - 1.0 / summary_epochs
+    sums, carry = [], h.new_zeros(h.shape[0], 1, h.shape[2], dtype=torch.float64)
+    for start in range(0, length, 512):  # blocks keep decay ** -t finite in float64
+        block = h[:, start:start + 512].double()
+        t = torch.arange(block.shape[1], device=h.device, dtype=torch.float64).view(1, -1, 1)
+        block_sums = (block * decay ** -t).cumsum(dim=1) * decay ** t + carry * decay ** (t + 1)
+        carry = block_sums[:, -1:]
+        sums.append(block_sums)
+    t = torch.arange(1, length + 1, device=h.device, dtype=torch.float64).view(1, -1, 1)
+    return (torch.cat(sums, dim=1) * (1 - decay) / (1 - decay ** t)).to(h.dtype)
 
 
 class ConvBlock(nn.Module):
@@ -86,6 +107,9 @@ class SleepHybrid(nn.Module):
         self.conv2 = ConvBlock(c, c, config.kernel_size, config.causal, config.dropout)
         if config.causal and config.pool > 1:
             raise ValueError("pool > 1 mixes later epochs into each token: offline models only")
+        if config.summary_epochs and (not config.causal or config.summary_epochs < 2):
+            raise ValueError(f"summary_epochs {config.summary_epochs}: a causal model's decaying summary needs 2 or more "
+                             "epochs (0: the mean since the start); an offline model's summary is the whole night's mean")
         check_revision_span(config.lookahead, config.revision_span)
         self.dilated = nn.ModuleList(ConvBlock(c, c, config.kernel_size, config.causal, config.dropout, 2 ** (i + 1))
                                      for i in range(config.dilated))
@@ -122,9 +146,8 @@ class SleepHybrid(nn.Module):
             h = h + self.position(length)
             mask = causal_mask(length, x.device) if self.config.causal else None
             h = self.norm(self.encode(h, mask))
-        if self.config.causal:  # running mean: the pooled summary only covers the past
-            steps = torch.arange(1, length + 1, device=x.device, dtype=h.dtype).view(1, -1, 1)
-            pooled = h.cumsum(dim=1) / steps
+        if self.config.causal:  # the pooled summary only covers the past
+            pooled = causal_summary(h, self.config.summary_epochs)
         else:
             pooled = h.mean(dim=1, keepdim=True).expand_as(h)
         return lag_logits(self.head(torch.cat([h, pooled], dim=-1)), self.config.n_classes, lags)
@@ -163,7 +186,8 @@ class SleepHybrid(nn.Module):
             h = _encoder_layer(layer, h, mask)
         h = self.norm(h)
         # the running mean at the last position (causal) and the window mean (offline) are the same mean
-        return lag_logits(self.head(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1)), self.config.n_classes, lags)
+        pooled = causal_summary(h, self.config.summary_epochs)[:, -1] if self.config.summary_epochs > 0 else h.mean(dim=1)
+        return lag_logits(self.head(torch.cat([h[:, -1], pooled], dim=-1)), self.config.n_classes, lags)
 
     def forward_last(self, x: torch.Tensor, lags: bool = False) -> torch.Tensor:
         """forward(x, lags)[:, -1] in eval mode: (batch, seq_len, n_features) -> (batch, n_classes) logits."""
@@ -207,8 +231,8 @@ class SleepHybrid(nn.Module):
 def init_member_states(members: list[SleepHybrid], batch: int) -> list[torch.Tensor]:
     """Empty step state of `batch` nights for models of one config (an ensemble's members, or one model),
     rows first: per conv block a ring of its last (kernel_size - 1) * dilation inputs (batch, members, span,
-    C_in), the input of epoch t at slot t % span; then the running sum of the final outputs (batch,
-    members, C) and the epochs so far (batch,)."""
+    C_in), the input of epoch t at slot t % span; then the running (or, with summary_epochs, decayed) sum of
+    the final outputs (batch, members, C) and the epochs so far (batch,)."""
     first = members[0]
     if not first.config.causal or first.encoder is not None or first.config.pool > 1:
         raise ValueError("step needs a causal model without a Transformer (n_layers 0, pool 1)")
@@ -254,9 +278,17 @@ def step_members(members: list[SleepHybrid], x: torch.Tensor, state: list[torch.
         h = out if i < 2 else h + out  # the dilated blocks are residual
     positions = first_model._step_positions(int(steps.max()) + 1 if len(steps) else 1)
     h = _member_norm(h + positions[steps].unsqueeze(1), w["final_norm"], first_model.norm.eps)
-    total.add_(h)
-    count.add_(1)
-    joined = torch.cat([h, total / count[:, None, None]], dim=-1).transpose(0, 1)  # (members, batch, 2C)
+    n = first_model.config.summary_epochs
+    if n > 0:  # causal_summary's decayed sum and the sum of its weights
+        decay = 1.0 - 1.0 / n
+        total.mul_(decay).add_(h)
+        count.add_(1)
+        summary = total * ((1 - decay) / (1 - decay ** count.double())).to(h.dtype)[:, None, None]
+    else:
+        total.add_(h)
+        count.add_(1)
+        summary = total / count[:, None, None]
+    joined = torch.cat([h, summary], dim=-1).transpose(0, 1)  # (members, batch, 2C)
     hidden = F.gelu(torch.baddbmm(w["head_bias"][0], joined, w["head"][0]))
     logits = torch.baddbmm(w["head_bias"][1], hidden, w["head"][1]).transpose(0, 1)
     return lag_logits(logits, first_model.config.n_classes, lags), state

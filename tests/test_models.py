@@ -128,14 +128,15 @@ def test_pooled_whole_night_models_label_every_epoch_of_any_length(arch):
         (SleepLSTM if arch == "lstm" else SleepHybrid)(config(n_features=6, causal=True, pool=4))
 
 
-@pytest.mark.parametrize("ensemble", [1, 2])
-def test_a_causal_whole_night_model_steps_one_epoch_at_a_time_as_forward(ensemble):
+@pytest.mark.parametrize("ensemble,summary_epochs", [(1, 0), (2, 0), (1, 7), (2, 7)])
+def test_a_causal_whole_night_model_steps_one_epoch_at_a_time_as_forward(ensemble, summary_epochs):
     """SleepHybrid.step (and an Ensemble's, its members stepped as one) gives forward(night so far)[:, -1] at
     every epoch, lags included,
     past the precomputed positions; nights that start at different steps each pad with their own first epoch."""
     from checkpoint import build_model
     torch.manual_seed(0)
-    config = dict(n_features=6, channels=16, kernel_size=3, n_layers=0, dilated=3, causal=True, lookahead=4, max_len=32)
+    config = dict(n_features=6, channels=16, kernel_size=3, n_layers=0, dilated=3, causal=True, lookahead=4, max_len=32,
+                  summary_epochs=summary_epochs)
     model = build_model("hybrid", config, ensemble_size=ensemble).eval()
     x = torch.randn(2, 70, 6)
     with torch.no_grad():
@@ -171,6 +172,22 @@ def test_stepping_works_with_a_kernel_of_one_and_a_model_made_in_inference_mode(
     steps.add_rows(2)
     np.testing.assert_allclose(np.stack(out), expected, atol=1e-5, rtol=0)
     assert [len(t) for t in steps.state] == [3] * len(steps.state)
+
+
+def test_the_decaying_summary_is_the_weighted_mean_of_the_outputs_so_far():
+    from model_hybrid import causal_summary
+    torch.manual_seed(2)
+    h = torch.randn(2, 1300, 3, dtype=torch.float64)  # past one 512-position block of the computation
+    for n in (2, 40):
+        d = 1 - 1 / n
+        weights = [d ** torch.arange(t, -1, -1, dtype=torch.float64) for t in range(h.shape[1])]  # d ** (t - s)
+        expected = torch.stack([(h[:, :t + 1] * w.view(1, -1, 1)).sum(1) / w.sum() for t, w in enumerate(weights)], dim=1)
+        torch.testing.assert_close(causal_summary(h, n), expected)
+    torch.testing.assert_close(causal_summary(h, 0), h.cumsum(1) / torch.arange(1, 1301, dtype=torch.float64).view(1, -1, 1))
+    with pytest.raises(ValueError, match="summary_epochs 1"):
+        SleepHybrid(HybridConfig(n_features=4, channels=8, n_layers=0, causal=True, summary_epochs=1))
+    with pytest.raises(ValueError, match="offline model's summary"):
+        SleepHybrid(HybridConfig(n_features=4, channels=8, n_layers=0, summary_epochs=10))
 
 
 def test_a_step_writes_its_state_in_place_whichever_mode_made_it():
