@@ -385,10 +385,9 @@ class Service:
                         len(wearers), self.max_wearers)
 
     def _settle_replayed(self) -> None:
-        with single_thread():  # a whole-night model steps here (as in take_pending below)
+        with single_thread():  # a whole-night model steps in take_replayed (as in take_pending below)
             _, needed = self.pool.take_replayed()
-        if needed:
-            with single_thread():
+            if needed:
                 stage_pending(self.pool.model, self.pool.scaler, int(self.pool.checkpoint["target_pos"]), needed,
                               self.pool.batch_size)  # the immediate stages were stored before
 
